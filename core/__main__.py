@@ -1,0 +1,7 @@
+"""``python -m fleetpipe`` runs the ``fleetpipe`` command."""
+
+import sys
+
+from fleetpipe.cli import main
+
+sys.exit(main())

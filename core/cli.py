@@ -1,0 +1,68 @@
+"""The ``fleetpipe`` command: one entry point, subcommands contributed by the subpackages.
+
+This is the composition root. Subcommand modules are imported by name so that ``fleetpipe.*``
+core modules never import ``fleetpipe.node``/``planner``/``models`` statically. Each subcommand
+module defines ``register(subparsers)`` that adds its parser(s) and sets ``func(args) -> int``.
+Modules must stay cheap to import (heavy imports such as onnx happen inside ``func``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fleetpipe import __version__
+
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+
+# Modules that contribute subcommands; a module that is not there yet is skipped.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "fleetpipe.models.cli",
+    "fleetpipe.planner.cli",
+    "fleetpipe.node.cli",
+    "fleetpipe.client_cli",
+    "fleetpipe.planner.demo",
+    "fleetpipe.discovery_cli",
+    "fleetpipe.observe",
+    "fleetpipe.deploy.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="fleetpipe", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"fleetpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that subcommand module does not exist (yet)
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fleetpipe`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

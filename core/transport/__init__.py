@@ -1,0 +1,3 @@
+"""Transport: move (topic, bytes) between processes."""
+
+__all__: list[str] = []

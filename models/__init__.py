@@ -1,0 +1,3 @@
+"""fleetpipe.models."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fleetpipe.node."""
+
+__all__: list[str] = []

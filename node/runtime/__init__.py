@@ -1,0 +1,3 @@
+"""Inference runtimes for stage slices."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fleetpipe.planner."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""systemd unit files (data only)."""
+
+__all__: list[str] = []
