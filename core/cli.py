@@ -22,6 +22,7 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fleetpipe.models.cli",
     "fleetpipe.planner.cli",
+    "fleetpipe.planner.service",
     "fleetpipe.node.cli",
     "fleetpipe.client_cli",
     "fleetpipe.planner.demo",

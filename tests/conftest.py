@@ -51,6 +51,8 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def start_broker(tmp: Path, port: int | None = None, conf_name: str = "lab.conf") -> Broker:

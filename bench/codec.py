@@ -1,0 +1,113 @@
+"""Tensor codec benchmark: throughput as a ratio to np.copy of the same array, measured in the same run.
+
+Run: ``.venv/bin/python bench/codec.py [--json] [--repeat N]``. Targets (issue 2): 8-bit encode >= 0.3x
+memcpy, decode >= 0.5x; 4-bit encode >= 0.15x; msgpack framing < 2 % of the codec time for tensors >= 64 KB.
+Times are the best of ``--repeat`` runs (the machine is shared, so the minimum is the honest figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fleetpipe.codec import decode_tensor, encode_tensor
+from fleetpipe.wire import Activation, encode
+
+SHAPES = [(1, 64, 56, 56), (1, 256, 56, 56), (1, 512, 28, 28), (1, 197, 768)]
+BITS = [8, 6, 4, 2, 16]
+TARGETS = {"enc8": 0.3, "dec8": 0.5, "enc4": 0.15, "framing_pct": 2.0}
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, in seconds (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run(repeat: int) -> list[dict[str, Any]]:
+    """Measure every shape x bit width."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in SHAPES:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        t_copy = best(lambda x=x: np.copy(x), repeat * 2)
+        for bits in BITS:
+            t = encode_tensor(x, bits)
+            y = decode_tensor(t)
+            t_enc = best(lambda x=x, bits=bits: encode_tensor(x, bits), repeat)
+            t_dec = best(lambda t=t: decode_tensor(t), repeat)
+            msg = Activation("bench", 0, "frame-0", "client", 0, (("x", t),), "bench/result", 0.0)
+            t_frame = best(lambda msg=msg: encode(msg), repeat)
+            rows.append({
+                "shape": "x".join(map(str, shape)),
+                "bits": bits,
+                "payload_kb": round(t.nbytes / 1024, 1),
+                "enc_x_copy": round(t_copy / t_enc, 3),
+                "dec_x_copy": round(t_copy / t_dec, 3),
+                "enc_ms": round(t_enc * 1e3, 3),
+                "dec_ms": round(t_dec * 1e3, 3),
+                "copy_ms": round(t_copy * 1e3, 3),
+                "compression": round(x.nbytes / t.nbytes, 2),
+                "rel_l2": float(f"{np.linalg.norm(y - x) / np.linalg.norm(x):.3g}"),
+                "framing_pct": round(100 * t_frame / t_enc, 2) if t.nbytes >= 64 * 1024 else None,
+                "header_bytes": len(encode(msg)) - t.nbytes,
+            })
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """Whether every row meets the targets."""
+    return {
+        "enc8": all(r["enc_x_copy"] >= TARGETS["enc8"] for r in rows if r["bits"] == 8),
+        "dec8": all(r["dec_x_copy"] >= TARGETS["dec8"] for r in rows if r["bits"] == 8),
+        "enc4": all(r["enc_x_copy"] >= TARGETS["enc4"] for r in rows if r["bits"] == 4),
+        "framing_pct": all(
+            r["framing_pct"] < TARGETS["framing_pct"] for r in rows if r["framing_pct"] is not None
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (or JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--repeat", type=int, default=15, help="timed runs per measurement (best is kept)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = run(args.repeat)
+    ok = verdict(rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "targets": TARGETS, "met": ok}, indent=2))
+        return 0
+    cols = ["shape", "bits", "payload_kb", "enc_x_copy", "dec_x_copy", "enc_ms", "dec_ms", "copy_ms",
+            "compression", "rel_l2", "framing_pct", "header_bytes"]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="fleetpipe codec (ratios vs np.copy, same run)")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for r in rows:
+            table.add_row(*("-" if r[c] is None else str(r[c]) for c in cols))
+        Console(width=200).print(table)
+    except ImportError:
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join("-" if r[c] is None else str(r[c]) for c in cols))
+    print(f"targets {TARGETS} met: {ok}  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Client API: submit frames to a fleet and get results back, exactly once each.
+
+Theory of operation. The client reads the retained plan to learn the current epoch and the input
+names of stage 0, and publishes each frame to stage 0 of that epoch with its own result topic as
+the MQTT v5 response topic. At most ``window`` frames are in flight (end-to-end credit: a result
+frees a slot), so a slow stage slows the source instead of overflowing a broker queue. Every frame
+id stays pending until its result arrives; a pending frame is re-sent (same id) when a newer plan
+epoch appears (its path may have died with the old plan), when a node reports it stale, or when it
+has waited longer than the resend timeout. Results are de-duplicated by frame id, so the caller
+sees every frame exactly once even if a re-sent copy also completes.
+
+``AsyncFleetClient`` is the asyncio core; ``FleetClient`` runs it on a private loop thread for
+synchronous callers (``infer``, ``submit`` returning a ``concurrent.futures.Future``, ``stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fleetpipe import codec, timing, topics, wire
+from fleetpipe.errors import BrokerUnavailable, DecodeError, FleetpipeError
+from fleetpipe.transport.mqtt import MqttBus
+
+__all__ = ["AsyncFleetClient", "ClientStats", "FleetClient", "FrameResult"]
+
+log = logging.getLogger("fleetpipe.client")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """One frame's result: output arrays by name, plus where and how long it went."""
+
+    frame_id: str
+    outputs: dict[str, np.ndarray]
+    epoch: int
+    latency_ms: float
+    hops: tuple[Any, ...]
+    attempts: int
+
+    @property
+    def output(self) -> np.ndarray:
+        """The first (usually only) output."""
+        return next(iter(self.outputs.values()))
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters a caller (demo, bench, tests) can check."""
+
+    submitted: int = 0
+    completed: int = 0
+    resent: int = 0
+    duplicates: int = 0
+    stale_reports: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    frame_id: str
+    inputs: dict[str, np.ndarray]
+    future: asyncio.Future[FrameResult]
+    first_sent: float
+    sent: float = 0.0
+    epoch: int = -1
+    attempts: int = 0
+
+
+class AsyncFleetClient:
+    """Asyncio client of one fleet. Use ``async with AsyncFleetClient(url) as client``."""
+
+    def __init__(self, url: str, *, fleet: str = "default", client_id: str | None = None, window: int = 8,
+                 bits: int = 32, resend_s: float | None = None, username: str | None = None,
+                 password: str | None = None, tls: Any = None) -> None:
+        self.url = url
+        self.fleet = fleet
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
+        self.window = window
+        self.bits = bits
+        self.resend_s = resend_s
+        self.stats = ClientStats()
+        self.plan: Any = None
+        self._bus = MqttBus(url, client_id=f"fp-{fleet}-{self.client_id}", username=username, password=password,
+                            tls=tls, on_connect=self._on_connect)
+        self._pending: dict[str, _Pending] = {}
+        self._done: set[str] = set()
+        self._credits = asyncio.Semaphore(window)
+        self._plan_event = asyncio.Event()
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> AsyncFleetClient:
+        await self._bus.__aenter__()
+        self._tasks = [asyncio.create_task(self._receive(), name="client-receive"),
+                       asyncio.create_task(self._watchdog(), name="client-watchdog")]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(BrokerUnavailable("client closed before the result arrived"))
+        await self._bus.__aexit__(None, None, None)
+
+    async def _on_connect(self, _bus: object) -> None:
+        await self._bus.subscribe(topics.plan(self.fleet), qos=1)
+        await self._bus.subscribe(topics.result(self.fleet, self.client_id), qos=1)
+        await self._bus.subscribe(topics.error(self.fleet), qos=1)
+
+    async def wait_plan(self, timeout_s: float = 60.0) -> Any:
+        """Wait until a plan is known; returns it."""
+        await asyncio.wait_for(self._plan_event.wait(), timeout_s)
+        return self.plan
+
+    async def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray], *, frame_id: str | None = None) -> asyncio.Future[FrameResult]:
+        """Send one frame (waits for a window slot); returns a future of its result."""
+        await self.wait_plan()
+        await self._credits.acquire()
+        feeds = self._feeds(inputs)
+        fid = frame_id or f"{self.client_id}-{next(self._ids)}"
+        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        pending = _Pending(fid, feeds, future, first_sent=time.monotonic())
+        self._pending[fid] = pending
+        self.stats.submitted += 1
+        await self._send(pending)
+        return future
+
+    async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> FrameResult:
+        """Run one frame through the fleet and return its result."""
+        future = await self.submit(inputs)
+        return await asyncio.wait_for(future, timeout_s)
+
+    async def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> AsyncIterator[FrameResult]:
+        """Yield results in input order, keeping up to ``window`` frames in flight."""
+        queue: asyncio.Queue[asyncio.Future[FrameResult] | None] = asyncio.Queue(maxsize=self.window)
+
+        async def feed() -> None:
+            for frame in frames:
+                await queue.put(await self.submit(frame))
+            await queue.put(None)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while (future := await queue.get()) is not None:
+                yield await future
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _feeds(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = tuple(self.plan.stages[0].input_names)
+        if isinstance(inputs, np.ndarray):
+            if len(names) != 1:
+                raise ValueError(f"the model takes {len(names)} inputs {names}; pass a mapping")
+            return {names[0]: inputs}
+        missing = set(names) - set(inputs)
+        if missing:
+            raise ValueError(f"missing model inputs {sorted(missing)}")
+        return {name: np.asarray(inputs[name]) for name in names}
+
+    async def _send(self, pending: _Pending) -> None:
+        plan = self.plan
+        pending.epoch = int(plan.epoch)
+        pending.attempts += 1
+        pending.sent = time.monotonic()
+        tensors = tuple((name, codec.encode_tensor(arr, bits=self.bits if arr.dtype.kind == "f" else 32))
+                        for name, arr in pending.inputs.items())
+        frame = wire.Activation(fleet=self.fleet, epoch=pending.epoch, frame_id=pending.frame_id,
+                                client_id=self.client_id, stage=0, tensors=tensors,
+                                reply_to=topics.result(self.fleet, self.client_id), sent_ts=time.time(), hops=())
+        await self._bus.publish(topics.stage_in(self.fleet, pending.epoch, 0), wire.encode(frame), qos=1)
+
+    async def _resend(self, pending: _Pending, why: str) -> None:
+        if pending.future.done() or self.plan is None:
+            return
+        self.stats.resent += 1
+        log.info("client %s: re-sending %s (%s)", self.client_id, pending.frame_id, why)
+        with contextlib.suppress(FleetpipeError):
+            await self._send(pending)
+
+    async def _receive(self) -> None:
+        async for message in self._bus.messages():
+            try:
+                msg = wire.decode(message.payload) if message.payload else None
+            except DecodeError as exc:
+                log.warning("client %s: undecodable message on %s: %s", self.client_id, message.topic, exc)
+                continue
+            if isinstance(msg, wire.Plan):
+                await self._on_plan(msg)
+            elif isinstance(msg, wire.Result):
+                self._on_result(msg)
+            elif isinstance(msg, wire.ErrorReport) and msg.frame_id in self._pending:
+                self.stats.errors.append(f"{msg.source}: {msg.kind}: {msg.detail}")
+                if msg.kind == "StaleEpoch":
+                    self.stats.stale_reports += 1
+                    pending = self._pending[msg.frame_id]
+                    if self.plan is not None and pending.epoch < self.plan.epoch:
+                        await self._resend(pending, "stale epoch")
+
+    async def _on_plan(self, plan: Any) -> None:
+        if self.plan is not None and plan.epoch <= self.plan.epoch:
+            return
+        self.plan = plan
+        self._plan_event.set()
+        for pending in list(self._pending.values()):
+            if pending.epoch < plan.epoch and pending.attempts:
+                await self._resend(pending, f"new plan epoch {plan.epoch}")
+
+    def _on_result(self, result: Any) -> None:
+        pending = self._pending.pop(result.frame_id, None)
+        if pending is None:
+            self.stats.duplicates += 1
+            return
+        self._credits.release()
+        self.stats.completed += 1
+        if pending.future.done():
+            return
+        try:
+            outputs = {name: codec.decode_tensor(t) for name, t in result.tensors}
+        except (DecodeError, ValueError) as exc:
+            pending.future.set_exception(DecodeError(f"result of {result.frame_id}: {exc}"))
+            return
+        pending.future.set_result(FrameResult(result.frame_id, outputs, int(result.epoch),
+                                              (time.monotonic() - pending.first_sent) * 1000,
+                                              tuple(result.hops), pending.attempts))
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            limit = self.resend_s if self.resend_s is not None else timing.FRAME_RESEND_S
+            now = time.monotonic()
+            for pending in list(self._pending.values()):
+                if pending.attempts and now - pending.sent > limit:
+                    await self._resend(pending, f"no result after {limit:.1f} s")
+
+
+class FleetClient:
+    """Synchronous client: runs an ``AsyncFleetClient`` on a private event-loop thread."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fleetpipe-client", daemon=True)
+        self._thread.start()
+        self._client = AsyncFleetClient(url, **kwargs)
+        try:
+            self._call(self._client.__aenter__(), 30)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._client.stats
+
+    @property
+    def plan(self) -> Any:
+        return self._client.plan
+
+    def wait_plan(self, timeout_s: float = 60.0) -> Any:
+        """Block until a plan is known."""
+        return self._call(self._client.wait_plan(timeout_s), timeout_s + 5)
+
+    def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> concurrent.futures.Future[FrameResult]:
+        """Send one frame; returns a future of its result (blocks while the window is full)."""
+        outer: concurrent.futures.Future[FrameResult] = concurrent.futures.Future()
+
+        async def go() -> None:
+            try:
+                inner = await self._client.submit(inputs)
+                outer.set_result(await inner)
+            except BaseException as exc:
+                outer.set_exception(exc)
+
+        asyncio.run_coroutine_threadsafe(go(), self._loop)
+        return outer
+
+    def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> np.ndarray:
+        """Run one frame and return its (first) output array."""
+        return self.infer_result(inputs, timeout_s).output
+
+    def infer_result(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> FrameResult:
+        """Run one frame and return its full result (outputs, latency, hops)."""
+        return self._call(self._client.infer(inputs, timeout_s), timeout_s + 5)
+
+    def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[FrameResult]:
+        """Yield results in order, keeping a window of frames in flight."""
+        futures: list[concurrent.futures.Future[FrameResult]] = []
+        it = iter(frames)
+        for frame in it:
+            futures.append(self.submit(frame))
+            while len(futures) >= self._client.window:
+                yield futures.pop(0).result()
+        for future in futures:
+            yield future.result()
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread."""
+        with contextlib.suppress(Exception):
+            self._call(self._client.__aexit__(None, None, None), 10)
+        self._stop_loop()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, coro: Any, timeout_s: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()

@@ -1,0 +1,47 @@
+"""``fleetpipe infer``: send arrays from .npy files through a running fleet."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``infer`` subcommand."""
+    p = subparsers.add_parser("infer", help="run .npy inputs through a running fleet")
+    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--input", required=True, nargs="+", help=".npy file(s), one frame each (or a batch with --batch)")
+    p.add_argument("--output", help="write the outputs to this .npy (stacked)")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream the inputs and print one line per result."""
+    import numpy as np
+
+    from fleetpipe.client import FleetClient
+    from fleetpipe.errors import FleetpipeError
+
+    arrays = [np.load(path, allow_pickle=False) for path in args.input]
+    try:
+        with FleetClient(args.broker, fleet=args.fleet, window=args.window) as client:
+            client.wait_plan(args.timeout)
+            outputs = []
+            for path, result in zip(args.input, client.stream(arrays), strict=True):
+                out = result.output
+                outputs.append(out)
+                top = int(np.argmax(out)) if out.size else -1
+                print(f"{path}: frame {result.frame_id} shape {tuple(out.shape)} argmax {top} "
+                      f"latency {result.latency_ms:.1f} ms")
+    except (FleetpipeError, TimeoutError) as exc:
+        print(f"fleetpipe infer: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        np.save(args.output, np.stack(outputs), allow_pickle=False)
+    return 0

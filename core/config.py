@@ -1,0 +1,180 @@
+"""Explicit, frozen configuration values.
+
+Only the CLI (the composition root) reads files, environment variables and flags; it builds these
+objects with :func:`load` (TOML file, then ``FLEETPIPE_*`` env vars, then flags) and passes them
+down. No module reads ``os.environ`` at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fleetpipe.errors import ConfigError
+
+__all__ = ["DEFAULT_FLEET", "BrokerConfig", "NodeConfig", "PlannerConfig", "load", "validate_name"]
+
+DEFAULT_FLEET = "default"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is usable inside an MQTT topic, else raise ConfigError."""
+    if not _NAME.match(value):
+        raise ConfigError(f"{kind} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """How to reach the MQTT broker. ``url`` None means: discover it with zeroconf."""
+
+    url: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    static_fallback: tuple[str, ...] = ()
+
+    def password(self) -> str | None:
+        """Read the password from its file (never from argv, where ``ps`` shows it)."""
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password file {self.password_file}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node daemon's configuration."""
+
+    name: str
+    fleet: str = DEFAULT_FLEET
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    emulate: str | None = None
+    cache_dir: str = "~/.cache/fleetpipe/slices"
+    threads: int = 1
+    queue_limit: int = 64
+    drain_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        validate_name("node name", self.name)
+        validate_name("fleet", self.fleet)
+        if self.threads < 1:
+            raise ConfigError("threads must be >= 1")
+        if self.queue_limit < 1:
+            raise ConfigError("queue_limit must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """The planner service's configuration."""
+
+    model: str
+    fleet: str = DEFAULT_FLEET
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    bits: int = 8
+    min_nodes: int = 1
+    expect_nodes: int = 0
+    input_shape: tuple[int, ...] | None = None
+    replan_threshold: float = 0.2
+    time_limit_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        validate_name("fleet", self.fleet)
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
+            raise ConfigError(f"bits must be 2..8, 16 or 32, not {self.bits}")
+
+
+T = TypeVar("T")
+
+
+def load(
+    cls: type[T],
+    *,
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> T:
+    """Build ``cls`` from a TOML file, then ``FLEETPIPE_<FIELD>`` env vars, then flags (later wins).
+
+    Broker settings live in a ``[broker]`` table / ``FLEETPIPE_BROKER_<FIELD>`` / ``broker_<field>`` flags.
+    ``None`` flag values mean "not given".
+    """
+    values: dict[str, Any] = {}
+    broker: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {file}: {exc}") from exc
+        section = data.get(cls.__name__.removesuffix("Config").lower(), data)
+        broker.update(data.get("broker", {}))
+        values.update({k: v for k, v in section.items() if k != "broker" and not isinstance(v, dict)})
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    broker_names = {f.name for f in dataclasses.fields(BrokerConfig)}
+    for key, raw in (env or {}).items():
+        if not key.startswith("FLEETPIPE_"):
+            continue
+        name = key.removeprefix("FLEETPIPE_").lower()
+        if name.startswith("broker_") and name.removeprefix("broker_") in broker_names:
+            broker[name.removeprefix("broker_")] = raw
+        elif name in names:
+            values[name] = raw
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name.startswith("broker_") and name.removeprefix("broker_") in broker_names:
+            broker[name.removeprefix("broker_")] = value
+        elif name in names:
+            values[name] = value
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} settings: {sorted(unknown)}")
+    if "broker" in names:
+        values["broker"] = _coerce_fields(BrokerConfig, broker)
+    return cls(**_coerce_fields_dict(cls, values))  # type: ignore[arg-type]
+
+
+def _coerce_fields(cls: type[T], values: dict[str, Any]) -> T:
+    return cls(**_coerce_fields_dict(cls, values))
+
+
+def _coerce_fields_dict(cls: type[Any], values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        f = defaults.get(name)
+        if f is None:
+            raise ConfigError(f"unknown {cls.__name__} setting {name!r}")
+        out[name] = _coerce(name, value, str(f.type))
+    return out
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    if not isinstance(value, str) or annotation.startswith("str"):
+        if annotation.startswith("tuple") and isinstance(value, list):
+            return tuple(value)
+        return value
+    try:
+        if annotation.startswith("int"):
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("bool"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if annotation.startswith("tuple[int"):
+            return tuple(int(v) for v in value.replace("x", ",").split(",") if v)
+        if annotation.startswith("tuple"):
+            return tuple(v for v in value.split(",") if v)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot parse {value!r} as {annotation}") from exc
+    return value

@@ -1,0 +1,308 @@
+"""Every MQTT topic of fleetpipe, declared once with its payload type, QoS and retain flag.
+
+Layout (all under ``fleetpipe/v1/<fleet>/``)::
+
+    node/<node_id>/state     NodeBirth | NodeDeath   qos1 retained  (the last will is a NodeDeath here)
+    node/<node_id>/health    NodeHealth              qos0
+    node/<node_id>/assign    StageAssign             qos1 retained
+    node/<node_id>/metrics   Metrics                 qos0
+    plan                     Plan                    qos1 retained
+    stage/<k>/in             Activation              qos1  (replicas: $share/<fleet>-stage<k>/...)
+    result/<client_id>       Result                  qos1
+    error                    ErrorReport             qos1
+    slice/<hash>/<index>     SliceChunk              qos1 retained
+    slice/request            SliceRequest            qos1
+
+Code never formats topic strings inline: it calls the builders here, ``parse`` to go back, and the pure
+``matches`` for MQTT wildcard semantics (``+``, ``#``, ``$share/<group>/`` and ``$``-topics).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from fleetpipe.wire import (
+    NAME_PATTERN,
+    Activation,
+    ErrorReport,
+    Metrics,
+    NodeBirth,
+    NodeDeath,
+    NodeHealth,
+    Plan,
+    Result,
+    SliceChunk,
+    SliceRequest,
+    StageAssign,
+)
+
+__all__ = [
+    "PREFIX",
+    "SPECS",
+    "TopicSpec",
+    "error",
+    "fleet_filter",
+    "matches",
+    "node_assign",
+    "node_health",
+    "node_metrics",
+    "node_state",
+    "parse",
+    "plan",
+    "result",
+    "shared",
+    "slice_chunk",
+    "slice_request",
+    "spec_for",
+    "stage_group",
+    "stage_in",
+    "validate_filter",
+    "validate_topic",
+]
+
+PREFIX = "fleetpipe/v1"
+_NAME = re.compile(NAME_PATTERN + r"\Z")
+_HASH = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
+_INT = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic: ``pattern`` has ``{fleet}`` and other ``{param}`` levels; payload types, QoS, retain."""
+
+    name: str
+    pattern: str
+    payload: tuple[type[Any], ...]
+    qos: int
+    retain: bool
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if not self.payload or not all(isinstance(t, type) for t in self.payload):
+            raise TypeError("payload must be a non-empty tuple of message classes")
+        if not self.pattern.startswith(PREFIX + "/{fleet}"):
+            raise ValueError(f"pattern must start with {PREFIX}/{{fleet}}")
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Names of the ``{param}`` levels, in order (``fleet`` first)."""
+        return tuple(p[1:-1] for p in self.pattern.split("/") if p.startswith("{"))
+
+    def topic(self, **params: Any) -> str:
+        """Concrete topic for these parameters (each validated)."""
+        if set(params) != set(self.params):
+            raise ValueError(f"{self.name} needs parameters {self.params}, got {sorted(params)}")
+        return "/".join(
+            _format(level[1:-1], params[level[1:-1]]) if level.startswith("{") else level
+            for level in self.pattern.split("/")
+        )
+
+    def filter(self, **params: Any) -> str:
+        """Subscription filter: given parameters filled in, the others ``+``."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"{self.name} has no parameters {sorted(unknown)}")
+        return "/".join(
+            (_format(level[1:-1], params[level[1:-1]]) if level[1:-1] in params else "+")
+            if level.startswith("{")
+            else level
+            for level in self.pattern.split("/")
+        )
+
+    def accepts(self, msg: object) -> bool:
+        """Whether ``msg`` is a payload type of this topic."""
+        return isinstance(msg, self.payload)
+
+
+_P = PREFIX + "/{fleet}"
+NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath), 1, True)
+NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False)
+NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True)
+NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False)
+PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
+STAGE_IN = TopicSpec("stage_in", _P + "/stage/{stage}/in", (Activation,), 1, False)
+RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False)
+ERROR = TopicSpec("error", _P + "/error", (ErrorReport,), 1, False)
+SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True)
+SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,), 1, False)
+
+#: Every topic, by name.
+SPECS: Mapping[str, TopicSpec] = MappingProxyType(
+    {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, PLAN, STAGE_IN, RESULT, ERROR,
+                         SLICE_CHUNK, SLICE_REQUEST)}
+)
+
+
+def node_state(fleet: str, node_id: str) -> str:
+    """Retained birth/death of a node (its last will goes here too)."""
+    return NODE_STATE.topic(fleet=fleet, node_id=node_id)
+
+
+def node_health(fleet: str, node_id: str) -> str:
+    """Periodic health of a node."""
+    return NODE_HEALTH.topic(fleet=fleet, node_id=node_id)
+
+
+def node_assign(fleet: str, node_id: str) -> str:
+    """Retained stage assignment of a node."""
+    return NODE_ASSIGN.topic(fleet=fleet, node_id=node_id)
+
+
+def node_metrics(fleet: str, node_id: str) -> str:
+    """Free-form metrics of a node."""
+    return NODE_METRICS.topic(fleet=fleet, node_id=node_id)
+
+
+def plan(fleet: str) -> str:
+    """Retained current plan of a fleet."""
+    return PLAN.topic(fleet=fleet)
+
+
+def stage_in(fleet: str, stage: int) -> str:
+    """Input activations of pipeline stage ``stage``."""
+    return STAGE_IN.topic(fleet=fleet, stage=stage)
+
+
+def stage_group(fleet: str, stage: int) -> str:
+    """Shared-subscription group name of the replicas of ``stage``."""
+    return f"{_format('fleet', fleet)}-stage{_format('stage', stage)}"
+
+
+def result(fleet: str, client_id: str) -> str:
+    """Results for one client."""
+    return RESULT.topic(fleet=fleet, client_id=client_id)
+
+
+def error(fleet: str) -> str:
+    """Error reports of a fleet."""
+    return ERROR.topic(fleet=fleet)
+
+
+def slice_chunk(fleet: str, slice_hash: str, index: int) -> str:
+    """Retained chunk ``index`` of a model slice."""
+    return SLICE_CHUNK.topic(fleet=fleet, slice_hash=slice_hash, index=index)
+
+
+def slice_request(fleet: str) -> str:
+    """Requests for slice chunks."""
+    return SLICE_REQUEST.topic(fleet=fleet)
+
+
+def fleet_filter(fleet: str) -> str:
+    """Filter for everything of one fleet."""
+    return f"{PREFIX}/{_format('fleet', fleet)}/#"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """Shared subscription ``$share/<group>/<filter>`` (MQTT v5)."""
+    if not group or any(c in group for c in "/+#\x00"):
+        raise ValueError(f"invalid share group {group!r}")
+    validate_filter(topic_filter)
+    if topic_filter.startswith("$share/"):
+        raise ValueError("cannot nest shared subscriptions")
+    return f"$share/{group}/{topic_filter}"
+
+
+def spec_for(msg: object) -> tuple[TopicSpec, ...]:
+    """Specs whose payload type ``msg`` is."""
+    return tuple(s for s in SPECS.values() if s.accepts(msg))
+
+
+def parse(topic: str) -> tuple[TopicSpec, dict[str, Any]]:
+    """The spec of a concrete topic and its parameters (``stage`` and ``index`` as int)."""
+    validate_topic(topic)
+    levels = topic.split("/")
+    for spec in SPECS.values():
+        pat = spec.pattern.split("/")
+        if len(pat) != len(levels):
+            continue
+        params: dict[str, Any] = {}
+        for p, level in zip(pat, levels, strict=True):
+            if p.startswith("{"):
+                value = _parse_param(p[1:-1], level)
+                if value is None:
+                    break
+                params[p[1:-1]] = value
+            elif p != level:
+                break
+        else:
+            return spec, params
+    raise ValueError(f"not a fleetpipe topic: {topic!r}")
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether a concrete ``topic`` matches an MQTT subscription filter (pure MQTT 3.1.1/5 rules)."""
+    validate_filter(topic_filter)
+    validate_topic(topic)
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    flevels = topic_filter.split("/")
+    tlevels = topic.split("/")
+    if topic.startswith("$") and flevels[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True  # also matches the parent level: "a/#" matches "a"
+        if i >= len(tlevels):
+            return False
+        if f != "+" and f != tlevels[i]:
+            return False
+    return len(flevels) == len(tlevels)
+
+
+def validate_topic(topic: str) -> None:
+    """Raise ValueError unless ``topic`` is a valid concrete (publishable) topic name."""
+    if not isinstance(topic, str):
+        raise TypeError(f"topic must be str, got {type(topic).__name__}")
+    if not topic or len(topic.encode()) > 65535 or "\x00" in topic:
+        raise ValueError(f"invalid topic {topic!r}")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"topic {topic!r} contains a wildcard")
+
+
+def validate_filter(topic_filter: str) -> None:
+    """Raise ValueError unless ``topic_filter`` is a valid subscription filter."""
+    if not isinstance(topic_filter, str):
+        raise TypeError(f"filter must be str, got {type(topic_filter).__name__}")
+    if not topic_filter or len(topic_filter.encode()) > 65535 or "\x00" in topic_filter:
+        raise ValueError(f"invalid filter {topic_filter!r}")
+    f = topic_filter
+    if f.startswith("$share/"):
+        parts = f.split("/", 2)
+        if len(parts) < 3 or not parts[1] or "+" in parts[1] or "#" in parts[1] or not parts[2]:
+            raise ValueError(f"invalid shared subscription {topic_filter!r}")
+        f = parts[2]
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if level == "#" and i != len(levels) - 1:
+            raise ValueError(f"'#' must be the last level in {topic_filter!r}")
+        if level not in ("+", "#") and ("+" in level or "#" in level):
+            raise ValueError(f"wildcard must fill a whole level in {topic_filter!r}")
+
+
+# ---------------------------------------------------------------------------------------------- private
+
+
+def _format(param: str, value: Any) -> str:
+    if param in ("stage", "index"):
+        if type(value) is not int or not 0 <= value < 10**9:
+            raise ValueError(f"{param} must be an int in [0, 1e9), got {value!r}")
+        return str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{param} must be str, got {type(value).__name__}")
+    pattern = _HASH if param == "slice_hash" else _NAME
+    if not pattern.match(value) or (value == "request" and param == "slice_hash"):
+        raise ValueError(f"{param} {value!r} is not allowed in a topic")
+    return value
+
+
+def _parse_param(param: str, level: str) -> Any:
+    if param in ("stage", "index"):
+        return int(level) if _INT.match(level) else None
+    pattern = _HASH if param == "slice_hash" else _NAME
+    return level if pattern.match(level) else None

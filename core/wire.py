@@ -1,0 +1,640 @@
+"""The wire contract: every message fleetpipe puts on MQTT, and ``encode``/``decode`` to bytes.
+
+Theory of operation. Each message is a frozen dataclass with a ``TAG`` and validates itself in
+``__post_init__`` (``TypeError`` for a wrong type, ``ValueError`` for a bad value; ints given for float
+fields become floats, lists become tuples, mappings become read-only). ``encode`` writes an envelope
+``{"v": WIRE_VERSION, "type": TAG, ...fields}``: control messages as compact JSON (readable with
+``mosquitto_sub``), data messages (:class:`Activation`, :class:`Result`, :class:`SliceChunk`) as msgpack
+with raw tensor bytes (:mod:`fleetpipe.codec`). ``decode`` tells the two apart by the first byte (``{`` is
+JSON; a msgpack map never starts with it), checks size, version, tag and every field's type, and raises
+:class:`~fleetpipe.errors.DecodeError` naming the offending field, or
+:class:`~fleetpipe.errors.VersionMismatch`. Any bytes at all give a message or one of these errors.
+
+This module is sans-IO: it imports only the standard library, msgpack, numpy and fleetpipe.codec/errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+from fleetpipe.codec import EncodedTensor, from_wire, to_wire
+from fleetpipe.errors import DecodeError, EncodeError, VersionMismatch
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MESSAGE_TYPES",
+    "NAME_PATTERN",
+    "WIRE_VERSION",
+    "Activation",
+    "ErrorReport",
+    "Hop",
+    "Message",
+    "Metrics",
+    "NodeBirth",
+    "NodeDeath",
+    "NodeHealth",
+    "Plan",
+    "PlanStage",
+    "Result",
+    "SliceChunk",
+    "SliceRequest",
+    "StageAssign",
+    "decode",
+    "encode",
+    "is_binary",
+]
+
+WIRE_VERSION = 1
+#: Inputs larger than this are rejected by :func:`decode` unless the caller passes ``max_bytes``.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: Fleet names, node ids and client ids appear in topics, so they are restricted to this.
+NAME_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+
+_NAME = re.compile(NAME_PATTERN + r"\Z")
+_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+_HASH = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
+_INT_MAX = 2**63 - 1
+_STR_MAX = 65536
+_SEQ_MAX = 4096
+_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 16, 32})
+
+
+class _Msg:
+    """Shared validation for message dataclasses (type coercion driven by the annotations)."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+    BINARY: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for name, tp in _schema(type(self)):
+            object.__setattr__(self, name, _check(tp, getattr(self, name), name))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Value checks beyond types; overridden per message."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBirth(_Msg):
+    """A node's capabilities, retained on its state topic while it lives."""
+
+    TAG: ClassVar[str] = "node_birth"
+    fleet: str
+    node_id: str
+    seq: int
+    ts: float
+    arch: str
+    cores: int
+    mem_bytes: int
+    runtimes: tuple[str, ...]
+    providers: tuple[str, ...]
+    device_class: str
+    speed: float
+    emulate_factor: float = 1.0
+    bandwidth_mbps: float | None = None
+    profile: Mapping[str, float] | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "seq", "ts", "mem_bytes", "emulate_factor")
+        _positive(self, "cores", "speed")
+        if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
+            raise ValueError("bandwidth_mbps must be > 0 or None")
+        if self.profile is not None and any(v < 0 for v in self.profile.values()):
+            raise ValueError("profile times must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDeath(_Msg):
+    """A node is gone (also its MQTT last will); ``seq`` matches the birth it ends."""
+
+    TAG: ClassVar[str] = "node_death"
+    fleet: str
+    node_id: str
+    seq: int
+    ts: float
+    reason: str = ""
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "seq", "ts")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth(_Msg):
+    """Periodic load and pipeline statistics of one node."""
+
+    TAG: ClassVar[str] = "node_health"
+    fleet: str
+    node_id: str
+    seq: int
+    ts: float
+    load: float = 0.0
+    mem_used_bytes: int = 0
+    queue_depth: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    errors: int = 0
+    stage: int | None = None
+    epoch: int = 0
+    compute_ms_avg: float = 0.0
+    transfer_ms_avg: float = 0.0
+    idle_ms_avg: float = 0.0
+    bits: int = 32
+    bandwidth_mbps_est: float | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "seq", "ts", "load", "mem_used_bytes", "queue_depth", "frames_in", "frames_out",
+                "errors", "stage", "epoch", "compute_ms_avg", "transfer_ms_avg", "idle_ms_avg",
+                "bandwidth_mbps_est")
+        _bits(self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStage(_Msg):
+    """One pipeline stage of a plan: a contiguous layer range on one or more replica nodes."""
+
+    TAG: ClassVar[str] = "plan_stage"
+    index: int
+    first_layer: int
+    last_layer: int
+    nodes: tuple[str, ...]
+    bits: int = 32
+    slice_hash: str = ""
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    predicted_ms: float = 0.0
+
+    def _validate(self) -> None:
+        _nonneg(self, "index", "first_layer", "last_layer", "predicted_ms")
+        _layers(self.first_layer, self.last_layer)
+        if not self.nodes:
+            raise ValueError("a stage needs at least one node")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"duplicate node in stage {self.index}")
+        for n in self.nodes:
+            _name(n, "nodes")
+        _bits(self.bits)
+        _slice_hash(self.slice_hash, allow_empty=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan(_Msg):
+    """The fleet's current partition, epoch-numbered and retained."""
+
+    TAG: ClassVar[str] = "plan"
+    fleet: str
+    epoch: int
+    model_id: str
+    stages: tuple[PlanStage, ...]
+    ts: float
+    bottleneck_ms: float = 0.0
+    latency_ms: float = 0.0
+
+    def _validate(self) -> None:
+        _names(self, "fleet")
+        _nonneg(self, "epoch", "ts", "bottleneck_ms", "latency_ms")
+        _text(self.model_id, "model_id")
+        for i, st in enumerate(self.stages):
+            if st.index != i:
+                raise ValueError(f"stage {i} has index {st.index}")
+            if i and st.first_layer != self.stages[i - 1].last_layer + 1:
+                raise ValueError(f"stage {i} does not start where stage {i - 1} ends")
+
+
+@dataclass(frozen=True, slots=True)
+class StageAssign(_Msg):
+    """Tells one node which stage (layer range and slice) to run in an epoch; retained."""
+
+    TAG: ClassVar[str] = "stage_assign"
+    fleet: str
+    node_id: str
+    epoch: int
+    stage: int
+    n_stages: int
+    first_layer: int
+    last_layer: int
+    model_id: str
+    slice_hash: str
+    slice_size: int
+    ts: float
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    bits: int = 32
+    next_stage: int | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "epoch", "stage", "first_layer", "last_layer", "slice_size", "ts", "next_stage")
+        _positive(self, "n_stages")
+        if self.stage >= self.n_stages:
+            raise ValueError(f"stage {self.stage} >= n_stages {self.n_stages}")
+        if self.next_stage is not None and self.next_stage >= self.n_stages:
+            raise ValueError(f"next_stage {self.next_stage} >= n_stages {self.n_stages}")
+        _layers(self.first_layer, self.last_layer)
+        _text(self.model_id, "model_id")
+        _slice_hash(self.slice_hash, allow_empty=True)
+        _bits(self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class Hop(_Msg):
+    """Timing of one stage a frame went through (wall-clock seconds and milliseconds)."""
+
+    TAG: ClassVar[str] = "hop"
+    stage: int
+    node_id: str
+    recv_ts: float
+    compute_ms: float
+    send_ts: float
+
+    def _validate(self) -> None:
+        _names(self, "node_id")
+        _nonneg(self, "stage", "recv_ts", "compute_ms", "send_ts")
+
+
+@dataclass(frozen=True, slots=True)
+class Activation(_Msg):
+    """A frame's tensors on their way to ``stage`` (data plane, msgpack)."""
+
+    TAG: ClassVar[str] = "activation"
+    BINARY: ClassVar[bool] = True
+    fleet: str
+    epoch: int
+    frame_id: str
+    client_id: str
+    stage: int
+    tensors: tuple[tuple[str, EncodedTensor], ...]
+    reply_to: str
+    sent_ts: float
+    hops: tuple[Hop, ...] = ()
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "client_id")
+        _nonneg(self, "epoch", "stage", "sent_ts")
+        _frame_id(self.frame_id)
+        _tensors(self.tensors)
+        _reply_topic(self.reply_to)
+
+
+@dataclass(frozen=True, slots=True)
+class Result(_Msg):
+    """A frame's final outputs, sent to the client's result topic (data plane, msgpack)."""
+
+    TAG: ClassVar[str] = "result"
+    BINARY: ClassVar[bool] = True
+    fleet: str
+    frame_id: str
+    client_id: str
+    epoch: int
+    tensors: tuple[tuple[str, EncodedTensor], ...]
+    ts: float
+    hops: tuple[Hop, ...] = ()
+    early_exit: bool = False
+    label: int | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "client_id")
+        _nonneg(self, "epoch", "ts", "label")
+        _frame_id(self.frame_id)
+        _tensors(self.tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport(_Msg):
+    """Something went wrong on ``source``; ``kind`` is the exception class name."""
+
+    TAG: ClassVar[str] = "error_report"
+    fleet: str
+    source: str
+    kind: str
+    detail: str
+    ts: float
+    frame_id: str | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "source")
+        _nonneg(self, "ts")
+        _text(self.kind, "kind")
+        if self.frame_id is not None:
+            _frame_id(self.frame_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceChunk(_Msg):
+    """Chunk ``index`` of ``count`` of a model slice file (data plane, msgpack)."""
+
+    TAG: ClassVar[str] = "slice_chunk"
+    BINARY: ClassVar[bool] = True
+    slice_hash: str
+    index: int
+    count: int
+    data: bytes | bytearray | memoryview
+
+    def _validate(self) -> None:
+        _slice_hash(self.slice_hash, allow_empty=False)
+        _nonneg(self, "index")
+        _positive(self, "count")
+        if self.index >= self.count:
+            raise ValueError(f"chunk index {self.index} >= count {self.count}")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceRequest(_Msg):
+    """A node asks for the chunks of a slice it does not have."""
+
+    TAG: ClassVar[str] = "slice_request"
+    fleet: str
+    node_id: str
+    slice_hash: str
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _slice_hash(self.slice_hash, allow_empty=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics(_Msg):
+    """Free-form flat numeric metrics of one node."""
+
+    TAG: ClassVar[str] = "metrics"
+    fleet: str
+    node_id: str
+    ts: float
+    values: Mapping[str, float]
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "ts")
+
+
+Message = Union[  # noqa: UP007  (a runtime alias that isinstance and match understand)
+    NodeBirth, NodeDeath, NodeHealth, Plan, StageAssign, Activation, Result, ErrorReport, SliceChunk,
+    SliceRequest, Metrics,
+]
+#: Tag -> class of every top-level message type.
+MESSAGE_TYPES: Mapping[str, type[Any]] = types.MappingProxyType(
+    {cls.TAG: cls for cls in typing.get_args(Message)}
+)
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message: JSON for control messages, msgpack for data messages."""
+    cls = type(msg)
+    if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:  # type: ignore[arg-type]
+        raise EncodeError(f"not a wire message: {cls.__name__}")
+    body: dict[str, Any] = {"v": WIRE_VERSION, "type": cls.TAG}
+    body.update(_dump_fields(msg))
+    try:
+        if cls.BINARY:
+            return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+        return json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {cls.__name__}: {exc}") from exc
+
+
+def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Parse bytes into a message; raises DecodeError (or VersionMismatch) naming what is wrong."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    size = memoryview(data).nbytes
+    if size == 0:
+        raise DecodeError("empty message")
+    if size > max_bytes:
+        raise DecodeError(f"message of {size} bytes exceeds max_bytes={max_bytes}")
+    binary = data[0] != 0x7B  # '{'
+    try:
+        if binary:
+            body = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
+                max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, max_ext_len=0,
+            )
+        else:
+            body = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except Exception as exc:  # every parser failure is the peer's fault
+        kind = "msgpack" if binary else "JSON"
+        raise DecodeError(f"malformed {kind}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, dict):
+        raise DecodeError(f"message must be a map, got {type(body).__name__}")
+    version = body.pop("v", None)
+    if type(version) is not int:
+        raise DecodeError(f"missing or non-integer wire version 'v': {version!r}")
+    if version != WIRE_VERSION:
+        raise VersionMismatch(f"wire version {version}, this build speaks {WIRE_VERSION}")
+    tag = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise DecodeError(f"unknown message type {tag!r}")
+    if binary != cls.BINARY:
+        raise DecodeError(f"{tag} must be {'msgpack' if cls.BINARY else 'JSON'}")
+    return _build(cls, body, tag)  # type: ignore[no-any-return]
+
+
+def is_binary(data: bytes | bytearray | memoryview) -> bool:
+    """Whether an encoded message is msgpack (data plane) rather than JSON."""
+    return len(data) > 0 and data[0] != 0x7B
+
+
+# ---------------------------------------------------------------------------------------------- private
+
+_SCHEMAS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _schema(cls: type) -> tuple[tuple[str, Any], ...]:
+    s = _SCHEMAS.get(cls)
+    if s is None:
+        hints = typing.get_type_hints(cls, globalns=globals())
+        s = _SCHEMAS[cls] = tuple((f.name, hints[f.name]) for f in fields(cls))
+    return s
+
+
+def _check(tp: Any, v: Any, where: str) -> Any:
+    """Type-check (and lightly coerce) one value against an annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if v is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return _check(inner[0], v, where)
+        if isinstance(v, tuple(inner)):  # bytes | bytearray | memoryview
+            return v
+        raise TypeError(f"{where}: expected {tp}, got {type(v).__name__}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(v, tuple | list):
+            raise TypeError(f"{where}: expected a sequence, got {type(v).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            if len(v) > _SEQ_MAX:
+                raise ValueError(f"{where}: more than {_SEQ_MAX} entries")
+            return tuple(_check(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
+        if len(v) != len(args):
+            raise TypeError(f"{where}: expected {len(args)} entries, got {len(v)}")
+        return tuple(_check(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v, strict=True)))
+    if origin is Mapping:
+        if not isinstance(v, Mapping):
+            raise TypeError(f"{where}: expected a mapping, got {type(v).__name__}")
+        if len(v) > _SEQ_MAX:
+            raise ValueError(f"{where}: more than {_SEQ_MAX} entries")
+        kt, vt = typing.get_args(tp)
+        return types.MappingProxyType(
+            {_check(kt, k, f"{where} key"): _check(vt, x, f"{where}[{k!r}]") for k, x in v.items()}
+        )
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise TypeError(f"{where}: expected a number, got {type(v).__name__}")
+        f = float(v)
+        if not math.isfinite(f):
+            raise ValueError(f"{where}: must be finite, got {f}")
+        return f
+    if tp is int:
+        if type(v) is not int:
+            raise TypeError(f"{where}: expected an int, got {type(v).__name__}")
+        if not -_INT_MAX <= v <= _INT_MAX:
+            raise ValueError(f"{where}: int out of range")
+        return v
+    if tp is bool or tp is str:
+        if type(v) is not tp:
+            raise TypeError(f"{where}: expected {tp.__name__}, got {type(v).__name__}")
+        if tp is str and len(v) > _STR_MAX:
+            raise ValueError(f"{where}: string longer than {_STR_MAX}")
+        return v
+    if isinstance(tp, type) and isinstance(v, tp):
+        return v
+    raise TypeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(v).__name__}")
+
+
+def _dump(v: Any) -> Any:
+    if isinstance(v, _Msg):
+        return _dump_fields(v)
+    if isinstance(v, EncodedTensor):
+        return to_wire(v)
+    if isinstance(v, tuple):
+        return [_dump(x) for x in v]
+    if isinstance(v, Mapping):
+        return dict(v)
+    return v
+
+
+def _dump_fields(msg: Any) -> dict[str, Any]:
+    return {name: _dump(getattr(msg, name)) for name, _ in _schema(type(msg))}
+
+
+def _load(tp: Any, v: Any, where: str) -> Any:
+    """Turn wire values (dicts, lists) into the objects the constructor expects."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return v if v is None or len(inner) != 1 else _load(inner[0], v, where)
+    if origin is tuple and isinstance(v, list):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if len(v) > _SEQ_MAX:
+                raise DecodeError(f"{where}: more than {_SEQ_MAX} entries")
+            return tuple(_load(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
+        if len(v) != len(args):
+            raise DecodeError(f"{where}: expected {len(args)} entries, got {len(v)}")
+        return tuple(_load(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v, strict=True)))
+    if tp is EncodedTensor:
+        try:
+            return from_wire(v)
+        except DecodeError as exc:
+            raise DecodeError(f"{where}: {exc}") from None
+    if isinstance(tp, type) and is_dataclass(tp):
+        return _build(tp, v, where)
+    return v
+
+
+def _build(cls: type, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise DecodeError(f"{where}: expected a map, got {type(body).__name__}")
+    schema = _schema(cls)
+    names = {n for n, _ in schema}
+    unknown = [str(k) for k in body if k not in names]
+    if unknown:
+        raise DecodeError(f"{where}: unknown fields {sorted(unknown)}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = required - body.keys()
+    if missing:
+        raise DecodeError(f"{where}: missing fields {sorted(missing)}")
+    kwargs = {n: _load(tp, body[n], f"{where}.{n}") for n, tp in schema if n in body}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"{where}: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _name(v: str, what: str) -> None:
+    if not _NAME.match(v):
+        raise ValueError(f"{what} {v!r} must match {NAME_PATTERN}")
+
+
+def _names(msg: Any, *attrs: str) -> None:
+    for a in attrs:
+        _name(getattr(msg, a), a)
+
+
+def _nonneg(msg: Any, *attrs: str) -> None:
+    for a in attrs:
+        v = getattr(msg, a)
+        if v is not None and v < 0:
+            raise ValueError(f"{a} must be >= 0, got {v}")
+
+
+def _positive(msg: Any, *attrs: str) -> None:
+    for a in attrs:
+        if getattr(msg, a) <= 0:
+            raise ValueError(f"{a} must be > 0, got {getattr(msg, a)}")
+
+
+def _bits(b: int) -> None:
+    if b not in _BITS:
+        raise ValueError(f"bits must be one of {sorted(_BITS)}, got {b}")
+
+
+def _layers(first: int, last: int) -> None:
+    if first > last:
+        raise ValueError(f"first_layer {first} > last_layer {last}")
+
+
+def _text(v: str, what: str) -> None:
+    if not v or len(v) > 256:
+        raise ValueError(f"{what} must have 1..256 characters")
+
+
+def _frame_id(v: str) -> None:
+    if not _FRAME_ID.match(v):
+        raise ValueError(f"frame_id {v!r} must match [A-Za-z0-9_.:-]{{1,128}}")
+
+
+def _slice_hash(v: str, *, allow_empty: bool) -> None:
+    if not (allow_empty and v == "") and not _HASH.match(v):
+        raise ValueError(f"slice_hash {v!r} must match [A-Za-z0-9_.-]{{1,128}}")
+
+
+def _reply_topic(v: str) -> None:
+    if not v or len(v) > 1024 or any(c in v for c in "+#\x00"):
+        raise ValueError(f"reply_to {v!r} must be a concrete topic")
+
+
+def _tensors(ts: tuple[tuple[str, EncodedTensor], ...]) -> None:
+    names = [n for n, _ in ts]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names")
+    for n in names:
+        _text(n, "tensor name")

@@ -1,0 +1,63 @@
+"""``fleetpipe node``: run a node daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Any
+
+__all__ = ["main", "register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``node`` subcommand."""
+    p = subparsers.add_parser("node", help="run a node daemon (runs its stage of the pipeline)")
+    p.add_argument("--broker", help="mqtt://host:port (default: config file, FLEETPIPE_BROKER_URL)")
+    p.add_argument("--name", help="node id, unique in the fleet (default: host name)")
+    p.add_argument("--fleet", help="fleet name (default: 'default')")
+    p.add_argument("--emulate", help="emulate a device class: rpi3, rpi4, rpi5, jetson-nano, x86, or a factor; "
+                   "optional ':bw=MBPS,mem=BYTES'")
+    p.add_argument("--config", help="TOML config file (e.g. /etc/fleetpipe/node.toml)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="content-addressed slice cache")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--username", dest="broker_username")
+    p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
+    p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the NodeConfig from file, env and flags, and run the daemon."""
+    from fleetpipe.config import NodeConfig, load
+    from fleetpipe.errors import ConfigError, FleetpipeError
+    from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
+
+    flags = {k: getattr(args, k, None) for k in ("name", "fleet", "emulate", "cache_dir", "threads",
+                                                  "broker_username", "broker_password_file", "broker_ca_certs")}
+    flags["broker_url"] = args.broker
+    env = dict(os.environ)
+    if not flags["name"] and "FLEETPIPE_NAME" not in env:
+        flags["name"] = socket.gethostname().split(".")[0] or "node"
+    try:
+        config = load(NodeConfig, file=args.config, env=env, flags=flags)
+    except (ConfigError, TypeError) as exc:
+        print(f"fleetpipe node: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not config.broker.url:
+        from fleetpipe.discovery import resolve_broker
+
+        try:
+            config = resolve_broker(config)
+        except FleetpipeError as exc:
+            print(f"fleetpipe node: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    return NodeDaemon(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fleetpipe.node``."""
+    from fleetpipe.cli import main as cli_main
+
+    return cli_main(["node", *(argv if argv is not None else sys.argv[1:])])

@@ -1,0 +1,459 @@
+"""The node daemon: birth, health, assignment, slice loading, stage execution, drain.
+
+Theory of operation. A node connects with a last will (a retained ``NodeDeath`` on its state
+topic) and publishes a retained ``NodeBirth`` with a fresh sequence number on every (re)connect.
+It follows its retained assignment topic. An assignment names an epoch, a stage and a slice by
+content hash; the node loads the slice (local cache, else retained chunks on MQTT, verified by
+hash) on its inference thread and subscribes to the stage's input topic for that epoch (a shared
+subscription, so replicas split the frames).
+
+Frames flow through three tasks so compute overlaps transfer: the receiver puts decoded frames in
+a bounded inbox (a full inbox blocks the MQTT thread, which pushes back on the broker instead of
+dropping), the worker runs the slice on the single inference thread, the sender paces bytes to the
+emulated link and publishes to the next stage or, from the last stage, to the client's response
+topic. The node keeps the previous epoch's slice for a grace period after a switch, so frames
+already in flight under the old plan still complete; a frame whose epoch it no longer holds is
+reported on the error topic (``StaleEpoch``) and the client re-sends it under the new plan.
+Nothing bad from the network crashes the daemon: each frame's failure becomes one error report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetpipe import codec, timing, topics, wire
+from fleetpipe.config import NodeConfig
+from fleetpipe.errors import DecodeError, FleetpipeError, RuntimeLoadError, StaleEpoch, StageError
+from fleetpipe.slices import content_hash
+from fleetpipe.node.emulate import TokenBucket, parse_emulate
+from fleetpipe.node.executor import InferenceExecutor
+from fleetpipe.node.lifecycle import NodeLifecycle
+from fleetpipe.node.profile import measure_speed, probe_capability
+from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
+from fleetpipe.transport import Message, Will
+from fleetpipe.transport.mqtt import MqttBus
+
+__all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_OK", "NodeDaemon"]
+
+log = logging.getLogger("fleetpipe.node")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
+
+# Keep the previous epoch's slice this long after switching, so in-flight frames finish.
+EPOCH_GRACE_S = 15.0
+SLICE_FETCH_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One loaded stage (an epoch's assignment) on this node."""
+
+    assign: Any
+    runtime: Any
+    executor: InferenceExecutor
+    topic: str
+    retired_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Stats:
+    frames_in: int = 0
+    frames_out: int = 0
+    errors: int = 0
+    compute_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    transfer_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    idle_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    bytes_out: int = 0
+    last_done: float | None = None
+
+
+class NodeDaemon:
+    """A fleetpipe node: ``NodeDaemon(config).run()`` blocks until SIGTERM/SIGINT, returns the exit code."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.fleet = config.fleet
+        self.name = config.name
+        self.device = parse_emulate(config.emulate or "host")
+        self.seq = time.time_ns() // 1000
+        self.lifecycle = NodeLifecycle()
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.stats = _Stats()
+        self.slots: dict[int, _Slot] = {}
+        self.epoch = -1
+        self.bus: MqttBus | None = None
+        self.bucket = TokenBucket(self.device.bandwidth_mbps) if self.device.bandwidth_mbps else None
+        self.cache_dir = Path(os.path.expanduser(config.cache_dir))
+        self._inbox: asyncio.Queue[tuple[wire.Activation, float]] = asyncio.Queue(maxsize=config.queue_limit)
+        self._outbox: asyncio.Queue[tuple[str, bytes, str | None, bytes | None]] = asyncio.Queue(maxsize=4)
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self._chunk_waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._load_task: asyncio.Task[None] | None = None
+        self._capability: dict[str, Any] = {}
+        self._speed = 0.0
+        self._err_times: deque[float] = deque(maxlen=20)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until told to exit; returns a process exit code."""
+        try:
+            return asyncio.run(self.serve())
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+    async def serve(self) -> int:
+        """Connect, serve frames, drain on exit."""
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        self._capability = probe_capability(available_runtimes())
+        self._speed = await asyncio.to_thread(measure_speed, 0.2) / max(self.device.compute_factor, 1e-9)
+        will = Will(topics.node_state(self.fleet, self.name), wire.encode(self._death("connection lost")),
+                    qos=1, retain=True)
+        broker = self.config.broker
+        try:
+            self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
+                               username=broker.username, password=broker.password(),
+                               tls=_tls(broker), on_connect=self._on_connect)
+            await self.bus.__aenter__()
+        except FleetpipeError as exc:
+            log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
+            return EXIT_BROKER
+        self.lifecycle.handle("connect")
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("receiver", self._receiver()), ("worker", self._worker()),
+            ("sender", self._sender()), ("health", self._health_loop()))]
+        try:
+            await self.should_exit.wait()
+            await self._drain(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for slot in self.slots.values():
+                slot.executor.shutdown()
+            await self.bus.__aexit__(None, None, None)
+        return EXIT_OK
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        def handle(sig: signal.Signals) -> None:
+            if sig == signal.SIGINT and self.should_exit.is_set():
+                self.force_exit = True
+                raise SystemExit(130)
+            self.should_exit.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handle, sig)
+
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Stop taking frames, finish those in hand, publish death."""
+        assert self.bus is not None
+        log.info("node %s: draining", self.name)
+        with contextlib.suppress(FleetpipeError):
+            self.lifecycle.handle("drain")
+        for slot in self.slots.values():
+            with contextlib.suppress(FleetpipeError):
+                await self.bus.unsubscribe(slot.topic)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while (self._inbox.qsize() or self._outbox.qsize() or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topics.node_state(self.fleet, self.name),
+                                   wire.encode(self._death("clean shutdown")), qos=1, retain=True)
+
+    async def _on_connect(self, _bus: object) -> None:
+        """After every (re)connect: subscriptions are restored by the bus; re-announce ourselves."""
+        assert self.bus is not None
+        await self.bus.subscribe(topics.node_assign(self.fleet, self.name), qos=1)
+        await self.bus.publish(topics.node_state(self.fleet, self.name), wire.encode(self._birth()),
+                               qos=1, retain=True)
+
+    # -- messages --------------------------------------------------------------------------------
+
+    async def _receiver(self) -> None:
+        assert self.bus is not None
+        async for message in self.bus.messages():
+            try:
+                await self._dispatch(message)
+            except (DecodeError, StageError, ValueError, TypeError) as exc:
+                await self._report(exc, None)
+
+    async def _dispatch(self, message: Message) -> None:
+        spec, params = topics.parse(message.topic)
+        if spec is topics.NODE_ASSIGN:
+            if not message.payload:
+                await self._unassign()
+                return
+            msg = wire.decode(message.payload)
+            if not isinstance(msg, wire.StageAssign):
+                raise DecodeError(f"expected StageAssign on {message.topic}, got {type(msg).__name__}")
+            self._start_load(msg)
+        elif spec is topics.STAGE_IN:
+            msg = wire.decode(message.payload)
+            if not isinstance(msg, wire.Activation):
+                raise DecodeError(f"expected Activation on {message.topic}, got {type(msg).__name__}")
+            self.stats.frames_in += 1
+            await self._inbox.put((msg, time.time()))
+        elif spec is topics.SLICE_CHUNK:
+            msg = wire.decode(message.payload)
+            if isinstance(msg, wire.SliceChunk):
+                self._on_chunk(msg)
+
+    # -- assignment and slices -------------------------------------------------------------------
+
+    def _start_load(self, assign: Any) -> None:
+        if assign.epoch < self.epoch or (assign.epoch == self.epoch and assign.epoch in self.slots):
+            log.info("node %s: ignoring assignment of old epoch %s (at %s)", self.name, assign.epoch, self.epoch)
+            return
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        self._load_task = asyncio.create_task(self._load(assign), name=f"load-e{assign.epoch}")
+
+    async def _load(self, assign: Any) -> None:
+        assert self.bus is not None
+        with contextlib.suppress(FleetpipeError):
+            self.lifecycle.handle("assign")
+        try:
+            data = await self._fetch_slice(assign.slice_hash, assign.slice_size)
+            kind = detect_kind(data)
+            runtime = create_runtime(kind, threads=self.config.threads)
+            await asyncio.to_thread(runtime.load, data)
+            executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)
+        except (FleetpipeError, OSError, asyncio.TimeoutError) as exc:
+            with contextlib.suppress(FleetpipeError):
+                self.lifecycle.handle("load_failed")
+            await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {exc}"), None)
+            return
+        topic = topics.stage_in(self.fleet, assign.epoch, assign.stage)
+        group = topics.shared(f"{self.fleet}-e{assign.epoch}-s{assign.stage}", topic)
+        now = time.monotonic()
+        for old in self.slots.values():
+            if old.retired_at is None:
+                old.retired_at = now
+        self.slots[assign.epoch] = _Slot(assign, runtime, executor, group)
+        self.epoch = assign.epoch
+        await self.bus.subscribe(group, qos=1)
+        with contextlib.suppress(FleetpipeError):
+            self.lifecycle.handle("loaded")
+        await self._publish_health()  # tells the planner this epoch is loaded
+        log.info("node %s: epoch %d stage %d layers %d..%d loaded (%s, %d bytes)", self.name, assign.epoch,
+                 assign.stage, assign.first_layer, assign.last_layer, kind, len(data))
+
+    async def _unassign(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            if slot.retired_at is None:
+                slot.retired_at = now
+        with contextlib.suppress(FleetpipeError):
+            self.lifecycle.handle("unassign")
+
+    async def _fetch_slice(self, slice_hash: str, size: int) -> bytes:
+        """Slice bytes from the local cache or from retained chunks on MQTT, verified by hash."""
+        assert self.bus is not None
+        path = self.cache_dir / f"{slice_hash}.bin"
+        if path.exists():
+            data = path.read_bytes()
+            if content_hash(data) == slice_hash:
+                return data
+            path.unlink()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._chunk_waiters[slice_hash] = future
+        filt = topics.slice_chunks(self.fleet, slice_hash)
+        await self.bus.subscribe(filt, qos=1)
+        try:
+            data = await asyncio.wait_for(future, SLICE_FETCH_TIMEOUT_S)
+        finally:
+            self._chunk_waiters.pop(slice_hash, None)
+            self._chunks.pop(slice_hash, None)
+            with contextlib.suppress(FleetpipeError):
+                await self.bus.unsubscribe(filt)
+        if len(data) != size:
+            raise RuntimeLoadError(f"slice {slice_hash}: got {len(data)} bytes, assignment says {size}")
+        with contextlib.suppress(OSError):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return data
+
+    def _on_chunk(self, chunk: Any) -> None:
+        future = self._chunk_waiters.get(chunk.slice_hash)
+        if future is None or future.done():
+            return
+        parts = self._chunks.setdefault(chunk.slice_hash, {})
+        parts[chunk.index] = bytes(chunk.data)
+        if len(parts) == chunk.count:
+            data = b"".join(parts[i] for i in range(chunk.count))
+            if content_hash(data) != chunk.slice_hash:
+                future.set_exception(RuntimeLoadError(f"slice {chunk.slice_hash}: hash mismatch"))
+            else:
+                future.set_result(data)
+
+    # -- the frame path --------------------------------------------------------------------------
+
+    _busy = False
+
+    async def _worker(self) -> None:
+        while True:
+            idle_from = time.monotonic()
+            frame, recv_ts = await self._inbox.get()
+            self.stats.idle_ms.append((time.monotonic() - idle_from) * 1000)
+            self._busy = True
+            try:
+                await self._process(frame, recv_ts)
+            except (FleetpipeError, ValueError, TypeError) as exc:
+                await self._report(exc, frame.frame_id)
+            finally:
+                self._busy = False
+                self._retire_old_slots()
+
+    async def _process(self, frame: Any, recv_ts: float) -> None:
+        slot = self.slots.get(frame.epoch)
+        if slot is None:
+            raise StaleEpoch(f"frame {frame.frame_id} is for epoch {frame.epoch}; node holds {sorted(self.slots)}")
+        assign = slot.assign
+        if frame.stage != assign.stage:
+            raise StageError(f"frame {frame.frame_id} is for stage {frame.stage}; node holds stage {assign.stage}")
+        inputs = {name: codec.decode_tensor(t) for name, t in frame.tensors}
+        outputs, compute_ms = await slot.executor.run(inputs)
+        self.stats.compute_ms.append(compute_ms)
+        last = assign.next_stage is None
+        bits = 32 if last else assign.bits
+        tensors = tuple((name, codec.encode_tensor(_as_array(outputs[name]), bits=_bits_for(outputs[name], bits)))
+                        for name in assign.output_names)
+        hop = wire.Hop(stage=assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
+                       send_ts=time.time())
+        hops = (*frame.hops, hop)
+        if last:
+            result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id,
+                                 epoch=frame.epoch, tensors=tensors, hops=hops, ts=time.time())
+            await self._outbox.put((frame.reply_to, wire.encode(result), None, None))
+        else:
+            nxt = wire.Activation(fleet=self.fleet, epoch=frame.epoch, frame_id=frame.frame_id,
+                                  client_id=frame.client_id, stage=assign.next_stage, tensors=tensors,
+                                  reply_to=frame.reply_to, sent_ts=time.time(), hops=hops)
+            topic = topics.stage_in(self.fleet, frame.epoch, assign.next_stage)
+            await self._outbox.put((topic, wire.encode(nxt), None, None))
+        self.stats.frames_out += 1
+
+    async def _sender(self) -> None:
+        assert self.bus is not None
+        while True:
+            topic, payload, _, _ = await self._outbox.get()
+            start = time.monotonic()
+            if self.bucket is not None:
+                await self.bucket.consume(len(payload))
+            try:
+                await self.bus.publish(topic, payload, qos=1)
+            except FleetpipeError as exc:
+                await self._report(exc, None)
+            self.stats.transfer_ms.append((time.monotonic() - start) * 1000)
+            self.stats.bytes_out += len(payload)
+
+    def _retire_old_slots(self) -> None:
+        now = time.monotonic()
+        for epoch, slot in list(self.slots.items()):
+            if slot.retired_at is not None and now - slot.retired_at > EPOCH_GRACE_S:
+                del self.slots[epoch]
+                slot.executor.shutdown()
+                if self.bus is not None:
+                    asyncio.create_task(self._quiet_unsubscribe(slot.topic))
+
+    async def _quiet_unsubscribe(self, topic: str) -> None:
+        with contextlib.suppress(FleetpipeError):
+            assert self.bus is not None
+            await self.bus.unsubscribe(topic)
+
+    # -- health and errors -----------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(timing.HEALTH_INTERVAL_S)
+            self._retire_old_slots()
+            await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        assert self.bus is not None
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topics.node_health(self.fleet, self.name), wire.encode(self._health()), qos=0)
+
+    async def _report(self, exc: BaseException, frame_id: str | None) -> None:
+        self.stats.errors += 1
+        now = time.monotonic()
+        self._err_times.append(now)
+        if len(self._err_times) < 20 or now - self._err_times[0] > 1.0:  # rate-limited log
+            log.warning("node %s: %s: %s", self.name, type(exc).__name__, exc)
+        if self.bus is None:
+            return
+        report = wire.ErrorReport(fleet=self.fleet, source=self.name, kind=type(exc).__name__,
+                                  detail=str(exc)[:500], frame_id=frame_id, ts=time.time())
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topics.error(self.fleet), wire.encode(report), qos=1)
+
+    def _birth(self) -> Any:
+        cap = self._capability
+        return wire.NodeBirth(fleet=self.fleet, node_id=self.name, seq=self.seq, arch=cap.get("arch", "?"),
+                              cores=int(cap.get("cores", 1)), mem_bytes=int(self.device.mem_bytes or cap.get("mem_bytes", 0)),
+                              runtimes=tuple(available_runtimes()), providers=tuple(available_providers()),
+                              device_class=self.device.name, speed=float(self._speed),
+                              emulate_factor=float(self.device.compute_factor),
+                              bandwidth_mbps=self.device.bandwidth_mbps, profile=None, ts=time.time())
+
+    def _death(self, reason: str) -> Any:
+        return wire.NodeDeath(fleet=self.fleet, node_id=self.name, seq=self.seq, reason=reason, ts=time.time())
+
+    def _health(self) -> Any:
+        slot = self.slots.get(self.epoch)
+        load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return wire.NodeHealth(
+            fleet=self.fleet, node_id=self.name, seq=self.seq, ts=time.time(), load=load1,
+            mem_used_bytes=_rss_bytes(), queue_depth=self._inbox.qsize(), frames_in=self.stats.frames_in,
+            frames_out=self.stats.frames_out, errors=self.stats.errors,
+            stage=slot.assign.stage if slot else None, epoch=max(self.epoch, 0),
+            compute_ms_avg=_mean(self.stats.compute_ms), transfer_ms_avg=_mean(self.stats.transfer_ms),
+            idle_ms_avg=_mean(self.stats.idle_ms), bits=slot.assign.bits if slot else 32,
+            bandwidth_mbps_est=self.device.bandwidth_mbps)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def _bits_for(array: Any, bits: int) -> int:
+    return bits if np.issubdtype(np.asarray(array).dtype, np.floating) else 32
+
+
+def _mean(values: deque[float]) -> float:
+    return round(sum(values) / len(values), 3) if values else 0.0
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _tls(broker: Any) -> Any:
+    if not broker.ca_certs:
+        return None
+    from fleetpipe.transport import TLSParameters
+
+    return TLSParameters(ca_certs=broker.ca_certs, certfile=broker.certfile, keyfile=broker.keyfile)

@@ -1,0 +1,131 @@
+"""The one seam between inference threads and the event loop (STYLE rule 8).
+
+The loop never calls ``Runtime.run`` itself: ``InferenceExecutor.run`` hands the call to a dedicated
+single-worker thread and awaits the result, so frames of one node run strictly one at a time in
+arrival order and the loop stays responsive. Emulation stretch is applied in that worker thread
+(``time.sleep`` after the real compute), so the stage is genuinely busy for the emulated time
+while the loop keeps serving MQTT.
+
+The other direction, a worker thread calling into the loop, goes through ``run_coro_threadsafe``,
+which raises ``EventLoopBlocked`` instead of hanging when the loop does not answer in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from fleetpipe.errors import FleetpipeError, InferenceError, StageError
+from fleetpipe.node.emulate import stretch
+from fleetpipe.node.runtime import Runtime
+
+__all__ = ["EventLoopBlocked", "InferenceExecutor", "run_coro_threadsafe"]
+
+T = TypeVar("T")
+
+WORKER_THREAD_PREFIX = "fleetpipe-infer"
+
+
+class EventLoopBlocked(FleetpipeError):
+    """The event loop did not run a coroutine submitted from another thread within the timeout."""
+
+
+class InferenceExecutor:
+    """Runs a runtime on a dedicated single-worker thread; ``compute_factor`` > 1 emulates slower hardware."""
+
+    def __init__(
+        self, runtime: Runtime, *, compute_factor: float = 1.0, name: str = WORKER_THREAD_PREFIX
+    ) -> None:
+        if compute_factor < 1.0:
+            raise ValueError(f"compute_factor must be >= 1, got {compute_factor}")
+        self.runtime = runtime
+        self.compute_factor = compute_factor
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending = 0
+        self._closed = False
+        self.last_real_ms = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Frames submitted and not yet finished (queue depth including the running one)."""
+        return self._pending
+
+    async def run(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Run the slice off the loop; returns (outputs, compute_ms) where compute_ms includes the stretch.
+
+        ``compute_ms`` is the time the (emulated) device was busy; the real compute time of the
+        same call is in ``last_real_ms``. Raises InferenceError (or another StageError).
+        """
+        if self._closed:
+            raise InferenceError("inference executor is shut down")
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        try:
+            return await loop.run_in_executor(self._pool, self._run_in_worker, inputs)
+        except RuntimeError as exc:  # submit after shutdown raced with us
+            raise InferenceError(f"inference executor unavailable: {exc}") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                # shutdown() cancelled the queued frame, not our caller: report it as a stage error.
+                raise InferenceError("frame dropped: inference executor shut down") from None
+            raise
+        finally:
+            self._pending -= 1
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop accepting work, drop queued frames and (by default) join the worker thread."""
+        self._closed = True
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> InferenceExecutor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def _run_in_worker(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Worker-thread body: real compute, then the emulation stretch."""
+        start = time.perf_counter()
+        try:
+            outputs = self.runtime.run(inputs)
+        except StageError:
+            raise
+        except Exception as exc:  # a backend that forgot to translate: still a typed error for the loop
+            raise InferenceError(f"runtime failed: {exc!r}") from exc
+        real_ms = (time.perf_counter() - start) * 1e3
+        self.last_real_ms = real_ms
+        extra_ms = stretch(real_ms, self.compute_factor)
+        if extra_ms > 0:
+            time.sleep(extra_ms / 1e3)
+        return outputs, (time.perf_counter() - start) * 1e3
+
+
+def run_coro_threadsafe(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop, timeout: float) -> T:
+    """Run ``coro`` on ``loop`` from another thread and wait for it; raises EventLoopBlocked on timeout."""
+    if _running_loop_in_this_thread() is loop:
+        coro.close()
+        raise RuntimeError("run_coro_threadsafe called from the loop's own thread; await the coroutine")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    done, _ = concurrent.futures.wait([future], timeout)
+    if not done:
+        future.cancel()
+        raise EventLoopBlocked(
+            f"event loop did not finish the call within {timeout} s "
+            f"(called from thread {threading.current_thread().name})"
+        )
+    return future.result()
+
+
+def _running_loop_in_this_thread() -> asyncio.AbstractEventLoop | None:
+    """The loop running in the calling thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

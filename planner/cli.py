@@ -1,0 +1,123 @@
+"""``fleetpipe plan``: plan a problem file and print the plan (JSON or a table).
+
+    fleetpipe plan --problem FILE.json [--json] [--time-limit S] [--method exact|heuristic|...]
+
+JSON output uses 1-based inclusive layer numbers (the neutral format of planner-problems/README.md).
+Exit codes: 0 plan printed, 1 no feasible plan (InfeasiblePlan), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from fleetpipe.errors import InfeasiblePlan, PlanningError
+
+__all__ = ["METHODS", "plan_problem", "plan_to_json", "register"]
+
+METHODS = ("exact", "heuristic", "even", "neurosurgeon", "memory")
+
+EXIT_OK = 0
+EXIT_INFEASIBLE = 1
+EXIT_BAD_INPUT = 2
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``plan`` subcommand."""
+    parser = subparsers.add_parser("plan", help="partition a model over a fleet",
+                                   description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--problem", required=True, help="problem file in the neutral JSON format")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--time-limit", type=float, default=8.0, help="exact solver time limit (s)")
+    parser.add_argument("--method", choices=METHODS, default="exact", help="planner to use")
+    parser.set_defaults(func=_run)
+
+
+def plan_problem(problem: Any, method: str = "exact", *, time_limit_s: float = 8.0) -> Any:
+    """Plan ``problem`` (a :class:`~fleetpipe.planner.problem.Problem`) with ``method``; a PlanResult."""
+    from fleetpipe.planner import baselines, heuristic, partition
+
+    if method == "exact":
+        return partition.solve(problem, time_limit_s=time_limit_s)
+    if method == "heuristic":
+        return heuristic.refine(problem, None, time_limit_s=min(time_limit_s, 1.0))
+    if method == "even":
+        return baselines.even_split(problem)
+    if method == "neurosurgeon":
+        return baselines.neurosurgeon(problem)
+    if method == "memory":
+        return baselines.memory_split(problem)
+    raise PlanningError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def plan_to_json(problem: Any, result: Any) -> dict[str, Any]:
+    """The JSON document for a plan (1-based inclusive layers)."""
+    rep = result.report
+    stages = []
+    for sr in rep.stages:
+        st = sr.stage
+        stages.append({
+            "device": problem.device_names[st.devices[0]],
+            "devices": [problem.device_names[d] for d in st.devices],
+            "first_layer": st.first + 1, "last_layer": st.last + 1, "bits": st.bits,
+            "compute_ms": round(sr.compute_ms, 4), "transfer_ms": round(sr.transfer_ms, 4),
+            "mem_need_bytes": round(sr.mem_need_bytes), "utilisation": round(sr.utilisation, 4),
+            "bubble_ms": round(sr.bubble_ms, 4),
+        })
+    gap = result.gap
+    return {
+        "problem": problem.name, "method": result.method, "stages": stages,
+        "bottleneck_ms": round(rep.bottleneck_ms, 4), "latency_ms": round(rep.latency_ms, 4),
+        "throughput_per_s": round(rep.throughput_per_s, 4), "solve_s": round(result.solve_s, 4),
+        "exact": result.exact, "latency_optimal": result.latency_optimal,
+        "lower_bound_ms": None if result.lower_bound_ms is None else round(result.lower_bound_ms, 4),
+        "gap": None if gap is None or not math.isfinite(gap) else round(gap, 6),
+        "feasible": rep.feasible, "reason": rep.reason,
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fleetpipe.planner.problem import load_problem
+
+    try:
+        problem = load_problem(args.problem)
+    except PlanningError as exc:
+        print(f"fleetpipe plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = plan_problem(problem, args.method, time_limit_s=args.time_limit)
+    except InfeasiblePlan as exc:
+        print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    doc = plan_to_json(problem, result)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        _print_table(doc)
+    return EXIT_OK
+
+
+def _print_table(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['problem'] or 'plan'} ({doc['method']})")
+    cols = ("#", "device(s)", "layers", "bits", "compute ms", "transfer ms", "mem MB", "util", "bubble ms")
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("device(s)",) else "left")
+    for i, st in enumerate(doc["stages"]):
+        table.add_row(str(i + 1), ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
+                      str(st["bits"]), f"{st['compute_ms']:.2f}", f"{st['transfer_ms']:.2f}",
+                      f"{st['mem_need_bytes'] / 1e6:.1f}", f"{st['utilisation']:.0%}",
+                      f"{st['bubble_ms']:.2f}")
+    console = Console()
+    console.print(table)
+    gap = doc["gap"]
+    quality = "optimal" if doc["exact"] else f"gap <= {gap:.2%}" if gap is not None else "no bound"
+    console.print(f"bottleneck {doc['bottleneck_ms']:.2f} ms ({doc['throughput_per_s']:.2f}/s), "
+                  f"latency {doc['latency_ms']:.2f} ms, {quality}, solved in {doc['solve_s']:.3f} s")
+    if not doc["feasible"]:
+        console.print(f"[red]infeasible plan:[/red] {doc['reason']}")

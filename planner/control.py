@@ -1,0 +1,79 @@
+"""Pure control step: ``decide(state, now, policy) -> list[Command]``.
+
+The planner's async shell (``loop.py``) calls this on every event and tick and carries out the
+commands; nothing here awaits or publishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetpipe.planner.state import FleetState
+
+__all__ = ["Command", "Policy", "Replan", "WaitForNodes", "decide"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Knobs of the control step."""
+
+    debounce_s: float = 0.5
+    min_nodes: int = 1
+    expect_nodes: int = 0
+    # Plan with fewer than expect_nodes after waiting this long since the first member appeared.
+    expect_wait_s: float = 10.0
+    # Re-plan when a stage's measured time deviates from its prediction by more than this (fraction).
+    deviation: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Replan:
+    """Solve again for the alive nodes and publish a new epoch."""
+
+    reason: str
+    node_ids: tuple[str, ...]
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForNodes:
+    """Not enough nodes to plan yet."""
+
+    alive: int
+    needed: int
+
+
+Command = Replan | WaitForNodes
+
+
+def decide(state: FleetState, now: float, policy: Policy, first_seen: float | None = None) -> list[Command]:
+    """Return what the planner should do now."""
+    if state.membership == state.planned_membership:
+        return []
+    if now - state.membership_changed_at < policy.debounce_s:
+        return []
+    alive = state.alive()
+    needed = max(policy.min_nodes, 1)
+    if len(alive) < needed:
+        return [WaitForNodes(len(alive), needed)]
+    if (
+        state.plan is None
+        and policy.expect_nodes
+        and len(alive) < policy.expect_nodes
+        and (first_seen is None or now - first_seen < policy.expect_wait_s)
+    ):
+        return [WaitForNodes(len(alive), policy.expect_nodes)]
+    reason = "initial plan" if state.plan is None else "membership changed"
+    if state.plan is not None:
+        planned = {n for s in state.plan.stages for n in s.nodes}
+        lost = sorted(planned - set(alive))
+        joined = sorted(set(alive) - planned)
+        parts = []
+        if lost:
+            parts.append("lost " + ",".join(lost))
+        if joined:
+            parts.append("joined " + ",".join(joined))
+        if not parts:
+            return []  # same members as the current plan (e.g. a node restarted with the same set)
+        reason = "; ".join(parts)
+    return [Replan(reason, tuple(alive), state.epoch + 1)]

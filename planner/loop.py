@@ -1,0 +1,314 @@
+"""The planner service: the async shell around the pure state, control and partition functions.
+
+Theory of operation. The service follows every node's retained state (birth/death) and health,
+folds them into ``FleetState`` (``state.apply``), and asks ``control.decide`` what to do after each
+event and tick. A ``Replan`` builds a ``Problem`` from the model graph and the alive nodes' measured
+capabilities, solves it, slices the model, publishes the slices (retained chunks, content
+addressed), then each node's retained assignment under a new epoch. It publishes the retained plan
+(the signal clients switch on) only when every assigned node reports in its health that it has
+loaded the new epoch, so a client never sends a frame to a stage nobody has subscribed yet. Nodes
+left out of the plan get their retained assignment cleared. On start the retained plan (if any)
+is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
+when the same nodes are alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fleetpipe import slices, timing, topics, wire
+from fleetpipe.config import PlannerConfig
+from fleetpipe.errors import DecodeError, FleetpipeError, InfeasiblePlan
+from fleetpipe.planner import control, state
+from fleetpipe.transport import Message
+from fleetpipe.transport.mqtt import MqttBus
+
+__all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
+
+log = logging.getLogger("fleetpipe.planner")
+
+LOAD_TIMEOUT_S = 60.0
+DEFAULT_BANDWIDTH_MBPS = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The model as the planner needs it: proto, layer graph and host per-layer times."""
+
+    model_id: str
+    proto: Any
+    graph: Any
+    host_ms: np.ndarray
+    host_speed: float
+
+
+def load_model_info(path: str, input_shape: tuple[int, ...] | None = None) -> ModelInfo:
+    """Load the model, group its layers and profile them on this host."""
+    from fleetpipe.models.onnx_graph import load_onnx, read_model
+    from fleetpipe.models.profile import profile_layers
+    from fleetpipe.node.profile import measure_speed
+
+    proto = read_model(path)
+    shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None
+    graph = load_onnx(proto, input_shapes=shapes)
+    prof = profile_layers(proto, graph, runs=5)
+    host_ms = np.asarray(prof.per_layer_ms, dtype=np.float64)
+    model_id = slices.content_hash(proto.SerializeToString())[:12]
+    return ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2))
+
+
+def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int) -> Any:
+    """A planner ``Problem`` for the alive nodes: per-node layer times scaled from the host profile."""
+    from fleetpipe.planner.problem import Problem
+
+    names = tuple(nodes)
+    graph = model.graph
+    compute = np.empty((len(graph.layers), len(names)))
+    for d, name in enumerate(names):
+        birth = nodes[name].birth
+        compute[:, d] = model.host_ms * node_slowdown(birth, model.host_speed)
+    scale = bits / 32.0
+    out_bytes = np.array([_wire_bytes(graph, layer, scale) for layer in graph.layers])
+    bw = np.array([[min(_bw(nodes[a].birth), _bw(nodes[b].birth)) for b in names] for a in names])
+    mem = np.array([float(nodes[n].birth.mem_bytes or 1 << 40) for n in names])
+    return Problem(layer_names=tuple(layer.name for layer in graph.layers), compute_ms=compute,
+                   out_bytes=out_bytes, param_bytes=np.array([layer.param_bytes for layer in graph.layers]),
+                   input_bytes=graph.input_bytes, device_names=names, mem_bytes=mem, bw_mbps=bw,
+                   device_types=tuple(nodes[n].birth.device_class for n in names), name=model.model_id)
+
+
+def node_slowdown(birth: Any, host_speed: float) -> float:
+    """How much slower than this host a node runs a layer.
+
+    An emulated node on this host runs exactly ``emulate_factor`` times slower by construction; a real
+    device's factor comes from the speed figure both sides measured with the same benchmark.
+    """
+    if birth.emulate_factor and birth.emulate_factor > 1.0:
+        return float(birth.emulate_factor)
+    if birth.speed and host_speed:
+        return max(host_speed / float(birth.speed), 1e-3)
+    return 1.0
+
+
+class PlannerService:
+    """``PlannerService(config).run()``: plan the fleet until SIGTERM/SIGINT."""
+
+    def __init__(self, config: PlannerConfig, model: ModelInfo | None = None) -> None:
+        self.config = config
+        self.fleet = config.fleet
+        self.model = model
+        self.state = state.FleetState()
+        self.policy = control.Policy(debounce_s=timing.REPLAN_DEBOUNCE_S, min_nodes=config.min_nodes,
+                                     expect_nodes=config.expect_nodes, deviation=config.replan_threshold)
+        self.should_exit = asyncio.Event()
+        self.bus: MqttBus | None = None
+        self._first_seen: float | None = None
+        self._replanning: asyncio.Task[None] | None = None
+        self._published_slices: set[str] = set()
+        self._assigned: set[str] = set()
+        self._loaded: dict[str, int] = {}
+        self.last_result: Any = None
+
+    def run(self) -> int:
+        """Run until told to exit; returns a process exit code."""
+        try:
+            return asyncio.run(self.serve())
+        except KeyboardInterrupt:
+            return 0
+
+    async def serve(self) -> int:
+        """Connect, follow the fleet, plan."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.should_exit.set)
+        if self.model is None:
+            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape)
+            log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
+        broker = self.config.broker
+        self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
+                           password=broker.password(), on_connect=self._on_connect)
+        try:
+            await self.bus.__aenter__()
+        except FleetpipeError as exc:
+            log.error("planner: cannot connect to %s: %s", broker.url, exc)
+            return 3
+        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
+        try:
+            await self.should_exit.wait()
+        finally:
+            for task in [*tasks, self._replanning]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
+            await self.bus.__aexit__(None, None, None)
+        return 0
+
+    async def _on_connect(self, _bus: object) -> None:
+        assert self.bus is not None
+        await self.bus.subscribe(topics.node_state(self.fleet, "+"), qos=1)
+        await self.bus.subscribe(topics.node_health(self.fleet, "+"), qos=0)
+        await self.bus.subscribe(topics.plan(self.fleet), qos=1)
+
+    async def _receive(self) -> None:
+        assert self.bus is not None
+        async for message in self.bus.messages():
+            try:
+                self._fold(message)
+            except (DecodeError, ValueError) as exc:
+                log.warning("planner: bad message on %s: %s", message.topic, exc)
+            self._step()
+
+    def _fold(self, message: Message) -> None:
+        if not message.payload:
+            return
+        msg = wire.decode(message.payload)
+        now = time.monotonic()
+        if isinstance(msg, wire.NodeBirth):
+            if msg.fleet != self.fleet:
+                return
+            if self._first_seen is None:
+                self._first_seen = now
+            self.state = state.apply(self.state, state.Birth(msg, now))
+        elif isinstance(msg, wire.NodeDeath):
+            self.state = state.apply(self.state, state.Death(msg, now))
+        elif isinstance(msg, wire.NodeHealth):
+            self.state = state.apply(self.state, state.Health(msg, now))
+            if msg.stage is not None:
+                self._loaded[msg.node_id] = int(msg.epoch)
+        elif isinstance(msg, wire.Plan) and (self.state.plan is None or msg.epoch > self.state.plan.epoch):
+            # A retained plan from an earlier planner instance: resume from it.
+            self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(timing.HEALTH_INTERVAL_S, 0.25))
+            self.state = state.apply(self.state, state.Tick(time.monotonic(), timing.LEASE_S))
+            self._step()
+
+    def _step(self) -> None:
+        if self._replanning is not None and not self._replanning.done():
+            return
+        for command in control.decide(self.state, time.monotonic(), self.policy, self._first_seen):
+            if isinstance(command, control.Replan):
+                log.info("planner: re-planning epoch %d (%s)", command.epoch, command.reason)
+                self._replanning = asyncio.create_task(self._replan(command))
+            elif isinstance(command, control.WaitForNodes):
+                log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
+
+    async def _replan(self, command: control.Replan) -> None:
+        assert self.bus is not None and self.model is not None
+        membership = self.state.membership
+        nodes = {n: self.state.nodes[n] for n in command.node_ids}
+        try:
+            result, stage_slices = await asyncio.to_thread(self._solve_and_slice, nodes)
+        except InfeasiblePlan as exc:
+            log.error("planner: no feasible plan: %s", exc)
+            await self._publish_error("InfeasiblePlan", str(exc))
+            self.state = state.apply(self.state, state.PlanPublished(
+                self.state.plan or _NoPlan(self.state.epoch), membership, time.monotonic()))
+            return
+        epoch = command.epoch
+        names = tuple(nodes)
+        stages = []
+        for k, (stage, (first, last, data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
+            await self._publish_slice(digest, data)
+            stage_nodes = tuple(names[d] for d in stage.devices)
+            report = result.report.stages[k] if hasattr(result.report, "stages") else None
+            stages.append(wire.PlanStage(
+                index=k, first_layer=first, last_layer=last, nodes=stage_nodes, bits=self.config.bits,
+                slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(first)),
+                output_names=tuple(self.model.graph.crossing(last)),
+                predicted_ms=float(getattr(report, "time_ms", 0.0) if report else 0.0)))
+        for s in stages:
+            for node_id in s.nodes:
+                assign = wire.StageAssign(
+                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
+                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
+                    slice_size=len(stage_slices[s.index][2]), model_id=self.model.model_id,
+                    input_names=s.input_names, output_names=s.output_names, bits=s.bits,
+                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time())
+                await self.bus.publish(topics.node_assign(self.fleet, node_id), wire.encode(assign),
+                                       qos=1, retain=True)
+        assigned = {n for s in stages for n in s.nodes}
+        for node_id in self._assigned - assigned:
+            await self.bus.publish(topics.node_assign(self.fleet, node_id), b"", qos=1, retain=True)
+        self._assigned = assigned
+        plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
+                         bottleneck_ms=float(result.report.bottleneck_ms), latency_ms=float(result.report.latency_ms),
+                         ts=time.time())
+        await self._wait_loaded(assigned, epoch)
+        await self.bus.publish(topics.plan(self.fleet), wire.encode(plan), qos=1, retain=True)
+        self.last_result = result
+        self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
+        log.info("planner: epoch %d published: %s", epoch,
+                 " | ".join(f"s{s.index} {'+'.join(s.nodes)} L{s.first_layer}-{s.last_layer}" for s in stages))
+
+    def _solve_and_slice(self, nodes: dict[str, Any]) -> tuple[Any, list[tuple[int, int, bytes, str]]]:
+        from fleetpipe.models.slicing import slice_bytes
+        from fleetpipe.planner.partition import solve
+
+        assert self.model is not None
+        problem = build_problem(self.model, nodes, self.config.bits)
+        result = solve(problem, time_limit_s=self.config.time_limit_s)
+        out = []
+        for stage in result.stages:
+            data = slice_bytes(self.model.proto, self.model.graph, stage.first, stage.last)
+            out.append((stage.first, stage.last, data, slices.content_hash(data)))
+        return result, out
+
+    async def _publish_slice(self, digest: str, data: bytes) -> None:
+        assert self.bus is not None
+        if digest in self._published_slices:
+            return
+        parts = slices.chunk(data)
+        for i, part in enumerate(parts):
+            chunk = wire.SliceChunk(slice_hash=digest, index=i, count=len(parts), data=part)
+            await self.bus.publish(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk), qos=1, retain=True)
+        self._published_slices.add(digest)
+
+    async def _wait_loaded(self, nodes: set[str], epoch: int) -> None:
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(self._loaded.get(n, -1) >= epoch for n in nodes):
+                return
+            await asyncio.sleep(0.05)
+        missing = sorted(n for n in nodes if self._loaded.get(n, -1) < epoch)
+        log.warning("planner: nodes %s did not report epoch %d loaded in %.0f s; publishing anyway",
+                    missing, epoch, LOAD_TIMEOUT_S)
+
+    async def _publish_error(self, kind: str, detail: str) -> None:
+        assert self.bus is not None
+        report = wire.ErrorReport(fleet=self.fleet, source="planner", kind=kind, detail=detail[:500],
+                                  frame_id=None, ts=time.time())
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topics.error(self.fleet), wire.encode(report), qos=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _NoPlan:
+    epoch: int
+    stages: tuple[Any, ...] = ()
+
+
+def _bw(birth: Any) -> float:
+    return float(birth.bandwidth_mbps or DEFAULT_BANDWIDTH_MBPS)
+
+
+def _wire_bytes(graph: Any, layer: Any, scale: float) -> float:
+    """Bytes a stage ending at ``layer`` sends: float tensors shrink with the bit-width."""
+    total = 0.0
+    for name in layer.out_tensors:
+        info = graph.tensors.get(name)
+        nbytes = graph.tensor_bytes.get(name, 0)
+        floating = info is None or info.dtype.startswith("float")
+        total += nbytes * scale if floating else nbytes
+    return total

@@ -1,0 +1,47 @@
+"""``fleetpipe planner``: run the planner service for one fleet."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``planner`` subcommand."""
+    p = subparsers.add_parser("planner", help="run the planner service (plans the fleet, re-plans on changes)")
+    p.add_argument("--broker", help="mqtt://host:port")
+    p.add_argument("--model", help="ONNX model file (or zoo:NAME)")
+    p.add_argument("--fleet", help="fleet name")
+    p.add_argument("--bits", type=int, help="activation bit-width between stages (2..8, 16, 32; default 8)")
+    p.add_argument("--input-shape", dest="input_shape", help="e.g. 1,3,224,224 for models with dynamic shapes")
+    p.add_argument("--min-nodes", dest="min_nodes", type=int)
+    p.add_argument("--expect-nodes", dest="expect_nodes", type=int,
+                   help="wait (up to 10 s) for this many nodes before the first plan")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--username", dest="broker_username")
+    p.add_argument("--password-file", dest="broker_password_file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the PlannerConfig and run the service."""
+    from fleetpipe.config import PlannerConfig, load
+    from fleetpipe.errors import ConfigError
+    from fleetpipe.planner.loop import PlannerService
+
+    flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
+                                                  "expect_nodes", "broker_username", "broker_password_file")}
+    flags["broker_url"] = args.broker
+    try:
+        config = load(PlannerConfig, file=args.config, env=dict(os.environ), flags=flags)
+    except (ConfigError, TypeError) as exc:
+        print(f"fleetpipe planner: {exc}", file=sys.stderr)
+        return 2
+    if not config.broker.url:
+        print("fleetpipe planner: no broker given (--broker mqtt://host:port)", file=sys.stderr)
+        return 2
+    return PlannerService(config).run()

@@ -1,0 +1,69 @@
+"""Helpers for integration tests: spawn planner and node processes against a test broker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+class Fleet:
+    """Child processes of one test fleet; logs land in ``logdir``."""
+
+    def __init__(self, url: str, fleet: str, logdir: Path) -> None:
+        self.url = url
+        self.fleet = fleet
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def spawn(self, name: str, args: Sequence[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.logdir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "fleetpipe", "-v", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env={**self.env, **(extra_env or {})},
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def planner(self, model: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.spawn("planner", ["planner", "--broker", self.url, "--fleet", self.fleet, "--model",
+                                      str(model), *extra], env)
+
+    def node(self, name: str, emulate: str = "host", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.spawn(name, ["node", "--broker", self.url, "--fleet", self.fleet, "--name", name,
+                                 "--emulate", emulate, "--cache-dir", str(self.logdir / "cache" / name)], env)
+
+    def signal(self, name: str, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, sig)
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted(self.logdir.glob("*.log")):
+            out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for name in self.procs:
+            self.signal(name, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.signal(name, signal.SIGKILL)
+                proc.wait()
+
+
+@contextlib.contextmanager
+def fleet(url: str, name: str, logdir: Path) -> Iterator[Fleet]:
+    f = Fleet(url, name, logdir)
+    try:
+        yield f
+    finally:
+        f.stop()

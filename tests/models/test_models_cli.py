@@ -1,0 +1,61 @@
+"""``fleetpipe model inspect / slice / zoo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from fleetpipe.cli import main
+from fleetpipe.models.onnx_graph import load_onnx
+from fleetpipe.models.slicing import content_hash, verify_slices
+
+from ._helpers import feeds
+
+TINY_R50 = ["--width", "0.0625", "--resolution", "32"]
+
+
+def test_inspect_resnet50_shows_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "inspect", "zoo:resnet50", *TINY_R50]) == 0
+    out = capsys.readouterr().out
+    for block in ("stem", "layer1.0", "layer3.5", "layer4.2", "head"):
+        assert block in out
+    assert "18 layers" in out and "candidate cuts" in out
+
+
+def test_zoo_then_slice_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r18.onnx"
+    assert main(["model", "zoo", "resnet18", "-o", str(path), "--width", "0.125", "--resolution", "32"]) == 0
+    out_dir = tmp_path / "slices"
+    assert main(["model", "slice", str(path), "--cuts", "3,7", "-o", str(out_dir), "--verify"]) == 0
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert [(s["first_layer"], s["last_layer"]) for s in manifest["stages"]] == [(0, 3), (4, 7), (8, 9)]
+    assert manifest["max_abs_diff"] < 1e-4
+    for stage in manifest["stages"]:
+        data = (out_dir / stage["file"]).read_bytes()
+        assert stage["file"] == f"{content_hash(data)}.onnx" == f"{stage['hash']}.onnx"
+    assert manifest["stages"][1]["inputs"][0]["shape"] == manifest["stages"][0]["outputs"][0]["shape"]
+    model = onnx.load(str(path))
+    assert verify_slices(model, load_onnx(model), [3, 7], feeds("resnet18")) < 1e-4
+
+
+def test_inspect_dynamic_file_needs_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "digits.onnx"
+    assert main(["model", "zoo", "digits", "-o", str(path)]) == 0
+    assert main(["model", "inspect", str(path)]) == 1
+    assert "input_shapes" in capsys.readouterr().err
+    assert main(["model", "inspect", str(path), "--input-shape", "input=4,64", "--grouping", "nodes"]) == 0
+    assert "5 layers" in capsys.readouterr().out
+
+
+def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    assert main(["model", "inspect", str(bad)]) == 1
+    assert main(["model", "inspect", "zoo:alexnet"]) == 1
+    assert main(["model", "slice", "zoo:vit", "--cuts", "99", "-o", str(tmp_path / "x")]) == 1
+    assert main(["model", "zoo", "vit", "-o", str(tmp_path / "v.onnx"), "--set", "nonsense=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 4

@@ -1,0 +1,1 @@
+"""Node-side tests: runtimes, executor, emulation, lifecycle, profile."""

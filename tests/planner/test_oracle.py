@@ -1,0 +1,164 @@
+"""The exact solver against an independent brute force on random small instances."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetpipe.errors import InfeasiblePlan
+from fleetpipe.planner.cost import evaluate
+from fleetpipe.planner.partition import solve
+from fleetpipe.planner.problem import Pin, Problem
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def compositions(n: int):
+    """All ways to cut 0..n-1 into contiguous non-empty (first, last) ranges."""
+    for k in range(n):
+        for cuts in itertools.combinations(range(1, n), k):
+            bounds = (0, *cuts, n)
+            yield [(bounds[i], bounds[i + 1] - 1) for i in range(len(bounds) - 1)]
+
+
+def brute(p: dict, replicas_by_type: bool = False) -> tuple[float, float] | None:
+    """(min bottleneck, min latency among those) by enumeration, straight from the README formulas."""
+    comp, out, par = p["compute"], p["out"], p["params"]
+    n_l, n_d = comp.shape
+    best = None
+    groups = [(d,) for d in range(n_d)]
+    if replicas_by_type:
+        for t in set(p["types"]):
+            members = [d for d in range(n_d) if p["types"][d] == t]
+            for k in range(2, len(members) + 1):
+                groups.extend(itertools.combinations(members, k))
+    for parts in compositions(n_l):
+        for assign in itertools.permutations(groups, len(parts)):
+            flat = [d for g in assign for d in g]
+            if len(set(flat)) != len(flat):
+                continue
+            if not _pins_ok(p, parts, assign):
+                continue
+            times, lat, ok = [], 0.0, True
+            for k, ((f, la), g) in enumerate(zip(parts, assign, strict=True)):
+                c = float(sum(comp[f : la + 1, g[0]]))
+                need = sum(par[f : la + 1]) + (p["input"] if f == 0 else out[f - 1]) + out[la]
+                if any(need >= p["mem"][d] for d in g):
+                    ok = False
+                    break
+                times.append(c / len(g))
+                lat += c
+                if k + 1 < len(parts):
+                    nxt = assign[k + 1]
+                    nbytes = out[la] * p["bits"][la] / 32
+                    t = nbytes * 8 / (p["bw"][g[0], nxt[0]] * 1000)
+                    times.append(t / (len(g) * len(nxt)))
+                    lat += t
+            if not ok:
+                continue
+            if p.get("bound") is not None and lat > p["bound"] + 1e-9:
+                continue
+            cand = (max(times), lat)
+            if best is None or cand[0] < best[0] - 1e-9 or (abs(cand[0] - best[0]) <= 1e-9 and cand[1] < best[1]):
+                best = cand
+    return best
+
+
+def _pins_ok(p: dict, parts, assign) -> bool:
+    for first, last, dev in p.get("pins", ()):
+        if not any(f <= first and last <= la and g == (dev,) for (f, la), g in zip(parts, assign, strict=False)):
+            return False
+    return True
+
+
+@st.composite
+def instances(draw, max_layers: int = 7, max_devices: int = 4, extensions: bool = False):
+    n_l = draw(st.integers(1, max_layers))
+    n_d = draw(st.integers(1, max_devices))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n_types = draw(st.integers(1, n_d))
+    types = [int(rng.integers(0, n_types)) for _ in range(n_d)]
+    speed = rng.uniform(0.5, 4.0, n_types)
+    work = rng.integers(1, 40, n_l).astype(float)
+    compute = np.array([[round(work[i] * speed[types[d]], 3) for d in range(n_d)] for i in range(n_l)])
+    out = rng.integers(1, 20, n_l).astype(float) * 1e5
+    params = rng.integers(0, 50, n_l).astype(float) * 1e6
+    uniform_links = draw(st.booleans()) if extensions else False
+    if uniform_links:
+        bw = np.full((n_d, n_d), float(rng.choice([50.0, 100.0, 400.0])))
+    else:
+        bw = rng.choice([20.0, 50.0, 100.0, 300.0, 1000.0], (n_d, n_d))
+    total = params.sum() + out.max() * 2 + 1e6
+    mem_scale = draw(st.sampled_from([0.15, 0.3, 0.6, 2.0]))  # small values make memory bind
+    mem = np.array([total * mem_scale * rng.uniform(0.5, 1.5) for _ in range(n_d)])
+    for d in range(n_d):  # devices of one type share memory (interchangeable when links agree)
+        mem[d] = mem[types.index(types[d])]
+    return {"compute": compute, "out": out, "params": params, "input": 3e5, "mem": mem, "bw": bw,
+            "types": types, "bits": [32] * n_l}
+
+
+def to_problem(p: dict, **extra) -> Problem:
+    n_l, n_d = p["compute"].shape
+    return Problem(layer_names=tuple(f"l{i}" for i in range(n_l)), compute_ms=p["compute"],
+                   out_bytes=p["out"], param_bytes=p["params"], input_bytes=p["input"],
+                   device_names=tuple(f"d{i}" for i in range(n_d)), mem_bytes=p["mem"], bw_mbps=p["bw"],
+                   **extra)
+
+
+def check(p: dict, problem: Problem, replicas: bool = False) -> None:
+    expect = brute(p, replicas)
+    if expect is None:
+        with pytest.raises(InfeasiblePlan):
+            solve(problem, time_limit_s=5)
+        return
+    res = solve(problem, time_limit_s=5)
+    assert res.exact and res.gap == 0.0
+    assert res.report.feasible, res.report.reason
+    assert math.isclose(res.bottleneck_ms, expect[0], rel_tol=1e-9, abs_tol=1e-9)
+    assert res.latency_optimal
+    assert math.isclose(res.latency_ms, expect[1], rel_tol=1e-9, abs_tol=1e-9)
+    again = evaluate(problem, res.stages)
+    assert again.bottleneck_ms == res.report.bottleneck_ms
+
+
+@SETTINGS
+@given(instances())
+def test_exact_matches_brute_force(p: dict) -> None:
+    check(p, to_problem(p))
+
+
+@SETTINGS
+@given(instances(max_layers=6, extensions=True), st.data())
+def test_exact_matches_brute_force_with_extensions(p: dict, data: st.DataObject) -> None:
+    n_l, n_d = p["compute"].shape
+    extra: dict = {}
+    if data.draw(st.booleans(), label="bits"):
+        bits = data.draw(st.lists(st.sampled_from([2, 4, 8, 16, 32]), min_size=n_l, max_size=n_l))
+        extra["min_bits"] = bits
+        p["bits"] = bits
+    if data.draw(st.booleans(), label="pin"):
+        first = data.draw(st.integers(0, n_l - 1))
+        last = data.draw(st.integers(first, n_l - 1))
+        dev = data.draw(st.integers(0, n_d - 1))
+        extra["pins"] = (Pin(first, last, dev),)
+        p["pins"] = [(first, last, dev)]
+    if data.draw(st.booleans(), label="bound"):
+        free = brute(p)
+        if free is not None:
+            factor = data.draw(st.sampled_from([0.9, 1.0, 1.05, 1.3]))
+            extra["latency_bound_ms"] = free[1] * factor
+            p["bound"] = free[1] * factor
+    check(p, to_problem(p, **extra))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(max_layers=5, max_devices=4, extensions=True))
+def test_exact_matches_brute_force_with_replication(p: dict) -> None:
+    n_d = len(p["types"])
+    p["bw"] = np.full((n_d, n_d), p["bw"][0, 0 if n_d == 1 else 1])  # identical links: types are classes
+    check(p, to_problem(p, allow_replication=True), replicas=True)
