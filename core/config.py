@@ -42,6 +42,16 @@ class BrokerConfig:
     keyfile: str | None = None
     static_fallback: tuple[str, ...] = ()
 
+    def tls(self) -> Any:
+        """``TLSParameters`` when a CA bundle is configured (or the URL is mqtts://), else None."""
+        from fleetpipe.transport import TLSParameters
+
+        if self.ca_certs or self.certfile:
+            return TLSParameters(ca_certs=self.ca_certs, certfile=self.certfile, keyfile=self.keyfile)
+        if self.url and self.url.startswith("mqtts://"):
+            return TLSParameters()
+        return None
+
     def password(self) -> str | None:
         """Read the password from its file (never from argv, where ``ps`` shows it)."""
         if self.password_file is None:

@@ -155,6 +155,7 @@ class Announcer:
         zc = Zeroconf(interfaces=_zc_interfaces(self.interfaces))  # runs on zeroconf's own loop thread
         self._aiozc = AsyncZeroconf(zc=zc)
         try:
+            assert zc.loop is not None
             asyncio.run_coroutine_threadsafe(self._async_start(), zc.loop).result(self.duplicate_check_s + 30)
         except BaseException:
             zc.close()
@@ -188,7 +189,9 @@ class Announcer:
             addresses=[ipaddress.ip_address(a).packed for a in self.addresses],
         )
         try:
-            await (await self._aiozc.async_register_service(self._info))
+            # No probing (cooperating_responders): the instance token makes service and host names unique,
+            # and duplicate *ids* are checked above; probing would add ~0.7 s to every start.
+            await (await self._aiozc.async_register_service(self._info, cooperating_responders=True))
         except Exception as exc:
             raise DiscoveryError(f"cannot register {self.service!r}: {exc}") from exc
         self.registered_in_s = time.monotonic() - self._started_at

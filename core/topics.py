@@ -125,7 +125,7 @@ NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealt
 NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True)
 NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False)
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
-STAGE_IN = TopicSpec("stage_in", _P + "/stage/{stage}/in", (Activation,), 1, False)
+STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in", (Activation,), 1, False)
 RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False)
 ERROR = TopicSpec("error", _P + "/error", (ErrorReport,), 1, False)
 SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True)
@@ -163,14 +163,18 @@ def plan(fleet: str) -> str:
     return PLAN.topic(fleet=fleet)
 
 
-def stage_in(fleet: str, stage: int) -> str:
-    """Input activations of pipeline stage ``stage``."""
-    return STAGE_IN.topic(fleet=fleet, stage=stage)
+def stage_in(fleet: str, epoch: int, stage: int) -> str:
+    """Input activations of pipeline stage ``stage`` under plan ``epoch``.
+
+    The epoch is part of the topic so that replicas of different plans never share a subscription
+    group: a frame only reaches a node that holds the slice it was routed for.
+    """
+    return STAGE_IN.topic(fleet=fleet, epoch=epoch, stage=stage)
 
 
-def stage_group(fleet: str, stage: int) -> str:
-    """Shared-subscription group name of the replicas of ``stage``."""
-    return f"{_format('fleet', fleet)}-stage{_format('stage', stage)}"
+def stage_group(fleet: str, epoch: int, stage: int) -> str:
+    """Shared-subscription group name of the replicas of ``stage`` in ``epoch``."""
+    return f"{_format('fleet', fleet)}-e{_format('epoch', epoch)}-s{_format('stage', stage)}"
 
 
 def result(fleet: str, client_id: str) -> str:
@@ -289,7 +293,7 @@ def validate_filter(topic_filter: str) -> None:
 
 
 def _format(param: str, value: Any) -> str:
-    if param in ("stage", "index"):
+    if param in ("stage", "index", "epoch"):
         if type(value) is not int or not 0 <= value < 10**9:
             raise ValueError(f"{param} must be an int in [0, 1e9), got {value!r}")
         return str(value)
@@ -302,7 +306,7 @@ def _format(param: str, value: Any) -> str:
 
 
 def _parse_param(param: str, level: str) -> Any:
-    if param in ("stage", "index"):
+    if param in ("stage", "index", "epoch"):
         return int(level) if _INT.match(level) else None
     pattern = _HASH if param == "slice_hash" else _NAME
     return level if pattern.match(level) else None

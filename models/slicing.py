@@ -8,13 +8,13 @@ checker so that an undeclared crossing tensor is a ``SliceError``, never a broke
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fleetpipe.errors import SliceError
 from fleetpipe.models.graph import ModelGraph, split_ranges
 from fleetpipe.models.onnx_graph import _all_inputs, normalize
+from fleetpipe.slices import content_hash
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,11 +105,6 @@ def slice_models(model: onnx.ModelProto, graph: ModelGraph, cuts: Sequence[int])
 def slice_bytes(model: onnx.ModelProto, graph: ModelGraph, first: int, last: int) -> bytes:
     """Serialized slice (deterministic for the same model, graph and range)."""
     return slice_model(model, graph, first, last).SerializeToString(deterministic=True)
-
-
-def content_hash(data: bytes) -> str:
-    """Content address of a serialized slice: the first 24 hex digits of its SHA-256."""
-    return hashlib.sha256(data).hexdigest()[:24]
 
 
 def make_session(

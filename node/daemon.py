@@ -34,13 +34,13 @@ import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe.config import NodeConfig
-from fleetpipe.errors import DecodeError, FleetpipeError, RuntimeLoadError, StaleEpoch, StageError
-from fleetpipe.slices import content_hash
+from fleetpipe.errors import DecodeError, FleetpipeError, RuntimeLoadError, StageError, StaleEpoch
 from fleetpipe.node.emulate import TokenBucket, parse_emulate
 from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
 from fleetpipe.node.profile import measure_speed, probe_capability
 from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
+from fleetpipe.slices import content_hash
 from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
 
@@ -128,7 +128,7 @@ class NodeDaemon:
         try:
             self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
                                username=broker.username, password=broker.password(),
-                               tls=_tls(broker), on_connect=self._on_connect)
+                               tls=broker.tls(), on_connect=self._on_connect)
             await self.bus.__aenter__()
         except FleetpipeError as exc:
             log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
@@ -234,13 +234,13 @@ class NodeDaemon:
             runtime = create_runtime(kind, threads=self.config.threads)
             await asyncio.to_thread(runtime.load, data)
             executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)
-        except (FleetpipeError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, FleetpipeError, OSError) as exc:
             with contextlib.suppress(FleetpipeError):
                 self.lifecycle.handle("load_failed")
             await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {exc}"), None)
             return
         topic = topics.stage_in(self.fleet, assign.epoch, assign.stage)
-        group = topics.shared(f"{self.fleet}-e{assign.epoch}-s{assign.stage}", topic)
+        group = topics.shared(topics.stage_group(self.fleet, assign.epoch, assign.stage), topic)
         now = time.monotonic()
         for old in self.slots.values():
             if old.retired_at is None:
@@ -273,7 +273,7 @@ class NodeDaemon:
             path.unlink()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._chunk_waiters[slice_hash] = future
-        filt = topics.slice_chunks(self.fleet, slice_hash)
+        filt = topics.SLICE_CHUNK.filter(fleet=self.fleet, slice_hash=slice_hash)
         await self.bus.subscribe(filt, qos=1)
         try:
             data = await asyncio.wait_for(future, SLICE_FETCH_TIMEOUT_S)
@@ -449,11 +449,3 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _tls(broker: Any) -> Any:
-    if not broker.ca_certs:
-        return None
-    from fleetpipe.transport import TLSParameters
-
-    return TLSParameters(ca_certs=broker.ca_certs, certfile=broker.certfile, keyfile=broker.keyfile)

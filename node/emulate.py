@@ -55,11 +55,11 @@ CLASSES: dict[str, DeviceClass] = {
     for c in (
         DeviceClass("host", 1.0),
         DeviceClass("x86", 1.0, 940.0, 8 * _GIB, 4),
-        DeviceClass("rpi3", 6.0, 94.0, 1 * _GIB, 4),
-        DeviceClass("rpi4", 3.0, 940.0, 4 * _GIB, 4),
-        DeviceClass("rpi4-wifi", 3.0, 40.0, 4 * _GIB, 4),
-        DeviceClass("rpi5", 1.8, 940.0, 8 * _GIB, 4),
-        DeviceClass("jetson-nano", 1.5, 940.0, 4 * _GIB, 4),
+        DeviceClass("rpi3", 10.0, 94.0, 1 * _GIB, 4),
+        DeviceClass("rpi4", 5.0, 940.0, 4 * _GIB, 4),
+        DeviceClass("rpi4-wifi", 5.0, 40.0, 4 * _GIB, 4),
+        DeviceClass("rpi5", 2.5, 940.0, 8 * _GIB, 4),
+        DeviceClass("jetson-nano", 3.0, 940.0, 4 * _GIB, 4),
     )
 }
 

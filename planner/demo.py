@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_CLASSES", "DemoReport", "register", "run", "run_demo"]
 DEFAULT_CLASSES = ("jetson-nano", "rpi5", "rpi4", "rpi4-wifi")
 DEFAULT_MODEL = "resnet50"
 DEFAULT_MODEL_ARGS: dict[str, dict[str, Any]] = {
-    "resnet50": {"width": 0.5, "resolution": 112},
+    "resnet50": {"width": 1.0, "resolution": 128},
     "resnet18": {"width": 0.5, "resolution": 112},
     "vgg16": {"width": 0.25, "resolution": 64},
     "mobilenetv2": {"width": 1.0, "resolution": 112},

@@ -135,7 +135,7 @@ class PlannerService:
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), on_connect=self._on_connect)
+                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect)
         try:
             await self.bus.__aenter__()
         except FleetpipeError as exc:
@@ -154,8 +154,8 @@ class PlannerService:
 
     async def _on_connect(self, _bus: object) -> None:
         assert self.bus is not None
-        await self.bus.subscribe(topics.node_state(self.fleet, "+"), qos=1)
-        await self.bus.subscribe(topics.node_health(self.fleet, "+"), qos=0)
+        await self.bus.subscribe(topics.NODE_STATE.filter(fleet=self.fleet), qos=1)
+        await self.bus.subscribe(topics.NODE_HEALTH.filter(fleet=self.fleet), qos=0)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
 
     async def _receive(self) -> None:
@@ -222,12 +222,12 @@ class PlannerService:
         for k, (stage, (first, last, data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
             await self._publish_slice(digest, data)
             stage_nodes = tuple(names[d] for d in stage.devices)
-            report = result.report.stages[k] if hasattr(result.report, "stages") else None
+            report = result.report.stages[k]
             stages.append(wire.PlanStage(
                 index=k, first_layer=first, last_layer=last, nodes=stage_nodes, bits=self.config.bits,
                 slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(first)),
                 output_names=tuple(self.model.graph.crossing(last)),
-                predicted_ms=float(getattr(report, "time_ms", 0.0) if report else 0.0)))
+                predicted_ms=float(max(report.compute_ms, report.transfer_ms))))
         for s in stages:
             for node_id in s.nodes:
                 assign = wire.StageAssign(

@@ -16,7 +16,7 @@ EXPECTED = {
     "node_assign": ("fleetpipe/v1/{fleet}/node/{node_id}/assign", 1, True),
     "node_metrics": ("fleetpipe/v1/{fleet}/node/{node_id}/metrics", 0, False),
     "plan": ("fleetpipe/v1/{fleet}/plan", 1, True),
-    "stage_in": ("fleetpipe/v1/{fleet}/stage/{stage}/in", 1, False),
+    "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in", 1, False),
     "result": ("fleetpipe/v1/{fleet}/result/{client_id}", 1, False),
     "error": ("fleetpipe/v1/{fleet}/error", 1, False),
     "slice_chunk": ("fleetpipe/v1/{fleet}/slice/{slice_hash}/{index}", 1, True),
@@ -41,7 +41,7 @@ def test_builders_and_parse() -> None:
         (topics.node_assign("lab", "pi-1"), "node_assign", {"fleet": "lab", "node_id": "pi-1"}),
         (topics.node_metrics("lab", "a.b"), "node_metrics", {"fleet": "lab", "node_id": "a.b"}),
         (topics.plan("lab"), "plan", {"fleet": "lab"}),
-        (topics.stage_in("lab", 3), "stage_in", {"fleet": "lab", "stage": 3}),
+        (topics.stage_in("lab", 7, 3), "stage_in", {"fleet": "lab", "epoch": 7, "stage": 3}),
         (topics.result("lab", "cli"), "result", {"fleet": "lab", "client_id": "cli"}),
         (topics.error("lab"), "error", {"fleet": "lab"}),
         (topics.slice_chunk("lab", "ab12", 0), "slice_chunk",
@@ -53,7 +53,7 @@ def test_builders_and_parse() -> None:
         spec, got = parse(topic)
         assert spec.name == name and got == params
         assert spec.topic(**params) == topic
-    assert topics.stage_in("lab", 2) == "fleetpipe/v1/lab/stage/2/in"
+    assert topics.stage_in("lab", 1, 2) == "fleetpipe/v1/lab/epoch/1/stage/2/in"
     assert topics.node_state("f", "n") == "fleetpipe/v1/f/node/n/state"
 
 
@@ -85,8 +85,8 @@ def test_parse_rejects(bad: str) -> None:
         lambda: topics.node_state("l+b", "n"),
         lambda: topics.node_state("lab", "#"),
         lambda: topics.node_state("lab", ""),
-        lambda: topics.stage_in("lab", -1),
-        lambda: topics.stage_in("lab", True),
+        lambda: topics.stage_in("lab", 1, -1),
+        lambda: topics.stage_in("lab", 1, True),
         lambda: topics.result("lab", "x" * 65),
         lambda: topics.slice_chunk("lab", "h", 1.5),
         lambda: topics.shared("a/b", "x"),
@@ -107,12 +107,12 @@ def test_filters_and_shared() -> None:
     assert matches(states, topics.node_state("lab", "n1"))
     assert not matches(states, topics.node_state("other", "n1"))
     assert not matches(states, topics.node_health("lab", "n1"))
-    group = topics.stage_group("lab", 1)
-    assert group == "lab-stage1"
-    sub = shared(group, topics.stage_in("lab", 1))
-    assert sub == "$share/lab-stage1/fleetpipe/v1/lab/stage/1/in"
-    assert matches(sub, topics.stage_in("lab", 1))
-    assert not matches(sub, topics.stage_in("lab", 2))
+    group = topics.stage_group("lab", 1, 1)
+    assert group == "lab-e1-s1"
+    sub = shared(group, topics.stage_in("lab", 1, 1))
+    assert sub == "$share/lab-e1-s1/fleetpipe/v1/lab/epoch/1/stage/1/in"
+    assert matches(sub, topics.stage_in("lab", 1, 1))
+    assert not matches(sub, topics.stage_in("lab", 1, 2))
     assert matches(topics.fleet_filter("lab"), topics.plan("lab"))
     assert not matches(topics.fleet_filter("lab"), topics.plan("lab2"))
     assert SPECS["slice_chunk"].filter(fleet="f", slice_hash="ab") == "fleetpipe/v1/f/slice/ab/+"

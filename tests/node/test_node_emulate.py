@@ -27,11 +27,11 @@ def test_classes_are_sane() -> None:
 @pytest.mark.parametrize(
     ("spec", "name", "factor", "bw"),
     [
-        ("rpi4", "rpi4", 3.0, 940.0),
+        ("rpi4", "rpi4", 5.0, 940.0),
         ("3.5", "x3.5", 3.5, None),
-        ("rpi4:bw=50", "rpi4", 3.0, 50.0),
+        ("rpi4:bw=50", "rpi4", 5.0, 50.0),
         (" 2:bw=10.5 ", "x2", 2.0, 10.5),
-        ("jetson-nano", "jetson-nano", 1.5, 940.0),
+        ("jetson-nano", "jetson-nano", 3.0, 940.0),
     ],
 )
 def test_parse_emulate(spec: str, name: str, factor: float, bw: float | None) -> None:
