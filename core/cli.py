@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from fleetpipe import __version__
+from fleetpipe import __version__, timing
 
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
@@ -55,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        timing.override_from_env(dict(os.environ))
+    except ValueError as exc:
+        parser.error(str(exc))
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -74,6 +74,9 @@ class NodeConfig:
     threads: int = 1
     queue_limit: int = 64
     drain_timeout_s: float = 10.0
+    # zeroconf: advertise on these interfaces (addresses or names; empty = all), or not at all.
+    interfaces: tuple[str, ...] = ()
+    announce: bool = True
 
     def __post_init__(self) -> None:
         validate_name("node name", self.name)
@@ -97,6 +100,8 @@ class PlannerConfig:
     input_shape: tuple[int, ...] | None = None
     replan_threshold: float = 0.2
     time_limit_s: float = 5.0
+    interfaces: tuple[str, ...] = ()
+    announce: bool = True
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACK_TIMEOUT_S",
+    "override_from_env",
     "CONNECT_TIMEOUT_S",
     "DRAIN_TIMEOUT_S",
     "FRAME_RESEND_S",
@@ -31,3 +32,21 @@ FRAME_RESEND_S = 5.0
 REPLAN_DEBOUNCE_S = 0.5
 # Graceful drain on SIGTERM; systemd TimeoutStopSec must be longer.
 DRAIN_TIMEOUT_S = 10.0
+
+
+def override_from_env(env: dict[str, str]) -> dict[str, float]:
+    """Apply ``FLEETPIPE_TIMING_<NAME>=<seconds>`` overrides (the CLI calls this; tests use it for
+    child processes). Returns what was changed; unknown names raise ValueError."""
+    changed: dict[str, float] = {}
+    for key, raw in env.items():
+        if not key.startswith("FLEETPIPE_TIMING_"):
+            continue
+        name = key.removeprefix("FLEETPIPE_TIMING_")
+        if name not in __all__ or not name.endswith("_S"):
+            raise ValueError(f"{key}: unknown timing constant {name}")
+        value = float(raw)
+        if not value > 0:
+            raise ValueError(f"{key} must be > 0")
+        globals()[name] = value
+        changed[name] = value
+    return changed

@@ -25,6 +25,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--username", dest="broker_username")
     p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
     p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
+    p.add_argument("--interface", dest="interfaces", action="append",
+                   help="zeroconf: browse/advertise only on this interface or address (repeatable)")
+    p.add_argument("--no-announce", dest="announce", action="store_false", default=None,
+                   help="do not advertise this node with zeroconf")
     p.set_defaults(func=run)
 
 
@@ -34,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.errors import ConfigError, FleetpipeError
     from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
 
-    flags = {k: getattr(args, k, None) for k in ("name", "fleet", "emulate", "cache_dir", "threads",
-                                                  "broker_username", "broker_password_file", "broker_ca_certs")}
+    keys = ("name", "fleet", "emulate", "cache_dir", "threads", "broker_username", "broker_password_file",
+            "broker_ca_certs", "announce")
+    flags = {k: getattr(args, k, None) for k in keys}
+    flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     flags["broker_url"] = args.broker
     env = dict(os.environ)
     if not flags["name"] and "FLEETPIPE_NAME" not in env:
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from fleetpipe.discovery import resolve_broker
 
         try:
-            config = resolve_broker(config)
+            config = resolve_broker(config, interfaces=config.interfaces or None)
         except FleetpipeError as exc:
             print(f"fleetpipe node: {exc}", file=sys.stderr)
             return EXIT_CONFIG

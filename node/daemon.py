@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -92,6 +93,7 @@ class NodeDaemon:
         self.lifecycle = NodeLifecycle()
         self.should_exit = asyncio.Event()
         self.force_exit = False
+        self.exit_code = EXIT_OK
         self.stats = _Stats()
         self.slots: dict[int, _Slot] = {}
         self.epoch = -1
@@ -120,6 +122,7 @@ class NodeDaemon:
         """Connect, serve frames, drain on exit."""
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
+        tune_malloc()
         self._capability = probe_capability(available_runtimes())
         self._speed = await asyncio.to_thread(measure_speed, 0.2) / max(self.device.compute_factor, 1e-9)
         will = Will(topics.node_state(self.fleet, self.name), wire.encode(self._death("connection lost")),
@@ -128,15 +131,17 @@ class NodeDaemon:
         try:
             self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
                                username=broker.username, password=broker.password(),
-                               tls=broker.tls(), on_connect=self._on_connect)
+                               tls=broker.tls(), on_connect=self._on_connect, wait=True)
             await self.bus.__aenter__()
         except FleetpipeError as exc:
             log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
             return EXIT_BROKER
         self.lifecycle.handle("connect")
-        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
-            ("receiver", self._receiver()), ("worker", self._worker()),
-            ("sender", self._sender()), ("health", self._health_loop()))]
+        jobs = [("receiver", self._receiver()), ("worker", self._worker()),
+                ("sender", self._sender()), ("health", self._health_loop())]
+        if self.config.announce:
+            jobs.append(("announce", self._announce()))
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs]
         try:
             await self.should_exit.wait()
             await self._drain(tasks)
@@ -147,7 +152,7 @@ class NodeDaemon:
             for slot in self.slots.values():
                 slot.executor.shutdown()
             await self.bus.__aexit__(None, None, None)
-        return EXIT_OK
+        return self.exit_code
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         def handle(sig: signal.Signals) -> None:
@@ -159,6 +164,24 @@ class NodeDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handle, sig)
+
+    async def _announce(self) -> None:
+        """Advertise this node with zeroconf until exit; a duplicate node id stops the node."""
+        from fleetpipe.discovery import Announcer
+        from fleetpipe.transport import parse_broker_url
+
+        url = self.config.broker.url or ""
+        try:
+            async with Announcer("node", self.name, self.fleet, parse_broker_url(url).port, {"broker": url},
+                                 interfaces=self.config.interfaces or None):
+                await self.should_exit.wait()
+        except FleetpipeError as exc:
+            await self._report(exc, None)
+            if "duplicate" in str(exc):
+                self.exit_code = EXIT_CONFIG
+                self.should_exit.set()
+        except OSError as exc:  # no usable interface for multicast: discovery is optional
+            log.warning("node %s: zeroconf advert failed: %s", self.name, exc)
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop taking frames, finish those in hand, publish death."""
@@ -429,6 +452,20 @@ class NodeDaemon:
             compute_ms_avg=_mean(self.stats.compute_ms), transfer_ms_avg=_mean(self.stats.transfer_ms),
             idle_ms_avg=_mean(self.stats.idle_ms), bits=slot.assign.bits if slot else 32,
             bandwidth_mbps_est=self.device.bandwidth_mbps)
+
+
+def tune_malloc() -> bool:
+    """Keep multi-MB receive buffers off mmap (glibc): avoids the page-fault cliff on large frames.
+
+    paho reads each large message into a fresh buffer; with glibc's default 128 KB mmap threshold
+    every frame maps and unmaps fresh pages (bench/transport.py measures the difference).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
 
 
 def _as_array(value: Any) -> np.ndarray:

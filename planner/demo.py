@@ -124,14 +124,15 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         base = [sys.executable, "-m", "fleetpipe"]
         t0 = time.monotonic()
         procs.append(_spawn([*base, "planner", "--broker", broker.url, "--model", str(model_path), "--fleet", fleet,
-                             "--expect-nodes", str(nodes), "--bits", str(bits)], logs / "planner.log", env))
+                             "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1"], logs / "planner.log", env))
         node_classes = {}
         for i in range(nodes):
             cls = classes[i % len(classes)]
             name = f"{cls.replace('.', '_')}-{i}"
             node_classes[name] = parse_emulate(cls)
             procs.append(_spawn([*base, "node", "--broker", broker.url, "--fleet", fleet, "--name", name,
-                                 "--emulate", cls, "--cache-dir", str(tmp / "cache" / name)],
+                                 "--emulate", cls, "--cache-dir", str(tmp / "cache" / name),
+                                 "--interface", "127.0.0.1"],
                                 logs / f"node-{name}.log", env))
         client = stack.enter_context(FleetClient(broker.url, fleet=fleet, window=window))
         with console.status("planning: profiling the model, solving, slicing, loading slices on the nodes"):

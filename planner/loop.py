@@ -115,6 +115,7 @@ class PlannerService:
         self._published_slices: set[str] = set()
         self._assigned: set[str] = set()
         self._loaded: dict[str, int] = {}
+        self._retained: dict[str, bytes] = {}
         self.last_result: Any = None
 
     def run(self) -> int:
@@ -135,13 +136,15 @@ class PlannerService:
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect)
+                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
         try:
             await self.bus.__aenter__()
         except FleetpipeError as exc:
             log.error("planner: cannot connect to %s: %s", broker.url, exc)
             return 3
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
+        if self.config.announce:
+            tasks.append(asyncio.create_task(self._announce()))
         try:
             await self.should_exit.wait()
         finally:
@@ -152,8 +155,32 @@ class PlannerService:
             await self.bus.__aexit__(None, None, None)
         return 0
 
+    async def _announce(self) -> None:
+        from fleetpipe.discovery import Announcer
+        from fleetpipe.transport import parse_broker_url
+
+        url = self.config.broker.url or ""
+        try:
+            async with Announcer("planner", "planner", self.fleet, parse_broker_url(url).port, {"broker": url},
+                                 interfaces=self.config.interfaces or None):
+                await self.should_exit.wait()
+        except (FleetpipeError, OSError) as exc:
+            log.warning("planner: zeroconf advert failed: %s", exc)
+
+    async def _publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message and remember it, to restore it if the broker loses it."""
+        assert self.bus is not None
+        if payload:
+            self._retained[topic] = payload
+        else:
+            self._retained.pop(topic, None)
+        await self.bus.publish(topic, payload, qos=1, retain=True)
+
     async def _on_connect(self, _bus: object) -> None:
         assert self.bus is not None
+        # A broker restarted without persistence has lost our retained plan, assignments and slices.
+        for topic, payload in list(self._retained.items()):
+            await self.bus.publish(topic, payload, qos=1, retain=True)
         await self.bus.subscribe(topics.NODE_STATE.filter(fleet=self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_HEALTH.filter(fleet=self.fleet), qos=0)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
@@ -184,9 +211,13 @@ class PlannerService:
             self.state = state.apply(self.state, state.Health(msg, now))
             if msg.stage is not None:
                 self._loaded[msg.node_id] = int(msg.epoch)
-        elif isinstance(msg, wire.Plan) and (self.state.plan is None or msg.epoch > self.state.plan.epoch):
-            # A retained plan from an earlier planner instance: resume from it.
+        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and (
+                self.state.plan is None or msg.epoch > self.state.plan.epoch):
+            # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
+            log.info("planner: resuming from retained plan epoch %d", msg.epoch)
             self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
+            self._assigned = {n for s in msg.stages for n in s.nodes}
+            self._retained[message.topic] = bytes(message.payload)
 
     async def _tick(self) -> None:
         while True:
@@ -236,17 +267,16 @@ class PlannerService:
                     slice_size=len(stage_slices[s.index][2]), model_id=self.model.model_id,
                     input_names=s.input_names, output_names=s.output_names, bits=s.bits,
                     next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time())
-                await self.bus.publish(topics.node_assign(self.fleet, node_id), wire.encode(assign),
-                                       qos=1, retain=True)
+                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
         assigned = {n for s in stages for n in s.nodes}
         for node_id in self._assigned - assigned:
-            await self.bus.publish(topics.node_assign(self.fleet, node_id), b"", qos=1, retain=True)
+            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
         self._assigned = assigned
         plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
                          bottleneck_ms=float(result.report.bottleneck_ms), latency_ms=float(result.report.latency_ms),
                          ts=time.time())
         await self._wait_loaded(assigned, epoch)
-        await self.bus.publish(topics.plan(self.fleet), wire.encode(plan), qos=1, retain=True)
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
         self.last_result = result
         self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
         log.info("planner: epoch %d published: %s", epoch,
@@ -272,7 +302,7 @@ class PlannerService:
         parts = slices.chunk(data)
         for i, part in enumerate(parts):
             chunk = wire.SliceChunk(slice_hash=digest, index=i, count=len(parts), data=part)
-            await self.bus.publish(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk), qos=1, retain=True)
+            await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk))
         self._published_slices.add(digest)
 
     async def _wait_loaded(self, nodes: set[str], epoch: int) -> None:

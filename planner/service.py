@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--username", dest="broker_username")
     p.add_argument("--password-file", dest="broker_password_file")
+    p.add_argument("--interface", dest="interfaces", action="append",
+                   help="zeroconf: browse/advertise only on this interface or address (repeatable)")
+    p.add_argument("--no-announce", dest="announce", action="store_false", default=None)
     p.set_defaults(func=run)
 
 
@@ -34,14 +37,22 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.planner.loop import PlannerService
 
     flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
-                                                  "expect_nodes", "broker_username", "broker_password_file")}
+                                                  "expect_nodes", "broker_username", "broker_password_file",
+                                                  "announce")}
     flags["broker_url"] = args.broker
+    flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:
         config = load(PlannerConfig, file=args.config, env=dict(os.environ), flags=flags)
     except (ConfigError, TypeError) as exc:
         print(f"fleetpipe planner: {exc}", file=sys.stderr)
         return 2
     if not config.broker.url:
-        print("fleetpipe planner: no broker given (--broker mqtt://host:port)", file=sys.stderr)
-        return 2
+        from fleetpipe.discovery import resolve_broker
+        from fleetpipe.errors import FleetpipeError
+
+        try:
+            config = resolve_broker(config, interfaces=config.interfaces or None)
+        except FleetpipeError as exc:
+            print(f"fleetpipe planner: {exc}", file=sys.stderr)
+            return 2
     return PlannerService(config).run()

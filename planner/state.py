@@ -40,6 +40,7 @@ class NodeView:
     alive: bool
     last_seen: float
     health: Any = None
+    dead_by_death: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +116,18 @@ def apply(state: FleetState, event: Event) -> FleetState:
             return _put(state, view, changed=True, now=now)
         case Death(msg=msg, now=now):
             known = state.nodes.get(msg.node_id)
-            if known is None or msg.seq < known.seq or not known.alive:
+            if known is None or msg.seq < known.seq or known.dead_by_death:
                 return state  # stale death, or already dead
-            return _put(state, dataclasses.replace(known, alive=False), changed=True, now=now)
+            view = dataclasses.replace(known, alive=False, dead_by_death=True)
+            return _put(state, view, changed=known.alive, now=now)
         case Health(msg=msg, now=now):
             known = state.nodes.get(msg.node_id)
-            if known is None or msg.seq != known.seq or not known.alive:
-                return state  # health of an unknown / other incarnation: wait for its birth
-            return _put(state, dataclasses.replace(known, last_seen=now, health=msg), changed=False, now=now)
+            if known is None or msg.seq != known.seq or known.dead_by_death:
+                return state  # health of an unknown / other / cleanly dead incarnation: wait for a birth
+            # A node whose lease ran out (SIGSTOP, network blip) and speaks again is alive again.
+            revived = not known.alive
+            view = dataclasses.replace(known, last_seen=now, health=msg, alive=True)
+            return _put(state, view, changed=revived, now=now)
         case Tick(now=now, lease_s=lease_s):
             expired = [v for v in state.nodes.values() if v.alive and now - v.last_seen > lease_s]
             for view in expired:

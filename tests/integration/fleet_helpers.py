@@ -32,11 +32,12 @@ class Fleet:
 
     def planner(self, model: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.spawn("planner", ["planner", "--broker", self.url, "--fleet", self.fleet, "--model",
-                                      str(model), *extra], env)
+                                      str(model), "--interface", "127.0.0.1", *extra], env)
 
     def node(self, name: str, emulate: str = "host", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(name, ["node", "--broker", self.url, "--fleet", self.fleet, "--name", name,
-                                 "--emulate", emulate, "--cache-dir", str(self.logdir / "cache" / name)], env)
+                                 "--emulate", emulate, "--cache-dir", str(self.logdir / "cache" / name),
+                                 "--interface", "127.0.0.1"], env)
 
     def signal(self, name: str, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -140,3 +140,28 @@ def test_sigterm_drains_and_publishes_death(mosquitto, tmp_path):
         assert isinstance(death, wire.NodeDeath)
         assert death.reason == "clean shutdown"
         assert f.procs["d1"].wait(15) == 0
+
+
+def test_node_waits_for_a_broker_that_is_down_at_start(tmp_path):
+    """A node started before its broker connects once the broker comes up, and announces itself."""
+    import asyncio
+
+    from fleetpipe.broker import LocalBroker, free_port
+    from fleetpipe.transport.mqtt import MqttBus
+
+    port = free_port()
+    with fleet(f"mqtt://127.0.0.1:{port}", "ilate", tmp_path) as f:
+        f.node("late", "1")
+        time.sleep(1.5)
+        assert f.procs["late"].poll() is None, "node must keep retrying, not exit\n" + f.logs()
+        with LocalBroker(port=port) as broker:
+
+            async def birth() -> object:
+                async with MqttBus(broker.url, client_id="watcher") as bus:
+                    await bus.subscribe(topics.node_state("ilate", "late"), qos=1)
+                    async for message in bus.messages():
+                        return wire.decode(message.payload)
+                return None
+
+            msg = asyncio.run(asyncio.wait_for(birth(), 30))
+            assert isinstance(msg, wire.NodeBirth)
