@@ -21,7 +21,7 @@ import numpy as np
 from fleetpipe.errors import InfeasiblePlan
 from fleetpipe.planner.cost import Stage, evaluate
 from fleetpipe.planner.partition import PlanResult
-from fleetpipe.planner.problem import Problem
+from fleetpipe.planner.problem import Problem, transfer_ms
 
 __all__ = ["even_split", "memory_split", "neurosurgeon"]
 
@@ -68,7 +68,7 @@ def neurosurgeon(problem: Problem) -> PlanResult:
             for b in range(problem.n_devices):
                 if b == a or need_b >= problem.mem_bytes[b]:
                     continue
-                t = problem.cut_bytes(cut, bits) * 8.0 / (problem.bw_mbps[a, b] * 1000.0)
+                t = transfer_ms(problem.cut_bytes(cut, bits), problem.bw_mbps[a, b])
                 lat = float(cum[cut + 1, a] + t + cum[-1, b] - cum[cut + 1, b])
                 if lat < best[0]:
                     best = (lat, (Stage((a,), 0, cut, bits), Stage((b,), cut + 1, n_l - 1)))

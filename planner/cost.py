@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleetpipe.planner.problem import FULL_BITS, Problem
+from fleetpipe.planner.problem import FULL_BITS, Problem, transfer_ms
 
 __all__ = ["PlanReport", "Stage", "StageReport", "evaluate"]
 
@@ -115,7 +115,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> PlanR
             nxt = stages[k + 1]
             for a, wa in zip(stage.devices, w, strict=True):
                 for b, wb in zip(nxt.devices, shares[k + 1], strict=True):
-                    t = nbytes * 8.0 / (problem.bw_mbps[a, b] * 1000.0)
+                    t = transfer_ms(nbytes, problem.bw_mbps[a, b])
                     tr = max(tr, wa * wb * t)
                     lat_tr += wa * wb * t
         need = problem.stage_mem_bytes(stage.first, stage.last)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,11 @@ class DemoReport:
     resent: int
     duplicates: int
     plan_s: float
+    results: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """Plain JSON-able dict (without the raw results)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "results"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +162,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         agree = float(np.mean([np.argmax(o) == np.argmax(ref) for o, ref in zip(outs, reference, strict=False)]))
         rel = float(max(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-12)
                         for o, ref in zip(outs, reference, strict=False)))
-        stages = _stage_rows(plan, results, node_classes)
+        stages = _stage_rows(plan, results, _stage_wire_bytes(model_path, input_shape, plan))
         factors = {n: c.compute_factor for n, c in node_classes.items()}
         best = min(factors, key=lambda n: factors[n])
         single_ms = whole_ms * factors[best]
@@ -175,7 +176,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             single_fps=1000.0 / single_ms, best_single_node=best,
             fleet_latency_ms=float(np.median(latencies)), single_latency_ms=single_ms,
             top1_agreement=agree, max_rel_error=rel, resent=client.stats.resent,
-            duplicates=client.stats.duplicates, plan_s=plan_s)
+            duplicates=client.stats.duplicates, plan_s=plan_s, results=results)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -268,7 +269,28 @@ def _tail(logs: Path) -> str:
     return "".join(parts)
 
 
-def _stage_rows(plan: Any, results: list[Any], node_classes: dict[str, Any]) -> list[dict[str, Any]]:
+def _stage_wire_bytes(model_path: Path, input_shape: tuple[int, ...], plan: Any) -> dict[int, int]:
+    """Bytes each stage sends per frame (its crossing tensors at the stage's bit-width)."""
+    from fleetpipe.codec import encoded_nbytes
+    from fleetpipe.models.onnx_graph import load_onnx, read_model
+
+    proto = read_model(str(model_path))
+    graph = load_onnx(proto, input_shapes={proto.graph.input[0].name: input_shape})
+    out = {}
+    for s in plan.stages:
+        last = s.index == len(plan.stages) - 1
+        total = 0
+        for name in s.output_names:
+            info = graph.tensors.get(name)
+            if info is None:
+                continue
+            bits = 32 if last or not info.dtype.startswith("float") else s.bits
+            total += encoded_nbytes(info.dtype, info.shape, bits)
+        out[s.index] = total
+    return out
+
+
+def _stage_rows(plan: Any, results: list[Any], wire_bytes: dict[int, int]) -> list[dict[str, Any]]:
     import numpy as np
 
     measured: dict[int, list[float]] = {}
@@ -284,6 +306,7 @@ def _stage_rows(plan: Any, results: list[Any], node_classes: dict[str, Any]) -> 
             "bits": 32 if s.index == len(plan.stages) - 1 else s.bits,
             "predicted_ms": float(s.predicted_ms),
             "measured_ms": float(np.median(measured.get(s.index, [float("nan")]))),
+            "wire_bytes": int(wire_bytes.get(s.index, 0)),
         })
     return rows
 

@@ -113,7 +113,10 @@ class _Ctx:
         self.cum = np.vstack([np.zeros(problem.n_devices), np.cumsum(problem.compute_ms, axis=0)])
         self.pcum = np.concatenate([[0.0], np.cumsum(problem.param_bytes)])
         self.cut = [problem.cut_bytes(e, problem.cut_bits(e)) * 8.0 / 1000.0 for e in range(problem.n_layers)]
-        self.bw = problem.bw_mbps
+        bw = problem.bw_mbps
+        with np.errstate(divide="ignore"):
+            self.inv_bw = np.where(bw > 0, 1.0 / np.where(bw > 0, bw, 1.0), math.inf)  # 1 / (Mbit/s)
+        self.inv = self.inv_bw.tolist()
         self.cuml = self.cum.tolist()
         self.pins = {p.device: p for p in problem.pins}
 
@@ -154,7 +157,8 @@ class _Ctx:
                 tr = 0.0
                 for a, wa in zip(prev_devs, prev_w, strict=True):
                     for b, wb in zip(devs, w, strict=True):
-                        t = nbits / self.bw[a, b]
+                        inv = self.inv[a][b]
+                        t = nbits * inv if inv != math.inf else math.inf
                         tr = max(tr, wa * wb * t)
                         latency += wa * wb * t
                 times.append(tr)
@@ -187,7 +191,8 @@ class _Ctx:
             comp = min(cuml[la + 1][d] - cuml[f][d] for d in devs) / len(devs)
             times.append((comp, idx))
             if idx + 1 < n:
-                times.append((self.cut[la] / self.bw[devs[0], plan[idx + 1][0][0]], idx + 0.5))
+                inv = self.inv[devs[0]][plan[idx + 1][0][0]]
+                times.append((self.cut[la] * inv if inv != math.inf else math.inf, idx + 0.5))
         hot_stages: set[int] = set()
         for _, idx in sorted(times, reverse=True)[:2]:
             if idx == int(idx):
@@ -291,7 +296,7 @@ class _Ctx:
         while j < n_l:
             devs = np.array(unused)
             if prev >= 0:
-                devs = devs[cut[j - 1] / self.bw[prev, devs] <= b]
+                devs = devs[(self.inv_bw[prev, devs] < math.inf) & (cut[j - 1] * self.inv_bw[prev, devs] <= b)]
             if devs.size == 0:
                 return None
             comp = cum[j + 1 :, devs] - cum[j, devs]                   # [L-j, n]
@@ -302,8 +307,8 @@ class _Ctx:
                 for col, d in enumerate(devs):
                     others = [x for x in rest if x != d]
                     if others:
-                        best_bw = self.bw[d, others].max()
-                        tr_ok = cut[j:] / best_bw <= b
+                        inv = self.inv_bw[d, others].min()
+                        tr_ok = (cut[j:] * inv <= b) if inv < math.inf else np.zeros(n_l - j, dtype=bool)
                         tr_ok[-1] = True
                         ok[:, col] &= tr_ok
                     else:

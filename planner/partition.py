@@ -90,7 +90,7 @@ def solve(problem: Problem, *, time_limit_s: float = 8.0, max_replicas: int | No
     best_b = math.inf
     try:
         start = heuristic.refine(problem, None, time_limit_s=min(0.5, time_limit_s / 10))
-        if start.report.feasible:
+        if start.report.feasible and model.covers(start.stages):
             best_stages, best_b = start.stages, start.report.bottleneck_ms
     except InfeasiblePlan:
         pass
@@ -137,7 +137,8 @@ def solve(problem: Problem, *, time_limit_s: float = 8.0, max_replicas: int | No
         level = model.at(max(b_star, best_b))
         polished = heuristic.refine(problem, best_stages, time_limit_s=min(0.1, remaining / 4),
                                     target_ms=max(b_star, best_b))
-        if polished.report.feasible and polished.report.bottleneck_ms <= best_b * (1 + 1e-12):
+        if (polished.report.feasible and polished.report.bottleneck_ms <= best_b * (1 + 1e-12)
+                and model.covers(polished.stages)):
             best_stages = polished.stages
         cur_lat = evaluate(problem, best_stages).latency_ms
         # The tie-break gets about as long as the bottleneck search took (at least 0.2 s).
@@ -359,6 +360,16 @@ class _Model:
         self.unit_k = np.array([k for _, k in units], dtype=np.int64)
         self.fastest = problem.compute_ms.min(axis=1)
         self._levels: dict[float, _Level] = {}
+
+    def covers(self, stages: tuple[Stage, ...]) -> bool:
+        """Whether the search space includes ``stages`` (replicas: one class, within the cap)."""
+        cls_of = {d: c for c, members in enumerate(self.classes) for d in members}
+        for s in stages:
+            if len(s.devices) > 1:
+                c = cls_of[s.devices[0]]
+                if any(cls_of[d] != c for d in s.devices) or (c, len(s.devices)) not in self.units:
+                    return False
+        return True
 
     def candidates(self) -> np.ndarray:
         comp = self.s_bn[self.static]

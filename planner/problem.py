@@ -8,7 +8,7 @@ Indices are 0-based everywhere in this package (layers ``0..L-1``, devices ``0..
 JSON/CLI boundary speaks 1-based layer numbers.
 
 Units: milliseconds, bytes, Mbit/s (1e6 bit/s). A transfer of ``n`` bytes over ``bw`` Mbit/s takes
-``n * 8 / (bw * 1000)`` ms.
+``n * 8 / (bw * 1000)`` ms; a bandwidth of 0 means there is no link.
 
 Optional extensions (all off by default):
 
@@ -24,6 +24,7 @@ Optional extensions (all off by default):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,9 @@ FULL_BITS = 32
 
 
 def transfer_ms(nbytes: float, bw_mbps: float) -> float:
-    """Milliseconds to send ``nbytes`` over a link of ``bw_mbps`` Mbit/s."""
-    return float(nbytes) * 8.0 / (float(bw_mbps) * 1000.0)
+    """Milliseconds to send ``nbytes`` over a link of ``bw_mbps`` Mbit/s (0 Mbit/s: no link, inf)."""
+    bw = float(bw_mbps)
+    return math.inf if bw <= 0 else float(nbytes) * 8.0 / (bw * 1000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +120,8 @@ class Problem:
                           ("param_bytes", self.param_bytes), ("mem_bytes", self.mem_bytes)):
             if not np.all(np.isfinite(arr)) or np.any(arr < 0):
                 raise ValueError(f"{what} must be finite and >= 0")
-        if np.any(bw <= 0) or np.any(np.isnan(bw)):
-            raise ValueError("bandwidths must be > 0 Mbit/s")
+        if np.any(bw < 0) or np.any(np.isnan(bw)):
+            raise ValueError("bandwidths must be >= 0 Mbit/s (0: no link)")
         if self.input_bytes < 0 or self.buffers_in < 0 or self.buffers_out < 0:
             raise ValueError("input_bytes and buffer counts must be >= 0")
         if self.min_bits is not None:

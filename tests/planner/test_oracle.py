@@ -94,8 +94,8 @@ def instances(draw, max_layers: int = 7, max_devices: int = 4, extensions: bool 
     else:
         bw = rng.choice([20.0, 50.0, 100.0, 300.0, 1000.0], (n_d, n_d))
     total = params.sum() + out.max() * 2 + 1e6
-    mem_scale = draw(st.sampled_from([0.15, 0.3, 0.6, 2.0]))  # small values make memory bind
-    mem = np.array([total * mem_scale * rng.uniform(0.5, 1.5) for _ in range(n_d)])
+    mem_scale = draw(st.sampled_from([0.8, 1.2, 1.6, 2.2, 100.0]))  # small: memory binds or is short
+    mem = np.array([total / n_d * mem_scale * rng.uniform(0.7, 1.3) for _ in range(n_d)])
     for d in range(n_d):  # devices of one type share memory (interchangeable when links agree)
         mem[d] = mem[types.index(types[d])]
     return {"compute": compute, "out": out, "params": params, "input": 3e5, "mem": mem, "bw": bw,

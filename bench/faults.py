@@ -1,0 +1,144 @@
+"""Fault benchmark: kill -9 a middle-stage node mid-stream; time to restored throughput; frames lost/duplicated.
+
+Each run starts a private mosquitto, a planner and 4 emulated nodes (real processes, real slices), streams
+frames continuously, kills the node holding the middle stage, and measures:
+
+- detect+replan: kill -> the client sees the new plan epoch;
+- restored: kill -> the first frame *submitted after the kill* completes through the new plan;
+- lost: submitted frames that never got a result (must be 0);
+- duplicated: results handed to the caller twice (must be 0); suppressed duplicates are counted apart.
+
+Times are also given as multiples of the health interval (the failure detector's unit).
+Usage: .venv/bin/python bench/faults.py [--runs 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+from fleetpipe.broker import LocalBroker
+from fleetpipe.client import FleetClient
+from fleetpipe.models import zoo
+from fleetpipe.planner.demo import _processes, _spawn
+
+HEALTH_S = 0.2
+ENV = {
+    "FLEETPIPE_TIMING_HEALTH_INTERVAL_S": str(HEALTH_S),
+    "FLEETPIPE_TIMING_LEASE_S": "1.0",
+    "FLEETPIPE_TIMING_REPLAN_DEBOUNCE_S": "0.2",
+    "FLEETPIPE_TIMING_FRAME_RESEND_S": "3.0",
+}
+
+
+def one_run(run: int, tmp: Path, console: Console) -> dict[str, float]:
+    kw = {"width": 0.5, "resolution": 64, "num_classes": 10}
+    model = tmp / "m.onnx"
+    onnx.save(zoo.build("resnet18", **kw), model)
+    shape = zoo.input_shape("resnet18", **kw)
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "fleetpipe"]
+    fleet = f"faults{run}"
+    with LocalBroker() as broker, _processes() as procs:
+        names = {}
+        procs.append(_spawn([*base, "planner", "--broker", broker.url, "--model", str(model), "--fleet", fleet,
+                             "--expect-nodes", "4", "--bits", "32", "--no-announce"], tmp / "planner.log", env))
+        for i in range(4):
+            name = f"n{i}"
+            names[name] = _spawn([*base, "node", "--broker", broker.url, "--fleet", fleet, "--name", name,
+                                  "--emulate", "4", "--no-announce", "--cache-dir", str(tmp / name)],
+                                 tmp / f"{name}.log", env)
+            procs.append(names[name])
+        with FleetClient(broker.url, fleet=fleet, window=4, resend_s=3.0) as client:
+            plan = client.wait_plan(120)
+            futures: list[tuple[float, object]] = []
+            stop = threading.Event()
+            rng = np.random.default_rng(run)
+
+            def feed() -> None:
+                while not stop.is_set():
+                    futures.append((time.monotonic(), client.submit(rng.standard_normal(shape).astype(np.float32))))
+                    time.sleep(0.02)
+
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
+            time.sleep(3.0)
+            victim = plan.stages[len(plan.stages) // 2].nodes[0]
+            killed_at = time.monotonic()
+            os.killpg(names[victim].pid, signal.SIGKILL)
+            while client.plan.epoch == plan.epoch and time.monotonic() - killed_at < 60:
+                time.sleep(0.005)
+            replanned = time.monotonic() - killed_at
+            restored = None
+            while time.monotonic() - killed_at < 60 and restored is None:
+                for sent, fut in list(futures):
+                    if (sent > killed_at and fut.done() and fut.exception() is None
+                            and fut.result().epoch > plan.epoch):
+                        restored = time.monotonic() - killed_at
+                        break
+                time.sleep(0.005)
+            time.sleep(1.0)
+            stop.set()
+            feeder.join()
+            lost = 0
+            ids = []
+            for _, fut in futures:
+                try:
+                    ids.append(fut.result(timeout=60).frame_id)
+                except Exception:  # noqa: BLE001 - counted as lost
+                    lost += 1
+            stats = client.stats
+        console.print(f"run {run}: {len(futures)} frames, victim {victim}, replan {replanned:.2f} s")
+        return {"frames": len(futures), "replan_s": replanned, "restored_s": float(restored or float("nan")),
+                "lost": lost, "duplicated": len(ids) - len(set(ids)), "suppressed": stats.duplicates,
+                "resent": stats.resent}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    rows = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="fleetpipe-faults-") as tmp:
+            rows.append(one_run(run, Path(tmp), console))
+    summary = {
+        "health_interval_s": HEALTH_S,
+        "replan_s_median": statistics.median(r["replan_s"] for r in rows),
+        "restored_s_median": statistics.median(r["restored_s"] for r in rows),
+        "lost_total": sum(r["lost"] for r in rows),
+        "duplicated_total": sum(r["duplicated"] for r in rows),
+        "runs": rows,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    table = Table(title="kill -9 of the middle-stage node mid-stream (4 emulated nodes, resnet18)")
+    for col in ("run", "frames", "kill->new plan", "kill->restored", "restored / health interval", "lost",
+                "duplicated", "re-sent", "dups suppressed"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(rows):
+        table.add_row(str(i), str(r["frames"]), f"{r['replan_s']:.2f} s", f"{r['restored_s']:.2f} s",
+                      f"{r['restored_s'] / HEALTH_S:.1f}x", str(r["lost"]), str(r["duplicated"]), str(r["resent"]),
+                      str(r["suppressed"]))
+    Console(width=160).print(table)
+    return 0 if summary["lost_total"] == 0 and summary["duplicated_total"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
