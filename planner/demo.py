@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                    help="device classes, cycled over the nodes (rpi3, rpi4, rpi4-wifi, rpi5, jetson-nano, x86, 2.5, ...)")
     p.add_argument("--frames", type=int, default=48, help="frames to stream")
-    p.add_argument("--window", type=int, default=6, help="frames in flight")
+    p.add_argument("--window", type=int, default=None, help="frames in flight (default: 3 per node)")
     p.add_argument("--bits", type=int, default=8, help="activation bit-width between stages")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a pipeline timeline PNG")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] | None = None, frames: int = 48,
-             window: int = 6, bits: int = 8, console: Any = None, log_dir: str | None = None,
+             window: int | None = None, bits: int = 8, console: Any = None, log_dir: str | None = None,
              plot: str | None = None, fleet: str = "demo") -> DemoReport:
     """Start broker, planner and nodes; stream ``frames``; return the measured report."""
     import numpy as np
@@ -112,6 +112,8 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
 
     console = console or Console()
     classes = classes or list(DEFAULT_CLASSES)
+    # Enough frames in flight to fill every compute and transfer stage, plus the client's own hops.
+    window = window or 3 * nodes
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleetpipe-demo-")))
         logs = Path(log_dir) if log_dir else tmp

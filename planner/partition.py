@@ -18,7 +18,8 @@ How it works (and why it is exact):
    other device; interchangeable devices are taken in index order so the used set is canonical);
    only stage ends from which the relaxed DP can still finish; a capacity bound (the unused
    devices, each covering one segment of compute <= B, must be able to cover the remaining layers,
-   counted both in layers and in fastest-device work); memoisation of failed states. Furthest
+   counted both in layers and in fastest-device work); memoisation of failed states, and
+   dominance: a state that has used a superset of a failed state's devices fails too. Furthest
    reach is tried first, so feasible bounds are confirmed quickly.
 4. *Binary search* over the candidates between the lower bound and the heuristic's upper bound.
    A check that runs out of time is "unknown": the search moves on but the lower bound only rises
@@ -45,6 +46,8 @@ from fleetpipe.planner.problem import Problem
 __all__ = ["PlanResult", "device_classes", "lower_bound", "solve"]
 
 _REL = 1e-9
+_TIE = 1e-10
+_DOMINANCE_CAP = 48  # failed used-sets kept per (layer, last device) for superset pruning
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,7 @@ def solve(problem: Problem, *, time_limit_s: float = 8.0, max_replicas: int | No
     exact = not unknown or proven_lb >= best_b * (1 - 1e-9)
     latency_optimal = False
     remaining = deadline - time.perf_counter()
-    if remaining > 0 and not problem.latency_bound_ms:
+    if remaining > 0:
         level = model.at(max(b_star, best_b))
         polished = heuristic.refine(problem, best_stages, time_limit_s=min(0.1, remaining / 4),
                                     target_ms=max(b_star, best_b))
@@ -150,8 +153,6 @@ def solve(problem: Problem, *, time_limit_s: float = 8.0, max_replicas: int | No
                 best_stages = better
         except _Timeout:
             pass
-    elif problem.latency_bound_ms:
-        latency_optimal = not unknown  # each check returned the min-latency plan at its bound
     report = evaluate(problem, best_stages)
     lb = min(proven_lb, report.bottleneck_ms)
     gap = 0.0 if exact else (report.bottleneck_ms - lb) / lb if lb > 0 else math.inf
@@ -374,7 +375,10 @@ class _Model:
     def candidates(self) -> np.ndarray:
         comp = self.s_bn[self.static]
         tr = self.t_bn[:-1][np.isfinite(self.t_bn[:-1])]
-        return np.unique(np.concatenate([comp, tr, [0.0]]))
+        vals = np.unique(np.concatenate([comp, tr, [0.0]]))
+        keep = np.ones(vals.size, dtype=bool)  # merge values equal up to rounding
+        keep[1:] = vals[1:] > vals[:-1] * (1 + _TIE)
+        return vals[keep]
 
     def at(self, b: float) -> _Level:
         level = self._levels.get(b)
@@ -392,8 +396,9 @@ class _Level:
         self.m = model
         self.b = b
         n_l, n_u = model.L, len(model.units)
-        self.seg_ok = model.static & (model.s_bn <= b)
-        self.t_ok = model.t_bn <= b
+        tol = b * (1 + _TIE)  # values within _TIE (relative) of each other count as equal
+        self.seg_ok = model.static & (model.s_bn <= tol)
+        self.t_ok = model.t_bn <= tol
         inf = np.inf
         minlat = np.full((n_l + 1, n_u), inf)      # relaxed min latency of a stage starting at j on u
         next_cost = np.full((n_l, n_u), inf)       # relaxed min latency after a stage ending at e on u
@@ -459,6 +464,7 @@ class _Level:
         n_l = m.L
         n_u = len(m.units)
         failed: set[tuple[int, int, int]] = set()
+        by_place: dict[tuple[int, int], list[int]] = {}
         used = np.zeros(len(m.classes), dtype=np.int64)
         path: list[tuple[int, int, int]] = []  # (unit, first, last)
         counter = [0]
@@ -473,16 +479,26 @@ class _Level:
                 order_cache[j] = o
             return o
 
+        def fail(key: tuple[int, int, int]) -> bool:
+            failed.add(key)
+            lst = by_place.setdefault(key[:2], [])
+            if len(lst) < _DOMINANCE_CAP:
+                lst.append(key[2])
+            return False
+
         def dfs(j: int, prev: int, mask: int) -> bool:
             key = (j, prev, mask)
             if key in failed:
                 return False
+            # a state that has used a superset of a failed state's devices fails as well
+            for f in by_place.get((j, prev), ()):
+                if f & mask == f:
+                    return False
             counter[0] += 1
             if counter[0] & 1023 == 0 and time.perf_counter() > deadline:
                 raise _Timeout
             if not self._capacity_ok(j, m.class_size - used):
-                failed.add(key)
-                return False
+                return fail(key)
             for u in order(j):
                 c = m.unit_class[u]
                 k = m.unit_k[u]
@@ -503,8 +519,7 @@ class _Level:
                     if ok:
                         return True
                     path.pop()
-            failed.add(key)
-            return False
+            return fail(key)
 
         if dfs(0, -1, 0):
             return self._stages(path)

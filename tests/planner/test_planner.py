@@ -205,7 +205,7 @@ def test_model_bigger_than_fleet_memory() -> None:
     with pytest.raises(InfeasiblePlan):
         heuristic.refine(p, None)
     one = chain([[1.0, 1.0]], params=np.array([5e9]), mem=np.array([1e9, 2e9]))
-    with pytest.raises(InfeasiblePlan, match="layer 1 .* largest device has 2000.0 MB"):
+    with pytest.raises(InfeasiblePlan, match=r"layer 1 .* largest device has 2000\.0 MB"):
         solve(one)
 
 

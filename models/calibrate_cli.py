@@ -1,0 +1,103 @@
+"""``fleetpipe calibrate``: per-cut lowest bit-width within an accuracy floor (COACH), written as JSON.
+
+Cheap to import: onnx, onnxruntime and rich are imported inside the command function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleetpipe.errors import FleetpipeError
+
+__all__ = ["cmd_calibrate", "register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``calibrate`` command to the ``fleetpipe`` parser."""
+    p = subparsers.add_parser("calibrate", help="calibrate the lowest activation bit-width per cut")
+    p.add_argument("--model", required=True, help="an .onnx file or zoo:NAME (zoo:digits uses its real test set)")
+    p.add_argument("--input-shape", help="input shape with batch, e.g. 1,3,224,224 (default: batch 1)")
+    p.add_argument("--data", type=Path,
+                   help=".npz with 'x' (samples stacked on axis 0) and optional 'y' labels; "
+                        "default: the digits test set for zoo:digits, else seeded random inputs")
+    p.add_argument("--floor", type=float, default=0.005, help="accuracy-loss floor (default 0.005 = 0.5 %%)")
+    p.add_argument("--samples", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--bits", default="2,3,4,5,6,7,8", help="candidate bit-widths (default 2..8)")
+    p.add_argument("--metric", choices=("labels", "agreement", "rel_l2"), help="override the automatic metric")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output calibration .json")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run the calibration with a progress bar and write the JSON."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fleetpipe.models.calibrate import calibrate
+    from fleetpipe.models.onnx_graph import load_onnx, read_model
+
+    console = Console(stderr=True)
+    try:
+        bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
+        proto, name = _model(args.model)
+        inp = next(v for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer})
+        shape = _shape(args.input_shape) if args.input_shape else None
+        if shape is None:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+            shape = tuple(d or 1 for d in dims)
+        graph = load_onnx(read_model(proto), input_shapes={inp.name: shape})
+        x, y = _data(args, name, shape)
+        if args.samples is not None:
+            x, y = x[: args.samples], (None if y is None else y[: args.samples])
+        n_cuts = len(graph.layers) - 1
+        with Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=not sys.stderr.isatty()) as bar:
+            task = bar.add_task(f"{name} ({len(x)} samples)", total=n_cuts)
+            cal = calibrate(proto, graph, x, y, floor=args.floor, bits_candidates=bits, metric=args.metric,
+                            progress=lambda done, _total, _cut, _b: bar.update(task, completed=done))
+    except (FleetpipeError, ValueError, OSError, KeyError) as exc:
+        console.print(f"[red]calibrate: {exc}[/red]")
+        return 1
+    args.out.write_text(cal.to_json() + "\n")
+    table = Table(title=f"{name}: metric={cal.metric}, floor={cal.floor:g}, {cal.n_samples} samples")
+    for col in ("cut after", "layer", "min bits", "loss at min"):
+        table.add_column(col, justify="right")
+    for i, b in enumerate(cal.min_bits):
+        loss = cal.loss(i, b)
+        table.add_row(str(i), graph.layers[i].name, str(b), "-" if loss is None else f"{loss:+.4f}")
+    Console().print(table)
+    console.print(f"wrote {args.out} (model id {cal.model_id}); min_bits per layer: {cal.min_bits_array().tolist()}")
+    return 0
+
+
+def _model(spec: str) -> tuple[Any, str]:
+    from fleetpipe.models import zoo
+    from fleetpipe.models.onnx_graph import read_model
+
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        return zoo.build(name), name
+    return read_model(spec), Path(spec).stem
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+
+
+def _data(args: argparse.Namespace, name: str, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    import numpy as np
+
+    from fleetpipe.models import zoo
+
+    if args.data is not None:
+        with np.load(args.data) as d:
+            return d["x"].astype(np.float32), (d["y"] if "y" in d.files else None)
+    if name == "digits":
+        return zoo.digits_test_set()
+    n = args.samples or 64
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n * shape[0], *shape[1:])).astype(np.float32), None

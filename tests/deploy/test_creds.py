@@ -1,0 +1,82 @@
+"""gen-creds: password files, mosquitto hashes, ACL text, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleetpipe.cli import main
+from fleetpipe.config import BrokerConfig
+from fleetpipe.deploy import creds
+from fleetpipe.errors import ConfigError
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_builtin_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
+    binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(binary).exists():
+        pytest.skip("mosquitto_passwd not installed")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("n1:s3cret\n")
+    subprocess.run([binary, "-U", str(passwd)], check=True, capture_output=True)
+    hashed = passwd.read_text().strip().split(":", 1)[1]
+    assert creds.verify_password("s3cret", hashed)
+    assert not creds.verify_password("other", hashed)
+    assert creds.verify_password("s3cret", creds.hash_password("s3cret"))
+
+
+def test_cli_writes_private_files_and_acl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "creds"
+    assert main(["broker", "gen-creds", "--fleet", "f1", "--nodes", "n1, n2", "--clients", "cam",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "acl_file" in printed and "s3cret" not in printed
+    names = {"n1", "n2", "planner", "cam"}
+    for name in names:
+        pw = out / f"{name}.password"
+        assert _mode(pw) == 0o600
+        assert len(BrokerConfig(username=name, password_file=str(pw)).password() or "") >= 40
+    for f in ("passwd", "acl"):
+        assert _mode(out / "mosquitto" / f) == 0o600
+    users = {line.split(":")[0] for line in (out / "mosquitto" / "passwd").read_text().splitlines()}
+    assert users == names
+    assert "s3cret" not in (out / "mosquitto" / "passwd").read_text()
+    acl = (out / "mosquitto" / "acl").read_text()
+    assert "user n1\ntopic write fleetpipe/v1/f1/node/n1/state\n" in acl
+    assert "topic write fleetpipe/v1/f1/node/+/assign" in acl.split("user planner")[1]
+    assert "topic read fleetpipe/v1/f1/result/cam" in acl.split("user cam")[1]
+    assert "assign" not in acl.split("user cam")[1]
+    assert "topic write fleetpipe/v1/f1/node/n2" not in acl.split("user n1")[1].split("user n2")[0]
+
+
+def test_bad_identities_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="twice"):
+        creds.generate(tmp_path, fleet="f", nodes=["a", "planner"])
+    with pytest.raises(ConfigError):
+        creds.generate(tmp_path, fleet="f", nodes=["a/b"])
+    with pytest.raises(ConfigError):
+        creds.generate(tmp_path, fleet="f+", nodes=["a"])
+    with pytest.raises(ConfigError, match="no identities"):
+        creds.generate(tmp_path, fleet="f", nodes=[], planner=None)
+
+
+def test_gen_certs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    assert main(["broker", "gen-certs", "--out", str(tmp_path), "--host", "127.0.0.1", "--host", "broker.local"]) == 0
+    assert _mode(tmp_path / "ca.key") == 0o600 and _mode(tmp_path / "mosquitto" / "server.key") == 0o600
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(tmp_path / "mosquitto" / "server.crt")],
+                          check=True, capture_output=True, text=True).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:broker.local" in text
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    assert main(["broker", "gen-certs", "--out", str(tmp_path), "--host", "10.0.0.2"]) == 0  # reuses the CA
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "mosquitto" / "server.crt")],
+                   check=True, capture_output=True)

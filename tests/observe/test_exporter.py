@@ -1,0 +1,132 @@
+"""The Prometheus exporter scraped over HTTP on loopback; Home Assistant discovery configs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+
+from fleetpipe import topics, wire
+from fleetpipe.cli import main
+from fleetpipe.observe._exporter import serve_exporter
+from fleetpipe.observe._ha import HA_FIELDS, discovery_configs
+from fleetpipe.transport.mqtt import MqttBus
+from tests.conftest import unused_tcp_port
+from tests.observe._synth import T, birth, health, plan
+
+pytest.importorskip("prometheus_client")
+
+
+async def _scrape(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
+    return body.decode()
+
+
+def _value(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            return float(m.group(2))
+    return None
+
+
+@pytest.mark.integration
+def test_exporter_scraped_over_http(mosquitto) -> None:
+    fleet, port = "prom", unused_tcp_port()
+
+    async def run() -> str:
+        stop, started = asyncio.Event(), asyncio.Event()
+        server = asyncio.create_task(serve_exporter(mosquitto.url, fleet, port, stop=stop, started=started))
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            async with MqttBus(mosquitto.url, client_id="prom-pub") as bus:
+                await bus.publish(topics.plan(fleet), wire.encode(plan(fleet=fleet)), qos=1, retain=True)
+                for node in ("a", "b"):
+                    await bus.publish(topics.node_state(fleet, node), wire.encode(birth(node, fleet=fleet)), qos=1)
+                for k in range(3):  # sender clock 1 s apart: 40 fps exactly
+                    for node, stage, comp in (("a", 0, 10.0), ("b", 1, 20.0)):
+                        h = health(node, T + k, 40 * k, stage=stage, compute=comp, fleet=fleet, queue=k,
+                                   errors=1 if node == "b" else 0)
+                        await bus.publish(topics.node_health(fleet, node), wire.encode(h), qos=1)
+                await bus.publish(topics.node_metrics(fleet, "a"),
+                                  wire.encode(wire.Metrics(fleet=fleet, node_id="a", ts=T, values={"fps_out": 40.0})),
+                                  qos=1)
+                await bus.publish(topics.error(fleet), wire.encode(
+                    wire.ErrorReport(fleet=fleet, source="b", kind="InferenceError", detail="x", ts=T)), qos=1)
+            text = ""
+            for _ in range(100):
+                text = await _scrape(port)
+                if _value(text, "fleetpipe_errors_total") == 1.0 and _value(
+                        text, "fleetpipe_node_frames_out_total", node="b") == 80.0:
+                    break
+                await asyncio.sleep(0.05)
+            return text
+        finally:
+            stop.set()
+            await server
+
+    text = asyncio.run(run())
+    assert _value(text, "fleetpipe_node_up", fleet="prom", node="a", stage="0") == 1.0, text
+    assert _value(text, "fleetpipe_node_fps_out", node="a") == pytest.approx(40.0)
+    assert _value(text, "fleetpipe_node_frames_out_total", node="b", stage="1") == 80.0
+    assert _value(text, "fleetpipe_node_queue_depth", node="b") == 2.0
+    assert _value(text, "fleetpipe_node_errors_total", node="b") == 1.0
+    assert _value(text, "fleetpipe_node_utilisation", node="a") == pytest.approx(0.4)  # 40 fps * 10 ms
+    assert _value(text, "fleetpipe_node_metric", node="a", key="fps_out") == 40.0
+    assert _value(text, "fleetpipe_stage_utilisation", stage="1") == pytest.approx(0.8)
+    assert _value(text, "fleetpipe_stage_predicted_ms", stage="1") == 20.0
+    assert _value(text, "fleetpipe_pipeline_throughput_fps", fleet="prom") == pytest.approx(40.0)
+    assert _value(text, "fleetpipe_pipeline_bottleneck_utilisation") == pytest.approx(0.8)
+    assert _value(text, "fleetpipe_plan_epoch") == 3.0
+    assert _value(text, "fleetpipe_errors_total") == 1.0
+
+
+def test_ha_discovery_configs_are_valid() -> None:
+    cfgs = discovery_configs("f", "edge.1", "pi4")
+    assert len(cfgs) == len(HA_FIELDS)
+    topic, cfg = cfgs[0]
+    assert topic == "homeassistant/sensor/fleetpipe_f_edge_1_load/config"
+    assert cfg["state_topic"] == topics.node_health("f", "edge.1")
+    assert cfg["availability_topic"] == topics.node_state("f", "edge.1")
+    assert cfg["value_template"] == "{{ value_json.load }}"
+    assert {c["unique_id"] for _, c in cfgs} == {f"fleetpipe_f_edge_1_{k}" for k in HA_FIELDS}
+    assert all(k in wire.NodeHealth.__dataclass_fields__ for k in HA_FIELDS)  # templates read real fields
+    with pytest.raises(ValueError):
+        discovery_configs("f", "n", prefix="home/#")
+
+
+@pytest.mark.integration
+def test_ha_discovery_publishes_retained(mosquitto, capsys) -> None:
+    fleet = "ha"
+
+    async def publish_birth() -> None:
+        async with MqttBus(mosquitto.url, client_id="ha-pub") as bus:
+            await bus.publish(topics.node_state(fleet, "n1"), wire.encode(birth("n1", fleet=fleet)), qos=1,
+                              retain=True)
+
+    async def read_configs() -> dict[str, dict[str, object]]:
+        got: dict[str, dict[str, object]] = {}
+        async with MqttBus(mosquitto.url, client_id="ha-sub") as bus:
+            await bus.subscribe("homeassistant/#", 1)
+            it = bus.messages().__aiter__()
+            while len(got) < len(HA_FIELDS):
+                msg = await asyncio.wait_for(it.__anext__(), 5)
+                assert msg.retain
+                got[msg.topic] = json.loads(msg.payload)
+        return got
+
+    asyncio.run(publish_birth())
+    assert main(["ha-discovery", "--broker", mosquitto.url, "--fleet", fleet, "--seconds", "0.5"]) == 0
+    assert "1 node" in capsys.readouterr().out
+    got = asyncio.run(read_configs())
+    cfg = got["homeassistant/sensor/fleetpipe_ha_n1_queue_depth/config"]
+    assert cfg["device"]["model"] == "pi4" and cfg["state_topic"] == topics.node_health(fleet, "n1")  # type: ignore[index]
