@@ -45,7 +45,7 @@ Progress = Callable[[int, int, int, int], None]  # (cuts done, cuts total, cut, 
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """Per-cut lowest bit-width within ``floor``; ``losses[i]`` holds the ``(bits, loss)`` pairs measured at cut ``i``."""
+    """Per-cut lowest bit-width within ``floor``; ``losses[i]``: the ``(bits, loss)`` pairs measured at cut ``i``."""
 
     model_id: str
     floor: float

@@ -50,6 +50,8 @@ class InferenceExecutor:
         self._pending = 0
         self._closed = False
         self.last_real_ms = 0.0
+        # Single-threaded CPU runtimes run on this worker thread, so its CPU time is the work done.
+        self._cpu_clock = getattr(runtime, "threads", 0) == 1 and compute_factor > 1.0
 
     @property
     def pending(self) -> int:
@@ -93,6 +95,7 @@ class InferenceExecutor:
     def _run_in_worker(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         """Worker-thread body: real compute, then the emulation stretch."""
         start = time.perf_counter()
+        cpu_start = time.thread_time()
         try:
             outputs = self.runtime.run(inputs)
         except StageError:
@@ -101,7 +104,13 @@ class InferenceExecutor:
             raise InferenceError(f"runtime failed: {exc!r}") from exc
         real_ms = (time.perf_counter() - start) * 1e3
         self.last_real_ms = real_ms
-        extra_ms = stretch(real_ms, self.compute_factor)
+        if self._cpu_clock:
+            # Emulate "this much CPU work on a device `factor` times slower": stretch the thread's CPU time,
+            # so other processes competing for the host's cores do not inflate the emulated device's time.
+            cpu_ms = (time.thread_time() - cpu_start) * 1e3
+            extra_ms = max(self.compute_factor * cpu_ms - real_ms, 0.0)
+        else:
+            extra_ms = stretch(real_ms, self.compute_factor)
         if extra_ms > 0:
             time.sleep(extra_ms / 1e3)
         return outputs, (time.perf_counter() - start) * 1e3

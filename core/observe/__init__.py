@@ -9,6 +9,7 @@ imported inside the functions that need them.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["register", "timeline_png"]
@@ -61,6 +62,16 @@ def timeline_png(results_or_hops: Any, plan: Any, path: str) -> Any:
 # ---------------------------------------------------------------------------------------------- private
 
 
+def _guard(func: Any, args: argparse.Namespace) -> int:
+    from fleetpipe.errors import FleetpipeError
+
+    try:
+        return int(func(args))
+    except FleetpipeError as exc:  # broker unreachable, ...: one line, not a traceback
+        print(f"fleetpipe {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
     p.add_argument("--fleet", default="default", help="fleet name (default 'default')")
@@ -69,22 +80,22 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _run_top(args: argparse.Namespace) -> int:
     from fleetpipe.observe._top import run_top
 
-    return run_top(args)
+    return _guard(run_top, args)
 
 
 def _run_timeline(args: argparse.Namespace) -> int:
     from fleetpipe.observe._timeline import run_timeline
 
-    return run_timeline(args)
+    return _guard(run_timeline, args)
 
 
 def _run_exporter(args: argparse.Namespace) -> int:
     from fleetpipe.observe._exporter import run_exporter
 
-    return run_exporter(args)
+    return _guard(run_exporter, args)
 
 
 def _run_ha(args: argparse.Namespace) -> int:
     from fleetpipe.observe._ha import run_ha
 
-    return run_ha(args)
+    return _guard(run_ha, args)

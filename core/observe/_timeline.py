@@ -15,6 +15,7 @@ __all__ = ["record_results", "run_timeline", "timeline_png"]
 
 _IDLE = "#f3c4c4"
 _WAIT = "#d9d9d9"
+_MAX_DRAWN = 60  # frames drawn in the timeline panel (all of them count in the utilisation panel)
 
 
 def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> HopStats:
@@ -23,8 +24,11 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    frames = frames_of(results_or_hops)
-    stats = analyse_hops(frames, plan)
+    every = frames_of(results_or_hops)
+    total = analyse_hops(every, plan)
+    first = 0 if len(every) <= _MAX_DRAWN else (len(every) - _MAX_DRAWN) // 2  # steady state: the middle
+    frames = every[first:first + _MAX_DRAWN]
+    stats = analyse_hops(frames, plan) if len(frames) < len(every) else total
     t0 = stats.t0
     rows = stats.rows
     ypos = {(r.stage, r.node_id): len(rows) - 1 - i for i, r in enumerate(rows)}
@@ -68,8 +72,10 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("time since first frame arrived (ms)")
     epoch = f" · epoch {plan.epoch}" if plan is not None else ""
-    ax.set_title(f"pipeline timeline · {stats.frames} frames in {stats.wall_s * 1000:.0f} ms · "
-                 f"{stats.throughput_fps:.1f} fps{epoch}")
+    shown = f"frames {first}-{first + len(frames) - 1} of {len(every)}" if len(frames) < len(every) else \
+        f"{len(every)} frames"
+    ax.set_title(f"pipeline timeline · {shown} in {stats.wall_s * 1000:.0f} ms · "
+                 f"{total.throughput_fps:.1f} fps overall{epoch}")
     ax.legend(handles=[Patch(facecolor=colours[0], edgecolor="black", label="compute (one colour per frame)"),
                        Patch(facecolor=_WAIT, label="queued (strip under the row)"),
                        Patch(facecolor=_IDLE, hatch="//", label="idle (bubble)"),
@@ -78,9 +84,9 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
               frameon=False)
     ax.grid(axis="x", alpha=0.3)
 
-    _utilisation_panel(ax2, stats, plan)
+    _utilisation_panel(ax2, total, plan)
     fig.savefig(path, format="png")
-    return stats
+    return total
 
 
 async def record_results(url: str, fleet: str, seconds: float) -> tuple[list[wire.Result], wire.Plan | None]:
@@ -140,7 +146,7 @@ def _utilisation_panel(ax: Any, stats: HopStats, plan: wire.Plan | None) -> None
     ax.set_ylim(0, 1.5)
     ax.set_ylabel("utilisation")
     ax.axhline(1.0, color="#999999", lw=0.6, ls="--")
-    ax.set_title("stage utilisation (1 - bubbles)")
+    ax.set_title(f"stage utilisation over all {stats.frames} frames (busy / wall; the rest is bubbles)")
     ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=2)
 
 

@@ -78,5 +78,5 @@ def test_gen_certs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     ca_before = (tmp_path / "ca.crt").read_bytes()
     assert main(["broker", "gen-certs", "--out", str(tmp_path), "--host", "10.0.0.2"]) == 0  # reuses the CA
     assert (tmp_path / "ca.crt").read_bytes() == ca_before
-    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "mosquitto" / "server.crt")],
-                   check=True, capture_output=True)
+    server = str(tmp_path / "mosquitto" / "server.crt")
+    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), server], check=True, capture_output=True)
