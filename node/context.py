@@ -85,13 +85,13 @@ class SemanticCache:
         self.counts[j] += 1
 
     def warm(self, features: np.ndarray, labels: Sequence[int] | np.ndarray) -> None:
-        """Warm the centres with a labelled calibration set (equivalent to ``update`` per sample)."""
-        feats = np.atleast_2d(np.asarray(features, dtype=np.float64))
-        labs = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if feats.shape != (labs.shape[0], self.dim):
-            raise ValueError(f"features {feats.shape} do not match {labs.shape[0]} labels of dim {self.dim}")
-        for f, j in zip(feats, labs, strict=True):
-            self.update(f, int(j))
+        """Warm the centres with a labelled calibration set (the plain mean, whatever ``max_count``)."""
+        feats, labs = self._batch(features, labels)
+        for j in np.unique(labs):
+            sel = feats[labs == j]
+            m = int(self.counts[j])
+            self.centres[j] = (m * self.centres[j] + sel.sum(axis=0)) / (m + len(sel))
+            self.counts[j] += len(sel)
 
     def similarities(self, feature: np.ndarray) -> np.ndarray:
         """Cosine similarity to every centre, clipped to [0, 1] (``[K]``, or ``[N, K]`` for a batch)."""
@@ -120,24 +120,28 @@ class SemanticCache:
         return False, None, s
 
     def calibrate_threshold(self, features: np.ndarray, labels: Sequence[int] | np.ndarray,
-                            reference: Sequence[int] | np.ndarray | None = None, floor: float = 0.005) -> float:
+                            reference: Sequence[int] | np.ndarray | None = None, floor: float = 0.005, *,
+                            warmed: bool = True) -> float:
         """Set and return the smallest ``S_ext`` whose early exits keep the accuracy loss within ``floor``.
 
         ``labels`` are the true labels; ``reference`` the full model's predictions (None: assume the full
         model is always right, a conservative choice). Loss = accuracy of the full model minus accuracy when
-        frames above the threshold take the cache's label instead.
+        frames above the threshold take the cache's label instead. ``warmed``: these very samples warmed the
+        centres, so each is scored leave-one-out (against centres without it), which keeps the threshold
+        honest for unseen frames.
         """
-        feats = np.atleast_2d(np.asarray(features, dtype=np.float64))
-        truth = np.asarray(labels, dtype=np.int64).reshape(-1)
+        feats, truth = self._batch(features, labels)
         ref = truth if reference is None else np.asarray(reference, dtype=np.int64).reshape(-1)
         n = truth.shape[0]
-        if feats.shape[0] != n or ref.shape[0] != n or n == 0:
+        if ref.shape[0] != n or n == 0:
             raise ValueError("features, labels and reference must have the same non-zero length")
         t = self.similarities(feats)
+        if warmed:
+            t = self._leave_one_out(feats, truth, t)
         s = np.asarray(separability(t))
         cached = np.argmax(t, axis=1)
         # exiting frame i changes correctness by (ref_i == y_i) - (cache_i == y_i)
-        delta = (ref == truth).astype(np.int64) - (cached == truth).astype(np.int64)
+        delta = ((ref == truth) & (cached != truth)).astype(np.int64)
         order = np.argsort(-s, kind="stable")
         threshold, loss = math.inf, 0
         i = 0
@@ -167,6 +171,27 @@ class SemanticCache:
         if min_bits >= 16:  # float16/float32 cuts are not relieved into integer quantization
             return int(min_bits)
         return max(MIN_CODEC_BITS, int(min_bits) - self.bits_relief(s))
+
+    def _leave_one_out(self, feats: np.ndarray, labs: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Similarities with each sample's own contribution removed from its label's centre."""
+        m = self.counts[labs].astype(np.float64)
+        if np.any(m < 1):
+            raise ValueError("warmed=True but a sample's label has no centre")
+        own = (m[:, None] * self.centres[labs] - feats) / np.maximum(m - 1, 1)[:, None]
+        cos = np.sum(own * feats, axis=1) / np.maximum(
+            np.linalg.norm(own, axis=1) * np.linalg.norm(feats, axis=1), _EPS)
+        out = np.array(t, copy=True)
+        out[np.arange(len(labs)), labs] = np.where(m > 1, np.clip(cos, 0.0, 1.0), 0.0)
+        return out
+
+    def _batch(self, features: np.ndarray, labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        labs = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if feats.shape != (labs.shape[0], self.dim):
+            raise ValueError(f"features {feats.shape} do not match {labs.shape[0]} labels of dim {self.dim}")
+        if labs.size and (labs.min() < 0 or labs.max() >= self.num_labels):
+            raise ValueError(f"labels must be in 0..{self.num_labels - 1}")
+        return feats, labs
 
     def _vec(self, feature: np.ndarray) -> np.ndarray:
         f = np.asarray(feature, dtype=np.float64).reshape(-1)

@@ -29,7 +29,12 @@ def register(subparsers: Any) -> None:
     """Add the ``plan`` subcommand."""
     parser = subparsers.add_parser("plan", help="partition a model over a fleet",
                                    description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--problem", required=True, help="problem file in the neutral JSON format")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--problem", help="problem file in the neutral JSON format")
+    source.add_argument("--model", help="an ONNX model (or zoo:NAME) to plan for the --fleet file")
+    parser.add_argument("--fleet", help="fleet description (TOML, see fleetpipe.planner.fleetfile)")
+    parser.add_argument("--bits", type=int, default=32, help="activation bit-width between stages (--model)")
+    parser.add_argument("--input-shape", help="input shape for models with dynamic dims, e.g. 1,3,224,224")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--time-limit", type=float, default=8.0, help="exact solver time limit (s)")
     parser.add_argument("--method", choices=METHODS, default="exact", help="planner to use")
@@ -80,11 +85,15 @@ def plan_to_json(problem: Any, result: Any) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fleetpipe.errors import FleetpipeError
     from fleetpipe.planner.problem import load_problem
 
     try:
-        problem = load_problem(args.problem)
-    except PlanningError as exc:
+        if args.problem:
+            problem = load_problem(args.problem)
+        else:
+            problem = _model_problem(args)
+    except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -98,6 +107,19 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print_table(doc)
     return EXIT_OK
+
+
+def _model_problem(args: argparse.Namespace) -> Any:
+    """Profile the model on this host and build the problem for the described fleet."""
+    from fleetpipe.errors import ConfigError
+    from fleetpipe.planner.fleetfile import load_fleet, problem_for
+    from fleetpipe.planner.loop import load_model_info
+
+    if not args.fleet:
+        raise ConfigError("--model needs --fleet FLEET.toml")
+    fleet = load_fleet(args.fleet)
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    return problem_for(load_model_info(args.model, shape), fleet, args.bits)
 
 
 def _print_table(doc: dict[str, Any]) -> None:

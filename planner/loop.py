@@ -56,7 +56,12 @@ def load_model_info(path: str, input_shape: tuple[int, ...] | None = None) -> Mo
     from fleetpipe.models.profile import profile_layers
     from fleetpipe.node.profile import measure_speed
 
-    proto = read_model(path)
+    if path.startswith("zoo:"):
+        from fleetpipe.models import zoo
+
+        proto = zoo.build(path.removeprefix("zoo:"))
+    else:
+        proto = read_model(path)
     shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None
     graph = load_onnx(proto, input_shapes=shapes)
     prof = profile_layers(proto, graph, runs=5)
@@ -65,8 +70,12 @@ def load_model_info(path: str, input_shape: tuple[int, ...] | None = None) -> Mo
     return ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2))
 
 
-def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int) -> Any:
-    """A planner ``Problem`` for the alive nodes: per-node layer times scaled from the host profile."""
+def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: Any = None) -> Any:
+    """A planner ``Problem`` for the alive nodes: per-node layer times scaled from the host profile.
+
+    Activations cross at ``bits`` (or, per cut, at the calibrated ``min_bits`` when given); integer
+    tensors crossing a cut are charged at full size.
+    """
     from fleetpipe.planner.problem import Problem
 
     names = tuple(nodes)
@@ -75,14 +84,15 @@ def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int) -> Any:
     for d, name in enumerate(names):
         birth = nodes[name].birth
         compute[:, d] = model.host_ms * node_slowdown(birth, model.host_speed)
-    scale = bits / 32.0
-    out_bytes = np.array([_wire_bytes(graph, layer, scale) for layer in graph.layers])
+    out_bytes = np.array([_wire_bytes(graph, layer) for layer in graph.layers])
+    cut_bits = np.full(len(graph.layers), bits, dtype=np.int64) if min_bits is None else np.asarray(min_bits)
     bw = np.array([[min(_bw(nodes[a].birth), _bw(nodes[b].birth)) for b in names] for a in names])
     mem = np.array([float(nodes[n].birth.mem_bytes or 1 << 40) for n in names])
     return Problem(layer_names=tuple(layer.name for layer in graph.layers), compute_ms=compute,
                    out_bytes=out_bytes, param_bytes=np.array([layer.param_bytes for layer in graph.layers]),
                    input_bytes=graph.input_bytes, device_names=names, mem_bytes=mem, bw_mbps=bw,
-                   device_types=tuple(nodes[n].birth.device_class for n in names), name=model.model_id)
+                   device_types=tuple(nodes[n].birth.device_class for n in names), name=model.model_id,
+                   min_bits=cut_bits)
 
 
 def node_slowdown(birth: Any, host_speed: float) -> float:
@@ -255,7 +265,7 @@ class PlannerService:
             stage_nodes = tuple(names[d] for d in stage.devices)
             report = result.report.stages[k]
             stages.append(wire.PlanStage(
-                index=k, first_layer=first, last_layer=last, nodes=stage_nodes, bits=self.config.bits,
+                index=k, first_layer=first, last_layer=last, nodes=stage_nodes, bits=int(stage.bits),
                 slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(first)),
                 output_names=tuple(self.model.graph.crossing(last)),
                 predicted_ms=float(max(report.compute_ms, report.transfer_ms))))
@@ -333,12 +343,12 @@ def _bw(birth: Any) -> float:
     return float(birth.bandwidth_mbps or DEFAULT_BANDWIDTH_MBPS)
 
 
-def _wire_bytes(graph: Any, layer: Any, scale: float) -> float:
-    """Bytes a stage ending at ``layer`` sends: float tensors shrink with the bit-width."""
+def _wire_bytes(graph: Any, layer: Any) -> float:
+    """Float32-equivalent bytes a stage ending at ``layer`` sends (the cost model scales by bits/32)."""
     total = 0.0
     for name in layer.out_tensors:
         info = graph.tensors.get(name)
         nbytes = graph.tensor_bytes.get(name, 0)
         floating = info is None or info.dtype.startswith("float")
-        total += nbytes * scale if floating else nbytes
+        total += nbytes if floating else nbytes * 4  # integers are never quantized
     return total

@@ -26,10 +26,15 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
 
     every = frames_of(results_or_hops)
     total = analyse_hops(every, plan)
-    first = 0 if len(every) <= _MAX_DRAWN else (len(every) - _MAX_DRAWN) // 2  # steady state: the middle
-    frames = every[first:first + _MAX_DRAWN]
-    stats = analyse_hops(frames, plan) if len(frames) < len(every) else total
-    t0 = stats.t0
+    if len(every) <= _MAX_DRAWN:
+        first, w0, w1 = 0, total.t0, total.t1
+    else:  # zoom on the steady state in the middle; bars and bubbles still come from the whole run
+        first = (len(every) - _MAX_DRAWN) // 2
+        w0 = min(h.recv_ts for h in every[first])
+        w1 = max(h.send_ts for h in every[first + _MAX_DRAWN - 1])
+    frames = [f for f in every if f[-1].send_ts >= w0 and f[0].recv_ts <= w1]
+    stats = total
+    t0 = w0
     rows = stats.rows
     ypos = {(r.stage, r.node_id): len(rows) - 1 - i for i, r in enumerate(rows)}
     ms = lambda t: (t - t0) * 1000.0  # noqa: E731
@@ -37,14 +42,16 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
     FigureCanvasAgg(fig)
     ax, ax2 = fig.subplots(2, 1, height_ratios=[max(2.0, 0.55 * len(rows) + 1.0), 2.2])
 
-    colours = _frame_colours(len(frames))
-    by_row: dict[tuple[int, str], tuple[list[tuple[float, float]], list[Any]]] = {}
-    for fi, f in enumerate(frames):
+    colours = _frame_colours(len(every))
+    index = {id(f): i for i, f in enumerate(every)}
+    by_row: dict[tuple[int, str], tuple[list[tuple[float, float]], list[Any]]] = {(r.stage, r.node_id): ([], [])
+                                                                                 for r in rows}
+    for f in frames:
         for h in f:
             start = max(h.recv_ts, h.send_ts - h.compute_ms / 1000.0)
-            spans, cols = by_row.setdefault((h.stage, h.node_id), ([], []))
+            spans, cols = by_row[(h.stage, h.node_id)]
             spans.append((ms(start), (h.send_ts - start) * 1000.0))
-            cols.append(colours[fi])
+            cols.append(colours[index[id(f)]])
     for r in rows:
         y = ypos[(r.stage, r.node_id)]
         if r.idle:
@@ -54,27 +61,30 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
             ax.broken_barh([(ms(a), (b - a) * 1000.0) for a, b in r.waits], (y - 0.44, 0.1), facecolors=_WAIT,
                            edgecolor="#888888", linewidth=0.3, zorder=4)  # under the bars: queued behind a frame
         spans, cols = by_row[(r.stage, r.node_id)]
-        ax.broken_barh(spans, (y - 0.32, 0.64), facecolors=cols, edgecolor="black", linewidth=0.4, zorder=3)
+        if spans:
+            ax.broken_barh(spans, (y - 0.32, 0.64), facecolors=cols, edgecolor="black", linewidth=0.4,
+                           zorder=3)
     for f in frames:
         for prev, h in itertools.pairwise(f):
             ax.annotate("", xy=(ms(h.recv_ts), ypos[(h.stage, h.node_id)] + 0.32),
                         xytext=(ms(prev.send_ts), ypos[(prev.stage, prev.node_id)] - 0.32),
                         arrowprops={"arrowstyle": "-|>", "color": "#555555", "lw": 0.6, "shrinkA": 0, "shrinkB": 0},
                         zorder=4)
+    wall_ms = (w1 - w0) * 1000.0
     if len(frames) <= 40:
-        for fi, f in enumerate(frames):
+        for f in frames:
             for h in f:
-                if h.compute_ms >= 0.04 * stats.wall_s * 1000.0 / max(1, len(frames) / 4):
-                    ax.text(ms(h.send_ts) - h.compute_ms / 2, ypos[(h.stage, h.node_id)], str(fi),
+                if h.compute_ms >= 0.04 * wall_ms / max(1, len(frames) / 4):
+                    ax.text(ms(h.send_ts) - h.compute_ms / 2, ypos[(h.stage, h.node_id)], str(index[id(f)]),
                             ha="center", va="center", fontsize=7, zorder=5)
     ax.set_yticks(range(len(rows)), [f"stage {r.stage} · {r.node_id}" for r in reversed(rows)])
-    ax.set_xlim(0, stats.wall_s * 1000.0)
+    ax.set_xlim(0, wall_ms)
     ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel("time since first frame arrived (ms)")
+    ax.set_xlabel("time (ms)")
     epoch = f" · epoch {plan.epoch}" if plan is not None else ""
-    shown = f"frames {first}-{first + len(frames) - 1} of {len(every)}" if len(frames) < len(every) else \
-        f"{len(every)} frames"
-    ax.set_title(f"pipeline timeline · {shown} in {stats.wall_s * 1000:.0f} ms · "
+    shown = f"zoom on frames {first}-{first + _MAX_DRAWN - 1} of {len(every)}" if first or len(every) > _MAX_DRAWN \
+        else f"{len(every)} frames"
+    ax.set_title(f"pipeline timeline · {shown} · {wall_ms:.0f} ms · "
                  f"{total.throughput_fps:.1f} fps overall{epoch}")
     ax.legend(handles=[Patch(facecolor=colours[0], edgecolor="black", label="compute (one colour per frame)"),
                        Patch(facecolor=_WAIT, label="queued (strip under the row)"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from fleetpipe import topics
 from fleetpipe.deploy import broker_config
 from fleetpipe.transport.mqtt import MqttBus
-from tests.conftest import start_broker
+from tests.conftest import mosquitto_binary, start_broker, unused_tcp_port
 from tests.deploy.conftest import run
 
 pytestmark = pytest.mark.integration
@@ -22,7 +25,7 @@ def test_site_bridge_forwards_metrics_only(tmp_path: Path) -> None:
     site_dir.mkdir()
     bridge = broker_config.render("bridge.conf", site="lab-a", remote=f"127.0.0.1:{central.port}", fleet="+",
                                   remote_username="lab-a", remote_password="unused-on-lab-broker")
-    # start_broker renders a shipped config: give it the site config as lab.conf + bridge.conf
+    # the site broker: lab.conf + the rendered bridge example
     site = None
     try:
         conf = site_dir / "site.conf"
@@ -54,25 +57,16 @@ def test_site_bridge_forwards_metrics_only(tmp_path: Path) -> None:
 
 
 class _Proc:
-    def __init__(self, proc: object, port: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
         self.proc = proc
         self.url = f"mqtt://127.0.0.1:{port}"
 
     def stop(self) -> None:
-        import subprocess
-
-        assert isinstance(self.proc, subprocess.Popen)
         self.proc.terminate()
         self.proc.wait(5)
 
 
 def _start_from(workdir: Path, conf: Path) -> _Proc:
-    import socket
-    import subprocess
-    import time
-
-    from tests.conftest import mosquitto_binary, unused_tcp_port
-
     port = unused_tcp_port()
     conf.write_text(conf.read_text().replace("{port}", str(port)).replace("{bind}", "127.0.0.1"))
     proc = subprocess.Popen([mosquitto_binary() or "mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,

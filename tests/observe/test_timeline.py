@@ -84,3 +84,10 @@ def test_timeline_cli_without_results_fails_cleanly(mosquitto, tmp_path: Path, c
                "-o", str(tmp_path / "x.png")])
     assert rc == 1 and "no results" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_long_run_zooms_but_counts_everything(tmp_path: Path) -> None:
+    stats = timeline_png(frames(n=200, c1_ms=25.0), plan(), str(tmp_path / "long.png"))
+    assert stats.frames == 200 and stats.stage_utilisation[1] == pytest.approx(5.000 / 5.015)
+    with Image.open(tmp_path / "long.png") as im:
+        assert np.asarray(im.convert("RGB")).std() > 20

@@ -1,0 +1,57 @@
+"""`fleetpipe plan --model FILE --fleet FLEET.toml`: plan a real model for a described fleet."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from fleetpipe.cli import main
+from fleetpipe.errors import ConfigError
+from fleetpipe.planner.fleetfile import load_fleet
+
+FLEET = """
+[[device]]
+name = "fast"
+class = "jetson-nano"
+[[device]]
+name = "slow"
+class = "rpi4"
+[[device]]
+name = "wifi"
+class = "rpi4-wifi"
+[links]
+"fast -> slow" = 5
+"""
+
+
+def test_plan_model_for_fleet(tmp_path, capsys):
+    from fleetpipe.models import zoo
+
+    model = tmp_path / "m.onnx"
+    onnx.save(zoo.build("resnet18", width=0.25, resolution=32), model)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(FLEET)
+    assert main(["plan", "--model", str(model), "--fleet", str(fleet), "--bits", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exact"] is True
+    assert doc["stages"][0]["first_layer"] == 1
+    assert doc["stages"][-1]["last_layer"] == 10
+    used = [d for st in doc["stages"] for d in st["devices"]]
+    assert len(used) == len(set(used)) and set(used) <= {"fast", "slow", "wifi"}
+    # The 5 Mbit/s link override is honoured: fast never feeds slow directly.
+    for a, b in zip(doc["stages"], doc["stages"][1:], strict=False):
+        assert (a["device"], b["device"]) != ("fast", "slow")
+    assert all(st["bits"] == 8 for st in doc["stages"])
+
+
+def test_fleet_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[device]]\nname = "a"\nclass = "toaster"\n')
+    with pytest.raises(ConfigError, match="unknown class"):
+        load_fleet(bad)
+    bad.write_text('[[device]]\nname = "a"\n[links]\n"a -> zz" = 3\n')
+    with pytest.raises(ConfigError, match="known device names"):
+        load_fleet(bad)
+    assert main(["plan", "--model", "zoo:resnet18"]) == 2
