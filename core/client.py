@@ -311,9 +311,11 @@ class FleetClient:
             yield future.result()
 
     def close(self) -> None:
-        """Disconnect and stop the loop thread."""
+        """Disconnect, cancel what is still pending and stop the loop thread."""
         with contextlib.suppress(Exception):
             self._call(self._client.__aexit__(None, None, None), 10)
+        with contextlib.suppress(Exception):
+            self._call(_cancel_all(), 5)
         self._stop_loop()
 
     def __enter__(self) -> FleetClient:
@@ -329,3 +331,11 @@ class FleetClient:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+async def _cancel_all() -> None:
+    """Cancel every other task on this loop (submissions still waiting for a window slot)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 __all__ = [
     "ACK_TIMEOUT_S",
-    "override_from_env",
     "CONNECT_TIMEOUT_S",
     "DRAIN_TIMEOUT_S",
     "FRAME_RESEND_S",
@@ -17,6 +16,7 @@ __all__ = [
     "RECONNECT_MAX_S",
     "RECONNECT_MIN_S",
     "REPLAN_DEBOUNCE_S",
+    "override_from_env",
 ]
 
 HEALTH_INTERVAL_S = 1.0

@@ -35,7 +35,9 @@ import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe.config import NodeConfig
+from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import DecodeError, FleetpipeError, RuntimeLoadError, StageError, StaleEpoch
+from fleetpipe.metrics import metrics_payload
 from fleetpipe.node.emulate import TokenBucket, parse_emulate
 from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
@@ -108,6 +110,8 @@ class NodeDaemon:
         self._capability: dict[str, Any] = {}
         self._speed = 0.0
         self._err_times: deque[float] = deque(maxlen=20)
+        self._health_hist: deque[Any] = deque(maxlen=16)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class NodeDaemon:
             log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
             return EXIT_BROKER
         self.lifecycle.handle("connect")
+        sdnotify.notify("READY=1")
         jobs = [("receiver", self._receiver()), ("worker", self._worker()),
                 ("sender", self._sender()), ("health", self._health_loop())]
         if self.config.announce:
@@ -187,6 +192,7 @@ class NodeDaemon:
         """Stop taking frames, finish those in hand, publish death."""
         assert self.bus is not None
         log.info("node %s: draining", self.name)
+        sdnotify.notify("STOPPING=1")
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("drain")
         for slot in self.slots.values():
@@ -217,7 +223,7 @@ class NodeDaemon:
                 await self._report(exc, None)
 
     async def _dispatch(self, message: Message) -> None:
-        spec, params = topics.parse(message.topic)
+        spec, _params = topics.parse(message.topic)
         if spec is topics.NODE_ASSIGN:
             if not message.payload:
                 await self._unassign()
@@ -363,6 +369,9 @@ class NodeDaemon:
                        send_ts=time.time())
         hops = (*frame.hops, hop)
         if last:
+            expected = topics.result(self.fleet, frame.client_id)
+            if frame.reply_to != expected:
+                raise DecodeError(f"frame {frame.frame_id}: reply_to {frame.reply_to!r} is not {expected!r}")
             result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id,
                                  epoch=frame.epoch, tensors=tensors, hops=hops, ts=time.time())
             await self._outbox.put((frame.reply_to, wire.encode(result), None, None))
@@ -395,7 +404,9 @@ class NodeDaemon:
                 del self.slots[epoch]
                 slot.executor.shutdown()
                 if self.bus is not None:
-                    asyncio.create_task(self._quiet_unsubscribe(slot.topic))
+                    task = asyncio.create_task(self._quiet_unsubscribe(slot.topic))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     async def _quiet_unsubscribe(self, topic: str) -> None:
         with contextlib.suppress(FleetpipeError):
@@ -413,8 +424,14 @@ class NodeDaemon:
 
     async def _publish_health(self) -> None:
         assert self.bus is not None
+        health = self._health()
+        self._health_hist.append(health)
         with contextlib.suppress(FleetpipeError):
-            await self.bus.publish(topics.node_health(self.fleet, self.name), wire.encode(self._health()), qos=0)
+            await self.bus.publish(topics.node_health(self.fleet, self.name), wire.encode(health), qos=0)
+            values = metrics_payload(self._health_hist, window_s=5.0)
+            metrics = wire.Metrics(fleet=self.fleet, node_id=self.name, ts=health.ts, values=values)
+            await self.bus.publish(topics.node_metrics(self.fleet, self.name), wire.encode(metrics), qos=0)
+        sdnotify.notify("WATCHDOG=1")
 
     async def _report(self, exc: BaseException, frame_id: str | None) -> None:
         self.stats.errors += 1
@@ -432,7 +449,8 @@ class NodeDaemon:
     def _birth(self) -> Any:
         cap = self._capability
         return wire.NodeBirth(fleet=self.fleet, node_id=self.name, seq=self.seq, arch=cap.get("arch", "?"),
-                              cores=int(cap.get("cores", 1)), mem_bytes=int(self.device.mem_bytes or cap.get("mem_bytes", 0)),
+                              cores=int(cap.get("cores", 1)),
+                              mem_bytes=int(self.device.mem_bytes or cap.get("mem_bytes", 0)),
                               runtimes=tuple(available_runtimes()), providers=tuple(available_providers()),
                               device_class=self.device.name, speed=float(self._speed),
                               emulate_factor=float(self.device.compute_factor),

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] | None = None, frames: int = 48,
              window: int | None = None, bits: int = 8, console: Any = None, log_dir: str | None = None,
-             plot: str | None = None, fleet: str = "demo") -> DemoReport:
+             plot: str | None = None, fleet: str | None = None) -> DemoReport:
     """Start broker, planner and nodes; stream ``frames``; return the measured report."""
     import numpy as np
     from rich.console import Console
@@ -112,6 +112,8 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
 
     console = console or Console()
     classes = classes or list(DEFAULT_CLASSES)
+    # A private fleet name: two demos on one LAN (or one machine) never mix.
+    fleet = fleet or f"demo-{os.getpid()}"
     # Enough frames in flight to fill every compute and transfer stage, plus the client's own hops.
     window = window or 3 * nodes
     with contextlib.ExitStack() as stack:
@@ -120,8 +122,9 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         logs.mkdir(parents=True, exist_ok=True)
         model_path, input_shape, model_name = _materialise_model(model, tmp)
         broker = stack.enter_context(LocalBroker())
-        console.print(f"[bold]fleetpipe demo[/]: mosquitto on {broker.url}, model {model_name}, "
+        console.print(f"[bold]fleetpipe demo[/]: mosquitto on {broker.url}, fleet {fleet}, model {model_name}, "
                       f"{nodes} nodes ({', '.join(classes[i % len(classes)] for i in range(nodes))})")
+        console.print(f"watch it from another terminal: fleetpipe top --broker {broker.url} --fleet {fleet}")
         procs = stack.enter_context(_processes())
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         base = [sys.executable, "-m", "fleetpipe"]

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fleetpipe.errors import InfeasiblePlan
+from fleetpipe.planner._search import _diagnose
 from fleetpipe.planner.cost import Stage, evaluate
-from fleetpipe.planner.partition import PlanResult, _diagnose
+from fleetpipe.planner.partition import PlanResult
 from fleetpipe.planner.problem import Problem
 
 __all__ = ["greedy_plan", "refine", "replan_without"]

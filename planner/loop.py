@@ -26,7 +26,9 @@ import numpy as np
 
 from fleetpipe import slices, timing, topics, wire
 from fleetpipe.config import PlannerConfig
+from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import DecodeError, FleetpipeError, InfeasiblePlan
+from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
 from fleetpipe.transport import Message
 from fleetpipe.transport.mqtt import MqttBus
@@ -126,6 +128,7 @@ class PlannerService:
         self._assigned: set[str] = set()
         self._loaded: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
+        self.view = FleetView(config.fleet)
         self.last_result: Any = None
 
     def run(self) -> int:
@@ -152,6 +155,7 @@ class PlannerService:
         except FleetpipeError as exc:
             log.error("planner: cannot connect to %s: %s", broker.url, exc)
             return 3
+        sdnotify.notify("READY=1")
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
         if self.config.announce:
             tasks.append(asyncio.create_task(self._announce()))
@@ -209,6 +213,7 @@ class PlannerService:
             return
         msg = wire.decode(message.payload)
         now = time.monotonic()
+        self.view.apply(msg)
         if isinstance(msg, wire.NodeBirth):
             if msg.fleet != self.fleet:
                 return
@@ -230,10 +235,23 @@ class PlannerService:
             self._retained[message.topic] = bytes(message.payload)
 
     async def _tick(self) -> None:
+        last_metrics = 0.0
         while True:
             await asyncio.sleep(min(timing.HEALTH_INTERVAL_S, 0.25))
             self.state = state.apply(self.state, state.Tick(time.monotonic(), timing.LEASE_S))
             self._step()
+            sdnotify.notify("WATCHDOG=1")
+            if time.monotonic() - last_metrics >= 1.0:
+                last_metrics = time.monotonic()
+                await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        """Pipeline-level figures (throughput, latency, bottleneck utilisation) for any MQTT client."""
+        assert self.bus is not None
+        values = pipeline_payload(self.view.snapshot(time.time()))
+        msg = wire.Metrics(fleet=self.fleet, node_id="planner", ts=time.time(), values=values)
+        with contextlib.suppress(FleetpipeError, ValueError):
+            await self.bus.publish(topics.node_metrics(self.fleet, "planner"), wire.encode(msg), qos=0)
 
     def _step(self) -> None:
         if self._replanning is not None and not self._replanning.done():

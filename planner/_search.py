@@ -1,0 +1,519 @@
+"""Private machinery of the exact solver (:mod:`fleetpipe.planner.partition`).
+
+:class:`_Model` holds everything about a problem that does not depend on the bound ``B``;
+:class:`_Level` is the model at one bound: the relaxed DP tables, the capacity bound and the exact
+searches (feasibility and minimum latency).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fleetpipe.planner.cost import Stage
+from fleetpipe.planner.problem import Problem
+
+_REL = 1e-9
+_TIE = 1e-10
+_DOMINANCE_CAP = 48  # failed used-sets kept per (layer, last device) for superset pruning
+
+
+class _Timeout(Exception):
+    pass
+
+
+_UNKNOWN = object()
+
+
+def _ctypes(problem: Problem) -> list[int]:
+    """An id per device: equal ids have the same compute column and memory."""
+    keys = np.vstack([problem.compute_ms, problem.mem_bytes[None, :]]).T
+    _, ids = np.unique(keys, axis=0, return_inverse=True)
+    return [int(i) for i in np.asarray(ids).reshape(-1)]
+
+
+def _symmetric_classes(ctype: list[int], link: np.ndarray, pinned: set[int]) -> list[list[int]]:
+    """Groups of devices that any plan may permute: same ``ctype``, same ``link`` value (diagonal
+    ignored) to and from every device outside the group, one ``link`` value inside it, not pinned."""
+    classes: list[list[int]] = []
+    for d in range(len(ctype)):
+        home = None
+        if d not in pinned:
+            for cls in classes:
+                if cls[0] not in pinned and ctype[cls[0]] == ctype[d] and _joins(link, cls, d):
+                    home = cls
+                    break
+        if home is None:
+            classes.append([d])
+        else:
+            home.append(d)
+    out: list[list[int]] = []
+    for cls in classes:  # verify the full symmetry condition; split anything doubtful
+        if len(cls) > 1 and not _symmetric(link, cls):
+            out.extend([d] for d in cls)
+        else:
+            out.append(cls)
+    return out
+
+
+def _joins(link: np.ndarray, cls: list[int], d: int) -> bool:
+    r = cls[0]
+    others = np.ones(link.shape[0], dtype=bool)
+    others[cls] = False
+    others[d] = False
+    if not (np.array_equal(link[d, others], link[r, others]) and np.array_equal(link[others, d], link[others, r])):
+        return False
+    const = link[cls[0], cls[1]] if len(cls) > 1 else link[r, d]
+    return all(link[m, d] == const and link[d, m] == const for m in cls)
+
+
+def _symmetric(link: np.ndarray, cls: list[int]) -> bool:
+    n = link.shape[0]
+    others = np.ones(n, dtype=bool)
+    others[cls] = False
+    r = cls[0]
+    const = link[cls[0], cls[1]]
+    for m in cls:
+        same_row = np.array_equal(link[m, others], link[r, others])
+        if not (same_row and np.array_equal(link[others, m], link[others, r])):
+            return False
+        if any(link[m, x] != const for x in cls if x != m):
+            return False
+    return True
+
+
+def _diagnose(problem: Problem) -> str:
+    """Say what is short when no plan exists."""
+    need_one = [problem.stage_mem_bytes(i, i) for i in range(problem.n_layers)]
+    biggest = float(problem.mem_bytes.max())
+    for i, need in enumerate(need_one):
+        if need >= biggest:
+            return (f"layer {i + 1} ({problem.layer_names[i]!r}) needs {need / 1e6:.1f} MB (weights and "
+                    f"buffers) but the largest device has {biggest / 1e6:.1f} MB")
+    weights = float(problem.param_bytes.sum())
+    total = float(problem.mem_bytes.sum())
+    if weights >= total:
+        return (f"the model needs {weights / 1e6:.1f} MB of weights but the fleet has {total / 1e6:.1f} MB "
+                f"of memory in total: {(weights - total) / 1e6:.1f} MB short")
+    parts = [f"no split of the {problem.n_layers} layers into contiguous stages fits the devices' memory "
+             f"(weights {weights / 1e6:.1f} MB, fleet memory {total / 1e6:.1f} MB, "
+             "activation buffers included)"]
+    if problem.pins:
+        parts.append("with the pinned stages")
+    if problem.latency_bound_ms:
+        parts.append(f"within the latency bound of {problem.latency_bound_ms:.2f} ms")
+    return " ".join(parts)
+
+
+
+class _Model:
+    """Everything about a problem that does not depend on the bound B."""
+
+    def __init__(self, problem: Problem, max_replicas: int | None) -> None:
+        self.problem = problem
+        n_l, n_d = problem.n_layers, problem.n_devices
+        self.L = n_l
+        self.ctype = _ctypes(problem)
+        self.pinned = {p.device for p in problem.pins}
+        classes = _symmetric_classes(self.ctype, problem.bw_mbps, self.pinned)
+        self.classes = classes
+        self.class_size = np.array([len(c) for c in classes], dtype=np.int64)
+        pinned = {p.device for p in problem.pins}
+        units: list[tuple[int, int]] = []
+        for c, members in enumerate(classes):
+            kmax = 1
+            if problem.allow_replication and members[0] not in pinned:
+                kmax = len(members) if max_replicas is None else max(1, min(len(members), max_replicas))
+            units.extend((c, k) for k in range(1, kmax + 1))
+        self.units = units
+        n_u = len(units)
+        reps = [classes[c][0] for c, _ in units]
+        ks = np.array([k for _, k in units], dtype=np.float64)
+        # compute sums per unit: s_lat[u, j, e] = compute of layers j..e on one device of the class
+        cum = np.vstack([np.zeros(n_d), np.cumsum(problem.compute_ms, axis=0)])  # [L+1, D]
+        rep_cum = cum[:, reps].T  # [U, L+1]
+        tri = np.triu(np.ones((n_l, n_l), dtype=bool))
+        s_lat = rep_cum[:, None, 1:] - rep_cum[:, :-1, None]  # [U, j, e]
+        s_lat = np.where(tri[None], s_lat, np.inf)
+        self.s_lat = s_lat
+        self.s_bn = s_lat / ks[:, None, None]
+        # memory, pins
+        pcum = np.concatenate([[0.0], np.cumsum(problem.param_bytes)])
+        in_b = np.array([problem.in_bytes(j) for j in range(n_l)])
+        buf_in = np.where(np.arange(n_l) > 0, 1 + problem.buffers_in, 1)
+        need = (pcum[None, 1:] - pcum[:-1, None]) + (in_b * buf_in)[:, None] + \
+            (problem.out_bytes * (1 + problem.buffers_out))[None, :]
+        mem = problem.mem_bytes[reps]
+        static = tri[None] & (need[None] < mem[:, None, None])
+        jj = np.arange(n_l)[:, None]
+        ee = np.arange(n_l)[None, :]
+        for u, rep in enumerate(reps):
+            own = [p for p in problem.pins if p.device == rep]
+            for p in problem.pins:
+                if p.device != rep:
+                    static[u] &= (ee < p.first) | (jj > p.last)
+            if own:
+                static[u] &= (jj <= min(p.first for p in own)) & (ee >= max(p.last for p in own))
+        self.static = static
+        # transfers at each cut e between units (bits at the floor of the cut)
+        cut_bytes = np.array([problem.cut_bytes(e, problem.cut_bits(e)) for e in range(n_l)])
+        self.cut_bytes = cut_bytes
+        link = np.empty((n_u, n_u))
+        for a, (ca, ka) in enumerate(units):
+            for b, (cb, kb) in enumerate(units):
+                if ca == cb:
+                    if len(classes[ca]) < ka + kb:
+                        link[a, b] = 0.0
+                    else:
+                        m = classes[ca]
+                        link[a, b] = problem.bw_mbps[m[0], m[1]]
+                else:
+                    link[a, b] = problem.bw_mbps[classes[ca][0], classes[cb][0]]
+        with np.errstate(divide="ignore"):
+            per_byte = np.where(link > 0, 8.0 / (link * 1000.0), np.inf)  # ms per byte
+        self.t_lat = cut_bytes[:, None, None] * per_byte[None]  # [L, U, U]
+        self.t_bn = self.t_lat / (ks[:, None] * ks[None, :])[None]
+        self.unit_class = np.array([c for c, _ in units], dtype=np.int64)
+        self.unit_k = np.array([k for _, k in units], dtype=np.int64)
+        self.fastest = problem.compute_ms.min(axis=1)
+        self._levels: dict[float, _Level] = {}
+
+    def covers(self, stages: tuple[Stage, ...]) -> bool:
+        """Whether the search space includes ``stages`` (replicas: one class, within the cap)."""
+        cls_of = {d: c for c, members in enumerate(self.classes) for d in members}
+        for s in stages:
+            if len(s.devices) > 1:
+                c = cls_of[s.devices[0]]
+                if any(cls_of[d] != c for d in s.devices) or (c, len(s.devices)) not in self.units:
+                    return False
+        return True
+
+    def candidates(self) -> np.ndarray:
+        comp = self.s_bn[self.static]
+        tr = self.t_bn[:-1][np.isfinite(self.t_bn[:-1])]
+        vals = np.unique(np.concatenate([comp, tr, [0.0]]))
+        keep = np.ones(vals.size, dtype=bool)  # merge values equal up to rounding
+        keep[1:] = vals[1:] > vals[:-1] * (1 + _TIE)
+        return vals[keep]
+
+    def at(self, b: float) -> _Level:
+        level = self._levels.get(b)
+        if level is None:
+            if len(self._levels) > 64:
+                self._levels.clear()
+            level = self._levels[b] = _Level(self, b)
+        return level
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """The units a search picks from: device classes, units (class, replicas), their links at B."""
+
+    classes: list[list[int]]
+    eu: list[int]              # the model's unit with the same segments (and relaxed DP tables)
+    unit_class: np.ndarray
+    unit_k: np.ndarray
+    t_ok: np.ndarray           # [cut, unit, unit]: the transfer fits in B
+    caps: list[tuple[np.ndarray, np.ndarray]]
+
+
+class _Level:
+    """The model at one bound B: relaxed DP tables and the exact searches."""
+
+    def __init__(self, model: _Model, b: float) -> None:
+        self.m = model
+        self.b = b
+        n_l, n_u = model.L, len(model.units)
+        tol = b * (1 + _TIE)  # values within _TIE (relative) of each other count as equal
+        self.seg_ok = model.static & (model.s_bn <= tol)
+        self.t_ok = model.t_bn <= tol
+        inf = np.inf
+        minlat = np.full((n_l + 1, n_u), inf)      # relaxed min latency of a stage starting at j on u
+        next_cost = np.full((n_l, n_u), inf)       # relaxed min latency after a stage ending at e on u
+        next_cost[n_l - 1] = 0.0
+        for j in range(n_l - 1, -1, -1):
+            if j < n_l - 1:
+                cost = np.where(self.t_ok[j], model.t_lat[j] + minlat[j + 1][None, :], inf)
+                next_cost[j] = cost.min(axis=1)
+            seg = np.where(self.seg_ok[:, j, j:], model.s_lat[:, j, j:] + next_cost[j:].T, inf)
+            minlat[j] = seg.min(axis=1)
+        self.minlat = minlat
+        self.next_cost = next_cost
+        self.good_end = np.isfinite(next_cost)
+        self._ends: dict[tuple[int, int], list[int]] = {}
+        self._caps = self._capacities()
+
+    def relaxed_feasible(self) -> bool:
+        if not np.isfinite(self.minlat[0]).any():
+            return False
+        return self._capacity_ok(0, self.m.class_size)
+
+    # -- capacity bound -------------------------------------------------------------------------
+
+    def _capacities(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per reference work vector r: (cap[c, j] per device of class c, remaining r from j)."""
+        m = self.m
+        p = m.problem
+        n_l = m.L
+        out = []
+        b = self.b * (1 + _REL) + _REL
+        for r in (np.ones(n_l), m.fastest):
+            rc = np.concatenate([[0.0], np.cumsum(r)])
+            cap = np.zeros((len(m.classes), n_l + 1))
+            for c, members in enumerate(m.classes):
+                col = np.concatenate([[0.0], np.cumsum(p.compute_ms[:, members[0]])])
+                kmax = int(m.unit_k[m.unit_class == c].max())
+                best = np.zeros(n_l)
+                for k in range(1, kmax + 1):
+                    end = np.searchsorted(col, col[:-1] + k * b, side="right") - 1
+                    best = np.maximum(best, (rc[end] - rc[:-1]) / k)
+                cap[c, :n_l] = np.maximum.accumulate(best[::-1])[::-1]
+            need = rc[-1] - rc
+            out.append((cap, need))
+        return out
+
+    def _capacity_ok(self, j: int, avail: np.ndarray) -> bool:
+        return all(float(avail @ cap[:, j]) >= need[j] * (1 - _REL) - _REL for cap, need in self._caps)
+
+    # -- exact searches ---------------------------------------------------------------------------
+
+    def _ends_of(self, u: int, j: int) -> list[int]:
+        key = (u, j)
+        ends = self._ends.get(key)
+        if ends is None:
+            ok = self.seg_ok[u, j, j:] & self.good_end[j:, u]
+            ends = [int(e) + j for e in np.nonzero(ok)[0][::-1]]
+            self._ends[key] = ends
+        return ends
+
+    def _view(self) -> _View:
+        """The search space of the feasibility check at this bound.
+
+        Without replication, devices are grouped by what matters at B only: the same compute
+        column and memory, and links that are usable (transfer <= B) at exactly the same cuts to and
+        from every other device. Swapping two such devices maps plans feasible at B to plans
+        feasible at B, so the search takes the members of a group in index order (exact symmetry
+        breaking); slow Wi-Fi links that no cut can use at B no longer make every device unique.
+        """
+        m = self.m
+        p = m.problem
+        exact = _View(m.classes, list(range(len(m.units))), m.unit_class, m.unit_k, self.t_ok, self._caps)
+        if p.allow_replication or m.L == 1:
+            return exact
+        n_d = p.n_devices
+        tol = self.b * (1 + _TIE)
+        vals, inv = np.unique(p.bw_mbps, return_inverse=True)
+        with np.errstate(divide="ignore"):
+            per_byte = np.where(vals > 0, 8.0 / (vals * 1000.0), np.inf)  # as in _Model (t_bn)
+        with np.errstate(invalid="ignore"):
+            pat = (m.cut_bytes[:-1, None] * per_byte[None, :]) <= tol     # [L-1, values]
+        uniq, pid = np.unique(pat.T, axis=0, return_inverse=True)  # distinct usable-cut patterns
+        link = np.asarray(pid).reshape(-1)[np.asarray(inv).reshape(-1)].reshape(n_d, n_d)
+        classes = _symmetric_classes(m.ctype, link, m.pinned)
+        if len(classes) == len(m.classes):
+            return exact
+        exact_of = {d: c for c, members in enumerate(m.classes) for d in members}
+        eu = [exact_of[c[0]] for c in classes]  # no replication: exact unit == exact class
+        n_c = len(classes)
+        reps = np.array([c[0] for c in classes])
+        li = link[np.ix_(reps, reps)].copy()
+        selfok = np.zeros(n_c, dtype=bool)
+        for i, c in enumerate(classes):
+            if len(c) > 1:
+                li[i, i] = link[c[0], c[1]]
+                selfok[i] = True
+        t_ok = np.zeros((m.L, n_c, n_c), dtype=bool)
+        t_ok[:-1] = uniq.T[:, li]
+        lone = np.nonzero(~selfok)[0]
+        t_ok[:, lone, lone] = False
+        caps = [(cap[eu], need) for cap, need in self._caps]
+        return _View(classes, eu, np.arange(n_c), np.ones(n_c, dtype=np.int64), t_ok, caps)
+
+    def feasible_plan(self, deadline: float) -> tuple[Stage, ...] | None:
+        """A plan with bottleneck <= B, or None (proven); raises _Timeout."""
+        v = self._view()
+        n_l = self.m.L
+        n_u = len(v.eu)
+        classes, eu, unit_class, unit_k, t_ok = v.classes, v.eu, v.unit_class, v.unit_k, v.t_ok
+        class_size = np.array([len(c) for c in classes], dtype=np.int64)
+        caps = v.caps
+        failed: set[tuple[int, int, int]] = set()
+        by_place: dict[tuple[int, int], list[int]] = {}
+        used = np.zeros(len(classes), dtype=np.int64)
+        path: list[tuple[int, int, int]] = []  # (unit, first, last)
+        counter = [0]
+        # units ordered by reach at each start layer (furthest first)
+        order_cache: dict[int, list[int]] = {}
+
+        def order(j: int) -> list[int]:
+            o = order_cache.get(j)
+            if o is None:
+                reach = [max(self._ends_of(eu[u], j), default=-1) for u in range(n_u)]
+                o = [u for u in sorted(range(n_u), key=lambda u: (-reach[u], u)) if reach[u] >= 0]
+                order_cache[j] = o
+            return o
+
+        def capacity_ok(j: int) -> bool:
+            avail = class_size - used
+            return all(float(avail @ cap[:, j]) >= need[j] * (1 - _REL) - _REL for cap, need in caps)
+
+        def fail(key: tuple[int, int, int]) -> bool:
+            failed.add(key)
+            lst = by_place.setdefault(key[:2], [])
+            if len(lst) < _DOMINANCE_CAP:
+                lst.append(key[2])
+            return False
+
+        def dfs(j: int, prev: int, mask: int) -> bool:
+            key = (j, prev, mask)
+            if key in failed:
+                return False
+            # a state that has used a superset of a failed state's devices fails as well
+            for f in by_place.get((j, prev), ()):
+                if f & mask == f:
+                    return False
+            counter[0] += 1
+            if counter[0] & 1023 == 0 and time.perf_counter() > deadline:
+                raise _Timeout
+            if not capacity_ok(j):
+                return fail(key)
+            for u in order(j):
+                c = unit_class[u]
+                k = unit_k[u]
+                if used[c] + k > class_size[c]:
+                    continue
+                if prev >= 0 and not t_ok[j - 1, prev, u]:
+                    continue
+                bits = 0
+                for idx in range(used[c], used[c] + k):
+                    bits |= 1 << classes[c][idx]
+                for e in self._ends_of(eu[u], j):
+                    path.append((u, j, e))
+                    if e == n_l - 1:
+                        return True
+                    used[c] += k
+                    ok = dfs(e + 1, u, mask | bits)
+                    used[c] -= k
+                    if ok:
+                        return True
+                    path.pop()
+            return fail(key)
+
+        if dfs(0, -1, 0):
+            return self._stages(path, classes, unit_class, unit_k)
+        return None
+
+    def min_latency(self, budget: float, deadline: float) -> tuple[Stage, ...] | None:
+        """The minimum-latency plan with bottleneck <= B and latency < budget, or None; raises _Timeout."""
+        m = self.m
+        n_l = m.L
+        n_u = len(m.units)
+        inf = math.inf
+        # relaxed lower bound of the remaining latency from (j, prev)
+        state_lb = np.full((n_l + 1, n_u + 1), inf)
+        for j in range(1, n_l):
+            arrive = m.t_lat[j - 1] + self.minlat[j][None, :]
+            state_lb[j, :n_u] = np.where(self.t_ok[j - 1], arrive, inf).min(axis=1)
+        state_lb[0, n_u] = self.minlat[0].min()
+        memo: dict[tuple[int, int, int], tuple[float, bool, tuple[int, int] | None]] = {}
+        used = np.zeros(len(m.classes), dtype=np.int64)
+        counter = [0]
+
+        def best_from(j: int, prev: int, mask: int, bud: float) -> tuple[float, bool]:
+            """(min remaining latency, True) if it is < bud, else (a lower bound >= bud, False)."""
+            key = (j, prev, mask)
+            hit = memo.get(key)
+            if hit is not None and (hit[1] or hit[0] >= bud):
+                return hit[0], hit[1] and hit[0] < bud
+            counter[0] += 1
+            if counter[0] & 1023 == 0 and time.perf_counter() > deadline:
+                raise _Timeout
+            lb = state_lb[j, prev if prev >= 0 else n_u]
+            if not math.isfinite(lb) or not self._capacity_ok(j, m.class_size - used):
+                memo[key] = (inf, True, None)
+                return inf, False
+            if lb >= bud:
+                memo[key] = (lb, False, None)
+                return lb, False
+            options = []
+            for u in range(n_u):
+                c = m.unit_class[u]
+                k = m.unit_k[u]
+                if used[c] + k > m.class_size[c]:
+                    continue
+                tl = 0.0
+                if prev >= 0:
+                    if not self.t_ok[j - 1, prev, u]:
+                        continue
+                    tl = float(m.t_lat[j - 1, prev, u])
+                nc = self.next_cost[:, u]
+                srow = m.s_lat[u, j]
+                for e in self._ends_of(u, j):
+                    step = tl + float(srow[e])
+                    options.append((step + float(nc[e]), step, u, e))
+            options.sort()
+            best = inf
+            choice = None
+            for lb_opt, step, u, e in options:
+                limit = min(bud, best)
+                if lb_opt >= limit:
+                    break
+                if e == n_l - 1:
+                    cand = step
+                else:
+                    c = m.unit_class[u]
+                    k = m.unit_k[u]
+                    bits = 0
+                    for idx in range(used[c], used[c] + k):
+                        bits |= 1 << m.classes[c][idx]
+                    used[c] += k
+                    rest, exact = best_from(e + 1, u, mask | bits, limit - step)
+                    used[c] -= k
+                    if not exact:
+                        continue
+                    cand = step + rest
+                if cand < best:
+                    best, choice = cand, (u, e)
+            if best < bud:
+                memo[key] = (best, True, choice)
+                return best, True
+            memo[key] = (bud, False, None)
+            return bud, False
+
+        _, exact = best_from(0, -1, 0, budget)
+        if not exact:
+            return None
+        path: list[tuple[int, int, int]] = []
+        j, prev, mask = 0, -1, 0
+        used[:] = 0
+        while j < n_l:
+            _, _, choice = memo[(j, prev, mask)]
+            assert choice is not None
+            u, e = choice
+            c = m.unit_class[u]
+            for idx in range(used[c], used[c] + m.unit_k[u]):
+                mask |= 1 << m.classes[c][idx]
+            used[c] += m.unit_k[u]
+            path.append((u, j, e))
+            j, prev = e + 1, u
+        return self._stages(path)
+
+    def _stages(self, path: list[tuple[int, int, int]], classes: list[list[int]] | None = None,
+                unit_class: np.ndarray | None = None, unit_k: np.ndarray | None = None) -> tuple[Stage, ...]:
+        m = self.m
+        p = m.problem
+        classes = m.classes if classes is None else classes
+        unit_class = m.unit_class if unit_class is None else unit_class
+        unit_k = m.unit_k if unit_k is None else unit_k
+        used = np.zeros(len(classes), dtype=np.int64)
+        out = []
+        for u, first, last in path:
+            c = int(unit_class[u])
+            k = int(unit_k[u])
+            devs = tuple(classes[c][used[c] : used[c] + k])
+            used[c] += k
+            out.append(Stage(devs, first, last, p.cut_bits(last)))
+        return tuple(out)
