@@ -22,6 +22,7 @@ __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 # Modules that contribute subcommands; a module that is not there yet is skipped.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fleetpipe.models.cli",
+    "fleetpipe.models.calibrate_cli",
     "fleetpipe.planner.cli",
     "fleetpipe.planner.service",
     "fleetpipe.node.cli",

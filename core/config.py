@@ -100,6 +100,7 @@ class PlannerConfig:
     input_shape: tuple[int, ...] | None = None
     replan_threshold: float = 0.2
     time_limit_s: float = 5.0
+    calibration: str | None = None
     interfaces: tuple[str, ...] = ()
     announce: bool = True
 

@@ -160,7 +160,7 @@ class SemanticCache:
         return threshold
 
     def bits_relief(self, s: float) -> int:
-        """Bits the requirement may drop for a frame of separability ``s``: 0, 1 above ``S_ext``, 2 above ``2 S_ext``."""
+        """Bits the requirement may drop for separability ``s``: 0; 1 above ``S_ext``; 2 above ``2 S_ext``."""
         if not math.isfinite(self.threshold) or not s > 0:
             return 0
         if s > 2.0 * self.threshold:

@@ -69,6 +69,8 @@ class _Slot:
     executor: InferenceExecutor
     topic: str
     retired_at: float | None = None
+    # COACH: per-link adaptive bit-width (non-last stages), created on the first output.
+    adaptive: Any = None
 
 
 @dataclass(slots=True)
@@ -103,7 +105,9 @@ class NodeDaemon:
         self.bucket = TokenBucket(self.device.bandwidth_mbps) if self.device.bandwidth_mbps else None
         self.cache_dir = Path(os.path.expanduser(config.cache_dir))
         self._inbox: asyncio.Queue[tuple[wire.Activation, float]] = asyncio.Queue(maxsize=config.queue_limit)
-        self._outbox: asyncio.Queue[tuple[str, bytes, str | None, bytes | None]] = asyncio.Queue(maxsize=4)
+        self._outbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue(maxsize=4)
+        self._last_send_end = 0.0
+        self.plans: dict[int, Any] = {}  # epoch -> Plan (for the neighbours' predicted times)
         self._chunks: dict[str, dict[int, bytes]] = {}
         self._chunk_waiters: dict[str, asyncio.Future[bytes]] = {}
         self._load_task: asyncio.Task[None] | None = None
@@ -209,6 +213,7 @@ class NodeDaemon:
         """After every (re)connect: subscriptions are restored by the bus; re-announce ourselves."""
         assert self.bus is not None
         await self.bus.subscribe(topics.node_assign(self.fleet, self.name), qos=1)
+        await self.bus.subscribe(topics.plan(self.fleet), qos=1)
         await self.bus.publish(topics.node_state(self.fleet, self.name), wire.encode(self._birth()),
                                qos=1, retain=True)
 
@@ -238,6 +243,12 @@ class NodeDaemon:
                 raise DecodeError(f"expected Activation on {message.topic}, got {type(msg).__name__}")
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
+        elif spec is topics.PLAN:
+            msg = wire.decode(message.payload) if message.payload else None
+            if isinstance(msg, wire.Plan) and msg.fleet == self.fleet:
+                self.plans[msg.epoch] = msg
+                for old in [e for e in self.plans if e < msg.epoch - 2]:
+                    del self.plans[old]
         elif spec is topics.SLICE_CHUNK:
             msg = wire.decode(message.payload)
             if isinstance(msg, wire.SliceChunk):
@@ -276,6 +287,9 @@ class NodeDaemon:
                 old.retired_at = now
         self.slots[assign.epoch] = _Slot(assign, runtime, executor, group)
         self.epoch = assign.epoch
+        # Timings of the previous slice say nothing about this one (the planner compares them to the plan).
+        self.stats.compute_ms.clear()
+        self.stats.idle_ms.clear()
         await self.bus.subscribe(group, qos=1)
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("loaded")
@@ -362,7 +376,7 @@ class NodeDaemon:
         outputs, compute_ms = await slot.executor.run(inputs)
         self.stats.compute_ms.append(compute_ms)
         last = assign.next_stage is None
-        bits = 32 if last else assign.bits
+        bits = 32 if last else self._choose_bits(slot, outputs, compute_ms)
         tensors = tuple((name, codec.encode_tensor(_as_array(outputs[name]), bits=_bits_for(outputs[name], bits)))
                         for name in assign.output_names)
         hop = wire.Hop(stage=assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
@@ -374,19 +388,36 @@ class NodeDaemon:
                 raise DecodeError(f"frame {frame.frame_id}: reply_to {frame.reply_to!r} is not {expected!r}")
             result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id,
                                  epoch=frame.epoch, tensors=tensors, hops=hops, ts=time.time())
-            await self._outbox.put((frame.reply_to, wire.encode(result), None, None))
+            await self._outbox.put((frame.reply_to, wire.encode(result), None))
         else:
             nxt = wire.Activation(fleet=self.fleet, epoch=frame.epoch, frame_id=frame.frame_id,
                                   client_id=frame.client_id, stage=assign.next_stage, tensors=tensors,
                                   reply_to=frame.reply_to, sent_ts=time.time(), hops=hops)
             topic = topics.stage_in(self.fleet, frame.epoch, assign.next_stage)
-            await self._outbox.put((topic, wire.encode(nxt), None, None))
+            await self._outbox.put((topic, wire.encode(nxt), slot.adaptive))
         self.stats.frames_out += 1
+
+    def _choose_bits(self, slot: _Slot, outputs: dict[str, Any], compute_ms: float) -> int:
+        """COACH Eq. 11 at the sending node: the highest bits whose transfer does not become the bubble."""
+        from fleetpipe.node.adapt import AdaptiveBits
+
+        assign = slot.assign
+        if slot.adaptive is None:
+            nbytes32 = sum(int(np.asarray(outputs[n]).size) * 4 for n in assign.output_names)
+            slot.adaptive = AdaptiveBits(min_bits=assign.bits, nbytes_at_32=nbytes32, initial_bits=assign.bits)
+        plan = self.plans.get(assign.epoch)
+        next_ms = compute_ms
+        target = None
+        if plan is not None and assign.next_stage is not None and assign.next_stage < len(plan.stages):
+            next_ms = float(plan.stages[assign.next_stage].predicted_ms) or compute_ms
+            target = float(plan.bottleneck_ms) or None
+        own = _mean(self.stats.compute_ms) or compute_ms
+        return int(slot.adaptive.decide(own, next_ms, target_ms=target).bits)
 
     async def _sender(self) -> None:
         assert self.bus is not None
         while True:
-            topic, payload, _, _ = await self._outbox.get()
+            topic, payload, adaptive = await self._outbox.get()
             start = time.monotonic()
             if self.bucket is not None:
                 await self.bucket.consume(len(payload))
@@ -394,8 +425,14 @@ class NodeDaemon:
                 await self.bus.publish(topic, payload, qos=1)
             except FleetpipeError as exc:
                 await self._report(exc, None)
-            self.stats.transfer_ms.append((time.monotonic() - start) * 1000)
+            end = time.monotonic()
+            # Link occupancy of this message: from when the link was free (or the message ready) to its ack.
+            busy = end - max(start, self._last_send_end)
+            self._last_send_end = end
+            self.stats.transfer_ms.append((end - start) * 1000)
             self.stats.bytes_out += len(payload)
+            if adaptive is not None:
+                adaptive.observe_transfer(len(payload), busy)
 
     def _retire_old_slots(self) -> None:
         now = time.monotonic()
@@ -468,8 +505,8 @@ class NodeDaemon:
             frames_out=self.stats.frames_out, errors=self.stats.errors,
             stage=slot.assign.stage if slot else None, epoch=max(self.epoch, 0),
             compute_ms_avg=_mean(self.stats.compute_ms), transfer_ms_avg=_mean(self.stats.transfer_ms),
-            idle_ms_avg=_mean(self.stats.idle_ms), bits=slot.assign.bits if slot else 32,
-            bandwidth_mbps_est=self.device.bandwidth_mbps)
+            idle_ms_avg=_mean(self.stats.idle_ms), bits=_bits_in_use(slot),
+            bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps))
 
 
 def tune_malloc() -> bool:
@@ -492,6 +529,20 @@ def _as_array(value: Any) -> np.ndarray:
 
 def _bits_for(array: Any, bits: int) -> int:
     return bits if np.issubdtype(np.asarray(array).dtype, np.floating) else 32
+
+
+def _bits_in_use(slot: _Slot | None) -> int:
+    if slot is None:
+        return 32
+    if slot.adaptive is not None:
+        return int(slot.adaptive.bits)
+    return 32 if slot.assign.next_stage is None else int(slot.assign.bits)
+
+
+def _bandwidth_estimate(slot: _Slot | None, nominal: float | None) -> float | None:
+    if slot is not None and slot.adaptive is not None and slot.adaptive.estimator.mbps:
+        return round(float(slot.adaptive.estimator.mbps), 3)
+    return nominal
 
 
 def _mean(values: deque[float]) -> float:

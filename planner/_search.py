@@ -289,6 +289,65 @@ class _Level:
             self._ends[key] = ends
         return ends
 
+    # -- Lagrangian bound -------------------------------------------------------------------------
+
+    def lagrangian(self, iters: int = 40) -> tuple[np.ndarray, np.ndarray, float]:
+        """Weights ``lam[c] >= 0`` per device of class ``c`` and the table ``nc[e, u]``: the least
+        total weight of the devices of a relaxed completion after a stage ending at ``e`` on unit
+        ``u`` (devices may repeat in the relaxation). A real completion uses distinct unused devices,
+        so a state whose ``nc`` exceeds the weight of its unused devices cannot finish. The weights
+        start at the devices' capacities (so this is at least the capacity bound) and are tuned by
+        multiplicative subgradient steps on the root. Returns (lam, nc, root cost - fleet weight).
+        """
+        m = self.m
+        size = m.class_size.astype(np.float64)
+        lam = np.maximum(self._caps[1][0][:, 0], 1e-12)
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
+        for it in range(iters):
+            lam = lam / float(size @ lam)
+            nc, w_arg, nc_arg, root_u, root = self._weighted_dp(lam)
+            value = root - 1.0
+            if best is None or value > best[0]:
+                best = (value, lam, nc)
+            if value > 1e-9 or not math.isfinite(root):
+                break
+            uses = np.zeros(len(m.classes))
+            u, j = root_u, 0
+            while True:
+                uses[m.unit_class[u]] += m.unit_k[u]
+                e = int(w_arg[j, u])
+                if e >= m.L - 1:
+                    break
+                u, j = int(nc_arg[e, u]), e + 1
+            g = uses - size
+            if not g.any():
+                break
+            lam = lam * np.exp((0.5 / (1 + it) ** 0.5) * np.clip(g, -2, 2))
+        assert best is not None
+        return best[1], best[2], best[0]
+
+    def _weighted_dp(self, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+        m = self.m
+        n_l, n_u = m.L, len(m.units)
+        lam_u = lam[m.unit_class] * m.unit_k
+        inf = np.inf
+        nc = np.full((n_l, n_u), inf)
+        nc_arg = np.zeros((n_l, n_u), dtype=np.int64)
+        w = np.full((n_l, n_u), inf)
+        w_arg = np.zeros((n_l, n_u), dtype=np.int64)
+        nc[n_l - 1] = 0.0
+        for j in range(n_l - 1, -1, -1):
+            if j < n_l - 1:
+                cost = np.where(self.t_ok[j], w[j + 1][None, :], inf)
+                nc_arg[j] = cost.argmin(axis=1)
+                nc[j] = cost[np.arange(n_u), nc_arg[j]]
+            seg = np.where(self.seg_ok[:, j, j:], nc[j:].T, inf)
+            arg = seg.argmin(axis=1)
+            w[j] = lam_u + seg[np.arange(n_u), arg]
+            w_arg[j] = arg + j
+        root_u = int(np.argmin(w[0]))
+        return nc, w_arg, nc_arg, root_u, float(w[0, root_u])
+
     def _view(self) -> _View:
         """The search space of the feasibility check at this bound.
 
@@ -333,13 +392,34 @@ class _Level:
         return _View(classes, eu, np.arange(n_c), np.ones(n_c, dtype=np.int64), t_ok, caps)
 
     def feasible_plan(self, deadline: float) -> tuple[Stage, ...] | None:
-        """A plan with bottleneck <= B, or None (proven); raises _Timeout."""
+        """A plan with bottleneck <= B, or None (proven); raises _Timeout.
+
+        A short search without the Lagrangian bound first (feasible bounds are usually confirmed
+        at once), then the full search with it.
+        """
+        try:
+            return self._feasible_plan(min(deadline, time.perf_counter() + 0.02), None)
+        except _Timeout:
+            if time.perf_counter() > deadline:
+                raise
+        lam, nc, value = self.lagrangian()
+        if value > 1e-9:
+            return None
+        return self._feasible_plan(deadline, (lam, nc))
+
+    def _feasible_plan(self, deadline: float,
+                       bound: tuple[np.ndarray, np.ndarray] | None) -> tuple[Stage, ...] | None:
         v = self._view()
         n_l = self.m.L
         n_u = len(v.eu)
         classes, eu, unit_class, unit_k, t_ok = v.classes, v.eu, v.unit_class, v.unit_k, v.t_ok
         class_size = np.array([len(c) for c in classes], dtype=np.int64)
         caps = v.caps
+        exact_class = {d: c for c, members in enumerate(self.m.classes) for d in members}
+        if bound is not None:
+            lam, nc = bound
+            dev_w = [float(lam[exact_class[d]]) for d in range(self.m.problem.n_devices)]
+            slack = [float(dev_w and sum(dev_w))]  # weight of the unused devices
         failed: set[tuple[int, int, int]] = set()
         by_place: dict[tuple[int, int], list[int]] = {}
         used = np.zeros(len(classes), dtype=np.int64)
@@ -388,15 +468,28 @@ class _Level:
                 if prev >= 0 and not t_ok[j - 1, prev, u]:
                     continue
                 bits = 0
+                weight = 0.0
                 for idx in range(used[c], used[c] + k):
                     bits |= 1 << classes[c][idx]
+                    if bound is not None:
+                        weight += dev_w[classes[c][idx]]
+                if bound is not None:
+                    left = (slack[0] - weight) * (1 + 1e-9) + 1e-12
+                    ncol = nc[:, eu[u]]
                 for e in self._ends_of(eu[u], j):
                     path.append((u, j, e))
                     if e == n_l - 1:
                         return True
+                    if bound is not None and ncol[e] > left:
+                        path.pop()
+                        continue
                     used[c] += k
+                    if bound is not None:
+                        slack[0] -= weight
                     ok = dfs(e + 1, u, mask | bits)
                     used[c] -= k
+                    if bound is not None:
+                        slack[0] += weight
                     if ok:
                         return True
                     path.pop()

@@ -27,7 +27,7 @@ import numpy as np
 from fleetpipe import slices, timing, topics, wire
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
-from fleetpipe.errors import DecodeError, FleetpipeError, InfeasiblePlan
+from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
 from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
 from fleetpipe.transport import Message
@@ -129,6 +129,11 @@ class PlannerService:
         self._loaded: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
         self.view = FleetView(config.fleet)
+        # ScalPipe monitoring of the current plan: (problem as measured, PlanResult) and the monitor.
+        self.current: tuple[Any, Any] | None = None
+        self.monitor: Any = None
+        self._monitor_epoch = -1
+        self.min_bits = _load_min_bits(config, model)
         self.last_result: Any = None
 
     def run(self) -> int:
@@ -147,6 +152,7 @@ class PlannerService:
         if self.model is None:
             self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
+            self.min_bits = _load_min_bits(self.config, self.model)
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
                            password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
@@ -226,6 +232,7 @@ class PlannerService:
             self.state = state.apply(self.state, state.Health(msg, now))
             if msg.stage is not None:
                 self._loaded[msg.node_id] = int(msg.epoch)
+                self._observe_stage_time(msg, now)
         elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and (
                 self.state.plan is None or msg.epoch > self.state.plan.epoch):
             # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
@@ -233,6 +240,17 @@ class PlannerService:
             self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
             self._assigned = {n for s in msg.stages for n in s.nodes}
             self._retained[message.topic] = bytes(message.payload)
+
+    def _observe_stage_time(self, health: Any, now: float) -> None:
+        """Feed a single-device stage's measured compute time to the deviation monitor."""
+        if self.monitor is None or self.current is None or health.epoch != self._monitor_epoch:
+            return
+        if health.stage is None or not health.compute_ms_avg or health.frames_out < 3:
+            return
+        _, result = self.current
+        if health.stage >= len(result.stages) or len(result.stages[health.stage].devices) != 1:
+            return
+        self.monitor.observe(int(health.stage), float(health.compute_ms_avg), now)
 
     async def _tick(self) -> None:
         last_metrics = 0.0
@@ -256,43 +274,96 @@ class PlannerService:
     def _step(self) -> None:
         if self._replanning is not None and not self._replanning.done():
             return
-        for command in control.decide(self.state, time.monotonic(), self.policy, self._first_seen):
+        now = time.monotonic()
+        for command in control.decide(self.state, now, self.policy, self._first_seen):
             if isinstance(command, control.Replan):
                 log.info("planner: re-planning epoch %d (%s)", command.epoch, command.reason)
                 self._replanning = asyncio.create_task(self._replan(command))
-            elif isinstance(command, control.WaitForNodes):
+                return
+            if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
+                return
+        if self.monitor is not None and self.current is not None:
+            deviations = self.monitor.deviating(now)
+            if deviations:
+                self._replanning = asyncio.create_task(self._fine_tune(deviations))
 
     async def _replan(self, command: control.Replan) -> None:
-        assert self.bus is not None and self.model is not None
+        """Solve for the alive nodes from scratch and publish a new epoch."""
+        assert self.model is not None
         membership = self.state.membership
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
-            result, stage_slices = await asyncio.to_thread(self._solve_and_slice, nodes)
+            problem = build_problem(self.model, nodes, self.config.bits, self.min_bits)
+            result = await asyncio.to_thread(self._solve, problem)
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
             await self._publish_error("InfeasiblePlan", str(exc))
             self.state = state.apply(self.state, state.PlanPublished(
                 self.state.plan or _NoPlan(self.state.epoch), membership, time.monotonic()))
             return
-        epoch = command.epoch
-        names = tuple(nodes)
+        await self._adopt(problem, result, command.epoch, membership)
+
+    async def _fine_tune(self, deviations: list[Any]) -> None:
+        """ScalPipe: a stage runs off its prediction for a while; move boundary layers instead of re-solving."""
+        from fleetpipe.planner.adapt import device_factors, fine_tune, rescale_problem
+
+        assert self.monitor is not None and self.current is not None
+        problem, result = self.current
+        text = ", ".join(f"stage {d.stage} at {d.ratio:.2f}x" for d in deviations)
+        tuned = await asyncio.to_thread(fine_tune, problem, result.stages, deviations)
+        # What was measured becomes the model of the fleet from now on, re-plan or not.
+        for d, factor in device_factors(result.stages, deviations).items():
+            problem = rescale_problem(problem, d, factor)
+        if tuned is None:
+            log.info("planner: %s off prediction; fine-tuning would not help, keeping epoch %d", text,
+                     self.state.epoch)
+            from fleetpipe.planner.cost import evaluate
+
+            self.current = (problem, result)
+            self.monitor.reset([max(sr.compute_ms, 1e-9) for sr in evaluate(problem, result.stages).stages])
+            return
+        log.info("planner: %s off prediction; fine-tuned plan %.1f -> %.1f ms", text,
+                 result.report.bottleneck_ms, tuned.report.bottleneck_ms)
+        await self._adopt(problem, tuned, self.state.epoch + 1, self.state.membership)
+
+    def _solve(self, problem: Any) -> Any:
+        from fleetpipe.planner.partition import solve
+
+        return solve(problem, time_limit_s=self.config.time_limit_s)
+
+    def _slices(self, result: Any) -> list[tuple[bytes, str]]:
+        from fleetpipe.models.slicing import slice_bytes
+
+        assert self.model is not None
+        out = []
+        for stage in result.stages:
+            data = slice_bytes(self.model.proto, self.model.graph, stage.first, stage.last)
+            out.append((data, slices.content_hash(data)))
+        return out
+
+    async def _adopt(self, problem: Any, result: Any, epoch: int, membership: int) -> None:
+        """Publish slices, assignments and (once every node has loaded) the plan of a new epoch."""
+        from fleetpipe.planner.adapt import DeviationMonitor
+
+        assert self.model is not None
+        stage_slices = await asyncio.to_thread(self._slices, result)
+        names = problem.device_names
         stages = []
-        for k, (stage, (first, last, data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
+        for k, (stage, (data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
             await self._publish_slice(digest, data)
-            stage_nodes = tuple(names[d] for d in stage.devices)
             report = result.report.stages[k]
             stages.append(wire.PlanStage(
-                index=k, first_layer=first, last_layer=last, nodes=stage_nodes, bits=int(stage.bits),
-                slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(first)),
-                output_names=tuple(self.model.graph.crossing(last)),
+                index=k, first_layer=stage.first, last_layer=stage.last, nodes=tuple(names[d] for d in stage.devices),
+                bits=int(stage.bits), slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
+                output_names=tuple(self.model.graph.crossing(stage.last)),
                 predicted_ms=float(max(report.compute_ms, report.transfer_ms))))
         for s in stages:
             for node_id in s.nodes:
                 assign = wire.StageAssign(
                     fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
                     first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
-                    slice_size=len(stage_slices[s.index][2]), model_id=self.model.model_id,
+                    slice_size=len(stage_slices[s.index][0]), model_id=self.model.model_id,
                     input_names=s.input_names, output_names=s.output_names, bits=s.bits,
                     next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time())
                 await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
@@ -301,27 +372,19 @@ class PlannerService:
             await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
         self._assigned = assigned
         plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
-                         bottleneck_ms=float(result.report.bottleneck_ms), latency_ms=float(result.report.latency_ms),
-                         ts=time.time())
+                         bottleneck_ms=float(result.report.bottleneck_ms),
+                         latency_ms=float(result.report.latency_ms), ts=time.time())
         await self._wait_loaded(assigned, epoch)
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
         self.last_result = result
+        self.current = (problem, result)
+        predicted = [max(sr.compute_ms, 1e-9) for sr in result.report.stages]
+        self.monitor = DeviationMonitor(predicted, threshold=self.config.replan_threshold,
+                                        window_s=max(5 * timing.HEALTH_INTERVAL_S, 1.0))
+        self._monitor_epoch = epoch
         self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
         log.info("planner: epoch %d published: %s", epoch,
                  " | ".join(f"s{s.index} {'+'.join(s.nodes)} L{s.first_layer}-{s.last_layer}" for s in stages))
-
-    def _solve_and_slice(self, nodes: dict[str, Any]) -> tuple[Any, list[tuple[int, int, bytes, str]]]:
-        from fleetpipe.models.slicing import slice_bytes
-        from fleetpipe.planner.partition import solve
-
-        assert self.model is not None
-        problem = build_problem(self.model, nodes, self.config.bits)
-        result = solve(problem, time_limit_s=self.config.time_limit_s)
-        out = []
-        for stage in result.stages:
-            data = slice_bytes(self.model.proto, self.model.graph, stage.first, stage.last)
-            out.append((stage.first, stage.last, data, slices.content_hash(data)))
-        return result, out
 
     async def _publish_slice(self, digest: str, data: bytes) -> None:
         assert self.bus is not None
@@ -349,6 +412,22 @@ class PlannerService:
                                   frame_id=None, ts=time.time())
         with contextlib.suppress(FleetpipeError):
             await self.bus.publish(topics.error(self.fleet), wire.encode(report), qos=1)
+
+
+def _load_min_bits(config: PlannerConfig, model: ModelInfo | None) -> Any:
+    """Per-cut minimum bits from a calibration file (``fleetpipe calibrate``), or None."""
+    if not config.calibration:
+        return None
+    from fleetpipe.models.calibrate import Calibration
+
+    try:
+        cal = Calibration.from_json(open(config.calibration).read())  # noqa: SIM115
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read calibration {config.calibration}: {exc}") from exc
+    if model is not None and cal.model_id != model.model_id:
+        raise ConfigError(f"calibration {config.calibration} is for model {cal.model_id}, not {model.model_id}")
+    log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%)", list(cal.min_bits), 100 * cal.floor)
+    return cal.min_bits_array()
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ def test_correlated_stream_exits_more_than_shuffled(digits) -> None:  # type: ig
 
 def test_bits_relief_keeps_accuracy(digits) -> None:  # type: ignore[no-untyped-def]
     """Frames relieved below the calibrated 3 bits at cut 0 still keep the accuracy floor."""
-    model, graph, x, y, pred, acts = digits
+    model, graph, _x, y, pred, acts = digits
     feats = SemanticCache.feature(acts[0])
     n = len(y) // 2
     cache = _fit(feats[:n], y[:n], pred[:n])
