@@ -36,7 +36,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="fleetpipe", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="fleetpipe",
+        description="Run one neural network as a pipeline across a heterogeneous edge fleet, over MQTT.")
     parser.add_argument("--version", action="version", version=f"fleetpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

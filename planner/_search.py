@@ -291,13 +291,13 @@ class _Level:
 
     # -- Lagrangian bound -------------------------------------------------------------------------
 
-    def lagrangian(self, iters: int = 40) -> tuple[np.ndarray, np.ndarray, float]:
+    def lagrangian(self, iters: int = 40, until: float = math.inf) -> tuple[np.ndarray, np.ndarray, float]:
         """Weights ``lam[c] >= 0`` per device of class ``c`` and the table ``nc[e, u]``: the least
         total weight of the devices of a relaxed completion after a stage ending at ``e`` on unit
         ``u`` (devices may repeat in the relaxation). A real completion uses distinct unused devices,
         so a state whose ``nc`` exceeds the weight of its unused devices cannot finish. The weights
         start at the devices' capacities (so this is at least the capacity bound) and are tuned by
-        multiplicative subgradient steps on the root. Returns (lam, nc, root cost - fleet weight).
+        multiplicative subgradient steps on the root (up to ``iters`` or the clock ``until``). Returns (lam, nc, root cost - fleet weight).
         """
         m = self.m
         size = m.class_size.astype(np.float64)
@@ -309,7 +309,7 @@ class _Level:
             value = root - 1.0
             if best is None or value > best[0]:
                 best = (value, lam, nc)
-            if value > 1e-9 or not math.isfinite(root):
+            if value > 1e-9 or not math.isfinite(root) or time.perf_counter() > until:
                 break
             uses = np.zeros(len(m.classes))
             u, j = root_u, 0
@@ -397,12 +397,14 @@ class _Level:
         A short search without the Lagrangian bound first (feasible bounds are usually confirmed
         at once), then the full search with it.
         """
+        now = time.perf_counter()
         try:
-            return self._feasible_plan(min(deadline, time.perf_counter() + 0.02), None)
+            return self._feasible_plan(min(deadline, now + max(0.02, 0.3 * (deadline - now))), None)
         except _Timeout:
             if time.perf_counter() > deadline:
                 raise
-        lam, nc, value = self.lagrangian()
+        now = time.perf_counter()
+        lam, nc, value = self.lagrangian(until=now + 0.2 * (deadline - now))
         if value > 1e-9:
             return None
         return self._feasible_plan(deadline, (lam, nc))

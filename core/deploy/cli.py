@@ -60,6 +60,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="when root, chown the broker's files to this user (default mosquitto; '' to skip)")
     c.set_defaults(func=_gen_certs)
 
+    r = broker.add_parser("config", help="print (or write) a mosquitto config for fleetpipe",
+                          description="Render a shipped mosquitto config: lab (loopback, anonymous) or secure "
+                                      "(TLS + passwords + ACL from `gen-certs`/`gen-creds` --out DIR/mosquitto).")
+    r.add_argument("--secure", action="store_true", help="the TLS + password + ACL config")
+    r.add_argument("--dir", help="secure: the directory holding ca.crt, server.crt/key, passwd, acl")
+    r.add_argument("--port", type=int, help="listener port (default 8883 secure, 1883 lab)")
+    r.add_argument("--bind", default=None, help="listener address (default 0.0.0.0 secure, 127.0.0.1 lab)")
+    r.add_argument("-o", "--output", help="write here (e.g. /etc/mosquitto/conf.d/fleetpipe.conf)")
+    r.set_defaults(func=_broker_config)
+
 
 # --- private helpers --------------------------------------------------------------------------------
 
@@ -152,4 +162,25 @@ def _gen_certs(args: argparse.Namespace) -> int:
     print(f"CA certificate (ca_certs on every host): {files.ca_cert}")
     print(f"CA key (keep it safe, off the broker):   {files.ca_key}")
     print(f"broker certificate and key:              {files.server_cert}, {files.server_key}")
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fleetpipe.deploy import broker_config
+
+    if args.secure and not args.dir:
+        print("fleetpipe broker config: --secure needs --dir (gen-creds/gen-certs --out DIR: DIR/mosquitto)",
+              file=sys.stderr)
+        return 2
+    name = "secure.conf" if args.secure else "lab.conf"
+    port = args.port or (8883 if args.secure else 1883)
+    bind = args.bind or ("0.0.0.0" if args.secure else "127.0.0.1")
+    text = broker_config.render(name, port=port, bind=bind, dir=str(Path(args.dir).resolve()) if args.dir else "")
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}; restart mosquitto to apply")
+    else:
+        print(text, end="")
     return 0

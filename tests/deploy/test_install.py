@@ -129,3 +129,16 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
                     "Type=notify", "WatchdogSec=", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
                     "CapabilityBoundingSet=\n", "SystemCallFilter=@system-service", "User=fleetpipe"):
             assert key in text, f"{unit.name} lacks {key}"
+
+
+def test_broker_config_command_renders_secure_and_lab(tmp_path, capsys):
+    from fleetpipe.cli import main
+
+    assert main(["broker", "config", "--secure", "--dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "listener 8883 0.0.0.0" in text and f"password_file {tmp_path}/passwd" in text
+    assert "{" not in text
+    out = tmp_path / "lab.conf"
+    assert main(["broker", "config", "-o", str(out)]) == 0
+    assert "listener 1883 127.0.0.1" in out.read_text()
+    assert main(["broker", "config", "--secure"]) == 2
