@@ -28,6 +28,7 @@ from typing import Any
 from fleetpipe.wire import (
     NAME_PATTERN,
     Activation,
+    EmulationControl,
     ErrorReport,
     Metrics,
     NodeBirth,
@@ -48,6 +49,7 @@ __all__ = [
     "fleet_filter",
     "matches",
     "node_assign",
+    "node_control",
     "node_health",
     "node_metrics",
     "node_state",
@@ -124,6 +126,7 @@ NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, N
 NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False)
 NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True)
 NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False)
+NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (EmulationControl,), 1, False)
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
 STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in", (Activation,), 1, False)
 RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False)
@@ -133,8 +136,8 @@ SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,
 
 #: Every topic, by name.
 SPECS: Mapping[str, TopicSpec] = MappingProxyType(
-    {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, PLAN, STAGE_IN, RESULT, ERROR,
-                         SLICE_CHUNK, SLICE_REQUEST)}
+    {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, NODE_CONTROL, PLAN, STAGE_IN,
+                         RESULT, ERROR, SLICE_CHUNK, SLICE_REQUEST)}
 )
 
 
@@ -156,6 +159,11 @@ def node_assign(fleet: str, node_id: str) -> str:
 def node_metrics(fleet: str, node_id: str) -> str:
     """Free-form metrics of a node."""
     return NODE_METRICS.topic(fleet=fleet, node_id=node_id)
+
+
+def node_control(fleet: str, node_id: str) -> str:
+    """Run-time emulation control of one node (benches and tests)."""
+    return NODE_CONTROL.topic(fleet=fleet, node_id=node_id)
 
 
 def plan(fleet: str) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "NAME_PATTERN",
     "WIRE_VERSION",
     "Activation",
+    "EmulationControl",
     "ErrorReport",
     "Hop",
     "Message",
@@ -379,9 +380,32 @@ class Metrics(_Msg):
         _nonneg(self, "ts")
 
 
+@dataclass(frozen=True, slots=True)
+class EmulationControl(_Msg):
+    """Change an emulating node's device at run time (scripted slowdowns and bandwidth profiles).
+
+    Only nodes started with ``--emulate`` obey it; ``None`` leaves a setting as it is.
+    """
+
+    TAG: ClassVar[str] = "emulation_control"
+    fleet: str
+    node_id: str
+    ts: float
+    compute_factor: float | None = None
+    bandwidth_mbps: float | None = None
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "ts")
+        if self.compute_factor is not None and not (math.isfinite(self.compute_factor) and self.compute_factor >= 1):
+            raise ValueError("compute_factor must be a finite number >= 1")
+        if self.bandwidth_mbps is not None and not (math.isfinite(self.bandwidth_mbps) and self.bandwidth_mbps > 0):
+            raise ValueError("bandwidth_mbps must be a finite number > 0")
+
+
 Message = Union[  # noqa: UP007  (a runtime alias that isinstance and match understand)
     NodeBirth, NodeDeath, NodeHealth, Plan, StageAssign, Activation, Result, ErrorReport, SliceChunk,
-    SliceRequest, Metrics,
+    SliceRequest, Metrics, EmulationControl,
 ]
 #: Tag -> class of every top-level message type.
 MESSAGE_TYPES: Mapping[str, type[Any]] = types.MappingProxyType(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ctypes
 import logging
 import os
@@ -36,7 +37,7 @@ import numpy as np
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe.config import NodeConfig
 from fleetpipe.deploy import sdnotify
-from fleetpipe.errors import DecodeError, FleetpipeError, RuntimeLoadError, StageError, StaleEpoch
+from fleetpipe.errors import DecodeError, FleetpipeError, InferenceError, RuntimeLoadError, StageError, StaleEpoch
 from fleetpipe.metrics import metrics_payload
 from fleetpipe.node.emulate import TokenBucket, parse_emulate
 from fleetpipe.node.executor import InferenceExecutor
@@ -109,6 +110,7 @@ class NodeDaemon:
         self._last_send_end = 0.0
         self.plans: dict[int, Any] = {}  # epoch -> Plan (for the neighbours' predicted times)
         self._chunks: dict[str, dict[int, bytes]] = {}
+        self._chunk_limits: dict[str, int] = {}  # slice hash -> assigned size: caps the bytes buffered
         self._chunk_waiters: dict[str, asyncio.Future[bytes]] = {}
         self._load_task: asyncio.Task[None] | None = None
         self._capability: dict[str, Any] = {}
@@ -214,6 +216,8 @@ class NodeDaemon:
         assert self.bus is not None
         await self.bus.subscribe(topics.node_assign(self.fleet, self.name), qos=1)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
+        if self.config.emulate:
+            await self.bus.subscribe(topics.node_control(self.fleet, self.name), qos=1)
         await self.bus.publish(topics.node_state(self.fleet, self.name), wire.encode(self._birth()),
                                qos=1, retain=True)
 
@@ -224,7 +228,7 @@ class NodeDaemon:
         async for message in self.bus.messages():
             try:
                 await self._dispatch(message)
-            except (DecodeError, StageError, ValueError, TypeError) as exc:
+            except Exception as exc:  # anything a message provokes is reported; the receiver never dies
                 await self._report(exc, None)
 
     async def _dispatch(self, message: Message) -> None:
@@ -243,20 +247,51 @@ class NodeDaemon:
                 raise DecodeError(f"expected Activation on {message.topic}, got {type(msg).__name__}")
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
+        elif spec is topics.NODE_CONTROL:
+            msg = wire.decode(message.payload)
+            if not isinstance(msg, wire.EmulationControl) or (msg.fleet, msg.node_id) != (self.fleet, self.name):
+                raise DecodeError(f"expected an EmulationControl for {self.fleet}/{self.name} on {message.topic}, "
+                                  f"got {_describe(msg)}")
+            self._emulation_control(msg)
         elif spec is topics.PLAN:
             msg = wire.decode(message.payload) if message.payload else None
-            if isinstance(msg, wire.Plan) and msg.fleet == self.fleet:
+            if msg is not None and (not isinstance(msg, wire.Plan) or msg.fleet != self.fleet):
+                raise DecodeError(f"expected a Plan of fleet {self.fleet} on {message.topic}, got {_describe(msg)}")
+            if msg is not None:
                 self.plans[msg.epoch] = msg
-                for old in [e for e in self.plans if e < msg.epoch - 2]:
+                for old in sorted(self.plans)[:-3]:  # the newest three, however the epochs arrive
                     del self.plans[old]
         elif spec is topics.SLICE_CHUNK:
             msg = wire.decode(message.payload)
-            if isinstance(msg, wire.SliceChunk):
-                self._on_chunk(msg)
+            if not isinstance(msg, wire.SliceChunk):
+                raise DecodeError(f"expected SliceChunk on {message.topic}, got {type(msg).__name__}")
+            if (msg.slice_hash, msg.index) != (_params["slice_hash"], _params["index"]):
+                raise DecodeError(f"chunk {msg.slice_hash}/{msg.index} arrived on {message.topic}")
+            self._on_chunk(msg)
+
+    def _emulation_control(self, msg: Any) -> None:
+        """Scripted change of the emulated device: slower compute and/or a different link bandwidth."""
+        changes: dict[str, Any] = {}
+        if msg.compute_factor is not None:
+            changes["compute_factor"] = float(msg.compute_factor)
+            for slot in self.slots.values():
+                slot.executor.compute_factor = float(msg.compute_factor)
+        if msg.bandwidth_mbps is not None:
+            changes["bandwidth_mbps"] = float(msg.bandwidth_mbps)
+            if self.bucket is None:
+                self.bucket = TokenBucket(float(msg.bandwidth_mbps))
+            else:
+                self.bucket.set_rate(float(msg.bandwidth_mbps))
+        self.device = dataclasses.replace(self.device, **changes)
+        log.info("node %s: emulation now %s", self.name, changes)
 
     # -- assignment and slices -------------------------------------------------------------------
 
     def _start_load(self, assign: Any) -> None:
+        if (assign.fleet, assign.node_id) != (self.fleet, self.name):
+            raise DecodeError(f"assignment for {assign.fleet}/{assign.node_id} arrived at {self.fleet}/{self.name}")
+        if not assign.slice_hash:
+            raise RuntimeLoadError(f"assignment of epoch {assign.epoch} names no slice")
         if assign.epoch < self.epoch or (assign.epoch == self.epoch and assign.epoch in self.slots):
             log.info("node %s: ignoring assignment of old epoch %s (at %s)", self.name, assign.epoch, self.epoch)
             return
@@ -274,7 +309,7 @@ class NodeDaemon:
             runtime = create_runtime(kind, threads=self.config.threads)
             await asyncio.to_thread(runtime.load, data)
             executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)
-        except (TimeoutError, FleetpipeError, OSError) as exc:
+        except Exception as exc:  # whatever the slice or the assignment holds, the old slot keeps serving
             with contextlib.suppress(FleetpipeError):
                 self.lifecycle.handle("load_failed")
             await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {exc}"), None)
@@ -316,6 +351,7 @@ class NodeDaemon:
             path.unlink()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._chunk_waiters[slice_hash] = future
+        self._chunk_limits[slice_hash] = size
         filt = topics.SLICE_CHUNK.filter(fleet=self.fleet, slice_hash=slice_hash)
         await self.bus.subscribe(filt, qos=1)
         try:
@@ -323,6 +359,7 @@ class NodeDaemon:
         finally:
             self._chunk_waiters.pop(slice_hash, None)
             self._chunks.pop(slice_hash, None)
+            self._chunk_limits.pop(slice_hash, None)
             with contextlib.suppress(FleetpipeError):
                 await self.bus.unsubscribe(filt)
         if len(data) != size:
@@ -340,7 +377,12 @@ class NodeDaemon:
             return
         parts = self._chunks.setdefault(chunk.slice_hash, {})
         parts[chunk.index] = bytes(chunk.data)
-        if len(parts) == chunk.count:
+        limit = self._chunk_limits.get(chunk.slice_hash, 0)
+        if sum(map(len, parts.values())) > limit:  # memory stays bounded by the assignment's size
+            future.set_exception(RuntimeLoadError(f"slice {chunk.slice_hash}: chunks exceed its {limit} bytes"))
+            return
+        # Chunks may disagree on ``count``: complete only when exactly indices 0..count-1 are here.
+        if len(parts) == chunk.count and all(i in parts for i in range(chunk.count)):
             data = b"".join(parts[i] for i in range(chunk.count))
             if content_hash(data) != chunk.slice_hash:
                 future.set_exception(RuntimeLoadError(f"slice {chunk.slice_hash}: hash mismatch"))
@@ -372,6 +414,16 @@ class NodeDaemon:
         assign = slot.assign
         if frame.stage != assign.stage:
             raise StageError(f"frame {frame.frame_id} is for stage {frame.stage}; node holds stage {assign.stage}")
+        # Checked before any compute: a forged frame costs a decode, never an inference.
+        if frame.fleet != self.fleet:
+            raise DecodeError(f"frame {frame.frame_id} is for fleet {frame.fleet!r}, not {self.fleet!r}")
+        expected = topics.result(self.fleet, frame.client_id)
+        if frame.reply_to != expected:
+            raise DecodeError(f"frame {frame.frame_id}: reply_to {frame.reply_to!r} is not {expected!r}")
+        names = sorted(name for name, _ in frame.tensors)
+        if assign.input_names and names != sorted(assign.input_names):
+            raise InferenceError(f"frame {frame.frame_id} has tensors {names}; stage {assign.stage} takes "
+                                 f"{sorted(assign.input_names)}")
         inputs = {name: codec.decode_tensor(t) for name, t in frame.tensors}
         outputs, compute_ms = await slot.executor.run(inputs)
         self.stats.compute_ms.append(compute_ms)
@@ -399,12 +451,15 @@ class NodeDaemon:
 
     def _choose_bits(self, slot: _Slot, outputs: dict[str, Any], compute_ms: float) -> int:
         """COACH Eq. 11 at the sending node: the highest bits whose transfer does not become the bubble."""
-        from fleetpipe.node.adapt import AdaptiveBits
+        from fleetpipe.node.adapt import AdaptiveBits, BandwidthEstimator
 
         assign = slot.assign
         if slot.adaptive is None:
             nbytes32 = sum(int(np.asarray(outputs[n]).size) * 4 for n in assign.output_names)
-            slot.adaptive = AdaptiveBits(min_bits=assign.bits, nbytes_at_32=nbytes32, initial_bits=assign.bits)
+            # A paced (emulated) link is measured exactly even for small messages; a real one is not.
+            estimator = BandwidthEstimator(min_bytes=256 if self.bucket is not None else 2048)
+            slot.adaptive = AdaptiveBits(min_bits=assign.bits, nbytes_at_32=nbytes32, initial_bits=assign.bits,
+                                         estimator=estimator)
         plan = self.plans.get(assign.epoch)
         next_ms = compute_ms
         target = None
@@ -421,14 +476,17 @@ class NodeDaemon:
             start = time.monotonic()
             if self.bucket is not None:
                 await self.bucket.consume(len(payload))
+                paced = time.monotonic()
+                # Emulated link: its occupancy is the pacing, from when it was free (or the message ready).
+                busy = paced - max(start, self._last_send_end)
+                self._last_send_end = paced
             try:
                 await self.bus.publish(topic, payload, qos=1)
             except FleetpipeError as exc:
                 await self._report(exc, None)
             end = time.monotonic()
-            # Link occupancy of this message: from when the link was free (or the message ready) to its ack.
-            busy = end - max(start, self._last_send_end)
-            self._last_send_end = end
+            if self.bucket is None:
+                busy = end - start  # a real link: until the broker has the whole message (PUBACK)
             self.stats.transfer_ms.append((end - start) * 1000)
             self.stats.bytes_out += len(payload)
             if adaptive is not None:
@@ -474,13 +532,15 @@ class NodeDaemon:
         self.stats.errors += 1
         now = time.monotonic()
         self._err_times.append(now)
+        # Peer-chosen text: no control characters into the log or the report (no forged log lines).
+        detail = "".join(c if c.isprintable() else "?" for c in str(exc)[:500])
         if len(self._err_times) < 20 or now - self._err_times[0] > 1.0:  # rate-limited log
-            log.warning("node %s: %s: %s", self.name, type(exc).__name__, exc)
+            log.warning("node %s: %s: %s", self.name, type(exc).__name__, detail)
         if self.bus is None:
             return
-        report = wire.ErrorReport(fleet=self.fleet, source=self.name, kind=type(exc).__name__,
-                                  detail=str(exc)[:500], frame_id=frame_id, ts=time.time())
-        with contextlib.suppress(FleetpipeError):
+        with contextlib.suppress(FleetpipeError, ValueError, TypeError):
+            report = wire.ErrorReport(fleet=self.fleet, source=self.name, kind=type(exc).__name__,
+                                      detail=detail, frame_id=frame_id, ts=time.time())
             await self.bus.publish(topics.error(self.fleet), wire.encode(report), qos=1)
 
     def _birth(self) -> Any:
@@ -543,6 +603,12 @@ def _bandwidth_estimate(slot: _Slot | None, nominal: float | None) -> float | No
     if slot is not None and slot.adaptive is not None and slot.adaptive.estimator.mbps:
         return round(float(slot.adaptive.estimator.mbps), 3)
     return nominal
+
+
+def _describe(msg: Any) -> str:
+    """Type and addressee of a message that arrived where it should not (for error reports)."""
+    who = "/".join(str(getattr(msg, a)) for a in ("fleet", "node_id") if hasattr(msg, a))
+    return f"{type(msg).__name__}({who})" if who else type(msg).__name__
 
 
 def _mean(values: deque[float]) -> float:

@@ -51,7 +51,7 @@ class InferenceExecutor:
         self._closed = False
         self.last_real_ms = 0.0
         # Single-threaded CPU runtimes run on this worker thread, so its CPU time is the work done.
-        self._cpu_clock = getattr(runtime, "threads", 0) == 1 and compute_factor > 1.0
+        self._cpu_clock = getattr(runtime, "threads", 0) == 1
 
     @property
     def pending(self) -> int:
@@ -104,7 +104,9 @@ class InferenceExecutor:
             raise InferenceError(f"runtime failed: {exc!r}") from exc
         real_ms = (time.perf_counter() - start) * 1e3
         self.last_real_ms = real_ms
-        if self._cpu_clock:
+        if self.compute_factor <= 1.0:
+            extra_ms = 0.0
+        elif self._cpu_clock:
             # Emulate "this much CPU work on a device `factor` times slower": stretch the thread's CPU time,
             # so other processes competing for the host's cores do not inflate the emulated device's time.
             cpu_ms = (time.thread_time() - cpu_start) * 1e3

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fleetpipe.errors import InfeasiblePlan
-from fleetpipe.planner._search import _diagnose
+from fleetpipe.planner._model import _diagnose
 from fleetpipe.planner.cost import Stage, evaluate
 from fleetpipe.planner.partition import PlanResult
 from fleetpipe.planner.problem import Problem
@@ -43,17 +43,20 @@ def refine(problem: Problem, stages: Sequence[Stage] | None, *, time_limit_s: fl
     """
     t0 = time.perf_counter()
     ctx = _Ctx(problem, frozenset(exclude), target_ms)
-    plan = ctx.greedy() if stages is None else [(tuple(s.devices), s.first, s.last) for s in stages]
     deadline = t0 + time_limit_s
+    plan = (ctx.greedy(t0 + 0.6 * time_limit_s) if stages is None
+            else [(tuple(s.devices), s.first, s.last) for s in stages])
     key = ctx.score(plan)
     for _ in range(max_iters):
         if time.perf_counter() > deadline:
             break
         best_key, best_plan = key, None
-        for cand in ctx.neighbours(plan):
+        for n, cand in enumerate(ctx.neighbours(plan)):
             k = ctx.score(cand)
             if k < best_key:
                 best_key, best_plan = k, cand
+            if n & 63 == 63 and time.perf_counter() > deadline:
+                break
         if best_plan is None:
             break
         plan, key = best_plan, best_key
@@ -120,6 +123,12 @@ class _Ctx:
         self.inv = self.inv_bw.tolist()
         self.cuml = self.cum.tolist()
         self.pins = {p.device: p for p in problem.pins}
+        self.cut_arr = np.array(self.cut)
+        n_l = problem.n_layers
+        in_b = np.array([problem.in_bytes(j) for j in range(n_l)])
+        buf_in = np.where(np.arange(n_l) > 0, 1 + problem.buffers_in, 1)
+        self.need_m = ((self.pcum[None, 1:] - self.pcum[:-1, None]) + (in_b * buf_in)[:, None]
+                       + (problem.out_bytes * (1 + problem.buffers_out))[None, :])  # [first, last]
 
     def need(self, first: int, last: int) -> float:
         p = self.p
@@ -263,37 +272,54 @@ class _Ctx:
 
     # -- greedy start ----------------------------------------------------------------------------
 
-    def greedy(self) -> _Plan:
-        p = self.p
+    def greedy(self, deadline: float = math.inf) -> _Plan:
+        """The best of a few greedy rules, each at the smallest bound it reaches (bisection)."""
+        best: tuple[tuple[float, float, int, float], _Plan] | None = None
+        for rule in range(3):
+            plan = self._greedy_rule(rule, deadline if best is not None else math.inf)
+            if plan is not None:
+                key = self.score(plan)
+                if best is None or key < best[0]:
+                    best = (key, plan)
+            if time.perf_counter() > deadline:
+                break
+        if best is None:
+            raise InfeasiblePlan(_diagnose(self.p))
+        return best[1]
+
+    def _greedy_rule(self, rule: int, deadline: float) -> _Plan | None:
         lo = 0.0
         hi = float(self.cum[-1, self.live].min()) + 1.0
         plan = None
         for _ in range(12):  # grow hi until greedy works (memory may force more stages)
-            plan = self._greedy_at(hi)
+            plan = self._greedy_at(hi, rule)
             if plan is not None:
                 break
             hi *= 4.0
         if plan is None:
-            raise InfeasiblePlan(_diagnose(p))
+            return None
         for _ in range(40):
-            if hi - lo <= 1e-4 * hi:
+            if hi - lo <= 1e-3 * hi or time.perf_counter() > deadline:
                 break
             mid = (lo + hi) / 2
-            cand = self._greedy_at(mid)
+            cand = self._greedy_at(mid, rule)
             if cand is None:
                 lo = mid
             else:
                 hi, plan = mid, cand
         return plan
 
-    def _greedy_at(self, b: float) -> _Plan | None:
+    def _greedy_at(self, b: float, rule: int = 0) -> _Plan | None:
+        """Stage by stage, a device reaching furthest at bound ``b`` (rule 0: ties to the slowest
+        device, saving fast ones; rule 1: ties to the device most unused devices can follow; rule 2:
+        like 1 among devices reaching within one layer of the furthest)."""
         p = self.p
         n_l = p.n_layers
         unused = list(self.live)
         plan: _Plan = []
         j, prev = 0, -1
         cum = self.cum
-        cut = np.array(self.cut)
+        cut = self.cut_arr
         while j < n_l:
             devs = np.array(unused)
             if prev >= 0:
@@ -301,19 +327,15 @@ class _Ctx:
             if devs.size == 0:
                 return None
             comp = cum[j + 1 :, devs] - cum[j, devs]                   # [L-j, n]
-            need = np.array([self.need(j, e) for e in range(j, n_l)])
-            ok = (comp <= b) & (need[:, None] < p.mem_bytes[devs][None, :])
-            rest = [d for d in unused]
-            if len(rest) > 1 and j < n_l:
-                for col, d in enumerate(devs):
-                    others = [x for x in rest if x != d]
-                    if others:
-                        inv = self.inv_bw[d, others].min()
-                        tr_ok = (cut[j:] * inv <= b) if inv < math.inf else np.zeros(n_l - j, dtype=bool)
-                        tr_ok[-1] = True
-                        ok[:, col] &= tr_ok
-                    else:
-                        ok[:-1, col] = False
+            ok = (comp <= b) & (self.need_m[j, j:][:, None] < p.mem_bytes[devs][None, :])
+            if len(unused) > 1:
+                link = self.inv_bw[np.ix_(devs, unused)]
+                link[devs[:, None] == np.array(unused)[None, :]] = math.inf
+                inv = link.min(axis=1)                                  # best link to another unused device
+                with np.errstate(invalid="ignore"):
+                    tr_ok = cut[j:, None] * inv[None, :] <= b
+                tr_ok[-1] = True
+                ok &= tr_ok
             else:
                 ok[:-1, :] = False
             for d in self.pins:  # keep pins: pinned device only for its range, others avoid it
@@ -329,7 +351,14 @@ class _Ctx:
                 return None
             reach = np.where(ok.any(axis=0), ok.shape[0] - 1 - np.argmax(ok[::-1], axis=0), -1)
             speed = cum[-1, devs]
-            col = max(range(devs.size), key=lambda c: (reach[c], speed[c]))
+            if rule == 0:
+                col = max(range(devs.size), key=lambda c: (reach[c], speed[c]))
+            else:
+                e_of = j + np.maximum(reach, 0)
+                with np.errstate(invalid="ignore"):
+                    follow = (cut[np.minimum(e_of, n_l - 1)][:, None] * self.inv_bw[np.ix_(devs, unused)] <= b).sum(1)
+                top = reach.max() - (1 if rule == 2 else 0)
+                col = max(range(devs.size), key=lambda c: (reach[c] >= top, follow[c], reach[c], speed[c]))
             d = int(devs[col])
             e = j + int(reach[col])
             plan.append(((d,), j, e))

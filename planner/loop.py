@@ -133,6 +133,9 @@ class PlannerService:
         self.current: tuple[Any, Any] | None = None
         self.monitor: Any = None
         self._monitor_epoch = -1
+        self._measured: dict[int, float] = {}
+        self._cooldown_until = 0.0
+        self._published_epoch = -1
         self.min_bits = _load_min_bits(config, model)
         self.last_result: Any = None
 
@@ -233,7 +236,7 @@ class PlannerService:
             if msg.stage is not None:
                 self._loaded[msg.node_id] = int(msg.epoch)
                 self._observe_stage_time(msg, now)
-        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and (
+        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
                 self.state.plan is None or msg.epoch > self.state.plan.epoch):
             # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
             log.info("planner: resuming from retained plan epoch %d", msg.epoch)
@@ -251,6 +254,7 @@ class PlannerService:
         if health.stage >= len(result.stages) or len(result.stages[health.stage].devices) != 1:
             return
         self.monitor.observe(int(health.stage), float(health.compute_ms_avg), now)
+        self._measured[int(health.stage)] = float(health.compute_ms_avg)
 
     async def _tick(self) -> None:
         last_metrics = 0.0
@@ -283,10 +287,17 @@ class PlannerService:
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
                 return
-        if self.monitor is not None and self.current is not None:
-            deviations = self.monitor.deviating(now)
+        if self.monitor is not None and self.current is not None and now >= self._cooldown_until:
+            deviations = [d for d in self.monitor.deviating(now) if self._hurts(d)]
             if deviations:
                 self._replanning = asyncio.create_task(self._fine_tune(deviations))
+
+    def _hurts(self, deviation: Any) -> bool:
+        """A stage running slower than predicted only matters once it is slower than the plan's bottleneck."""
+        assert self.current is not None
+        _, result = self.current
+        predicted = self.monitor.predicted_ms[deviation.stage]
+        return bool(deviation.ratio * predicted > result.report.bottleneck_ms * (1 + self.config.replan_threshold))
 
     async def _replan(self, command: control.Replan) -> None:
         """Solve for the alive nodes from scratch and publish a new epoch."""
@@ -308,10 +319,19 @@ class PlannerService:
         """ScalPipe: a stage runs off its prediction for a while; move boundary layers instead of re-solving."""
         from fleetpipe.planner.adapt import device_factors, fine_tune, rescale_problem
 
+        from fleetpipe.planner.adapt import Deviation
+
         assert self.monitor is not None and self.current is not None
         problem, result = self.current
         text = ", ".join(f"stage {d.stage} at {d.ratio:.2f}x" for d in deviations)
+        # Rescale every measured stage, not only the deviating ones: an error common to all stages (a
+        # model that runs slower than profiled everywhere) then cancels instead of shifting layers around.
+        flagged = {d.stage for d in deviations}
+        deviations = [*deviations, *(
+            Deviation(k, measured / self.monitor.predicted_ms[k], 0) for k, measured in self._measured.items()
+            if k not in flagged and k < len(result.stages))]
         tuned = await asyncio.to_thread(fine_tune, problem, result.stages, deviations)
+        self._cooldown_until = time.monotonic() + max(10 * timing.HEALTH_INTERVAL_S, 2.0)
         # What was measured becomes the model of the fleet from now on, re-plan or not.
         for d, factor in device_factors(result.stages, deviations).items():
             problem = rescale_problem(problem, d, factor)
@@ -375,6 +395,7 @@ class PlannerService:
                          bottleneck_ms=float(result.report.bottleneck_ms),
                          latency_ms=float(result.report.latency_ms), ts=time.time())
         await self._wait_loaded(assigned, epoch)
+        self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
         self.last_result = result
         self.current = (problem, result)
@@ -382,6 +403,8 @@ class PlannerService:
         self.monitor = DeviationMonitor(predicted, threshold=self.config.replan_threshold,
                                         window_s=max(5 * timing.HEALTH_INTERVAL_S, 1.0))
         self._monitor_epoch = epoch
+        self._measured = {}
+        self._cooldown_until = time.monotonic() + max(10 * timing.HEALTH_INTERVAL_S, 2.0)
         self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
         log.info("planner: epoch %d published: %s", epoch,
                  " | ".join(f"s{s.index} {'+'.join(s.nodes)} L{s.first_layer}-{s.last_layer}" for s in stages))

@@ -21,6 +21,9 @@ How it works (and why it is exact):
    counted both in layers and in fastest-device work); memoisation of failed states, and
    dominance: a state that has used a superset of a failed state's devices fails too. Furthest
    reach is tried first, so feasible bounds are confirmed quickly.
+   Per bound, devices are grouped by the cuts at which their links fit in B (links no cut can use
+   never break symmetry), and a Lagrangian bound (device weights tuned by subgradient steps on the
+   relaxed DP, starting from the capacities) prunes states and orders choices (see ``_search``).
 4. *Binary search* over the candidates between the lower bound and the heuristic's upper bound.
    A check that runs out of time is "unknown": the search moves on but the lower bound only rises
    on proofs, so the reported ``gap = (bottleneck - lower_bound) / lower_bound`` is always proven.
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fleetpipe.errors import InfeasiblePlan, PlanningError
-from fleetpipe.planner._search import _UNKNOWN, _ctypes, _diagnose, _Model, _symmetric_classes, _Timeout
+from fleetpipe.planner._model import _UNKNOWN, _ctypes, _diagnose, _Model, _symmetric_classes, _Timeout
 from fleetpipe.planner.cost import PlanReport, Stage, evaluate
 from fleetpipe.planner.problem import Problem
 

@@ -17,6 +17,7 @@ from fleetpipe.codec import EncodedTensor, decode_tensor, encode_tensor
 from fleetpipe.errors import DecodeError, EncodeError, VersionMismatch
 from fleetpipe.wire import (
     Activation,
+    EmulationControl,
     ErrorReport,
     Hop,
     Message,
@@ -109,6 +110,8 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     ),
     SliceRequest: st.builds(SliceRequest, names, names, hashes),
     Metrics: st.builds(Metrics, names, names, ts, float_maps),
+    EmulationControl: st.builds(EmulationControl, names, names, ts,
+                                st.none() | st.floats(1.0, 100.0), st.none() | st.floats(0.001, 1e5)),
 }
 any_message = st.one_of(*MESSAGES.values())
 

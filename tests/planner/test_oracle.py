@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from fleetpipe.planner.cost import evaluate
 from fleetpipe.planner.partition import solve
 from fleetpipe.planner.problem import Pin, Problem
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("ORACLE_EXAMPLES", "120"))  # more for a thorough run
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def compositions(n: int):
