@@ -1,169 +1,203 @@
-"""Adaptive bit-width + online re-planning vs a fixed plan with fixed 8-bit activations (SIMULATION).
+"""Adaptive bench on a real emulated fleet: COACH bits + ScalPipe fine-tuning vs a fixed plan at fixed 8 bits.
 
-    .venv/bin/python bench/adaptive.py [--seconds 8] [--batch 256]
+Both runs use the same fleet, model, frames and scripted conditions, one after the other in this process:
+a private mosquitto, a planner and 3 node processes running the trained digits MLP (real labels), frames of
+120 digits each. Every link follows the bandwidth script 100 -> 50 -> 20 -> 100 Mbit/s (one phase each), and
+the node holding the middle stage becomes 4x slower at the start of the third phase.
 
-This first version is a discrete-event simulation, not a run on the MQTT runtime (the lead wires that
-later): a 3-stage pipeline of the trained digits MLP (one layer per stage, frames of ``--batch`` digits)
-over 4 emulated devices, every stage and link a FIFO server. The links follow a scripted bandwidth
-profile 100 -> 50 -> 20 -> 100 Mbit/s and the second device slows down 3x mid-run. Both policies see the
-same script in the same run:
+- adaptive: `fleetpipe planner --calibration calib.json` (calibrated lowest bits per cut, 0.5 % floor)
+  with fine-tuning on; nodes choose their bit-width per frame (COACH Eq. 11).
+- fixed:    `--bits 8 --no-adapt`, nodes `--fixed-bits`: the plan made at start, 8-bit activations.
 
-- fixed: the plan made at start, every activation at 8 bits;
-- adaptive: per-frame bit-width from :class:`fleetpipe.node.adapt.AdaptiveBits` (floor = the real
-  calibration of the digits model), and :class:`fleetpipe.planner.adapt.DeviationMonitor` +
-  :func:`fleetpipe.planner.adapt.fine_tune` re-planning (a 50 ms stall to load the new slices).
-
-Bytes per frame come from the model's real crossing tensors; the accuracy loss is measured on the digits
-test set's real labels with the activations quantized at the bit-widths each policy used.
+Printed per phase and overall: throughput ratio adaptive/fixed, bytes per frame between stages, accuracy on
+the real labels vs the full-precision model. Usage: .venv/bin/python bench/adaptive.py [--phase-s 6] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import sys
+import tempfile
+import threading
 import time
-from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
+from rich.console import Console
+from rich.table import Table
 
-from fleetpipe import codec
-from fleetpipe.models import onnx_graph, slicing, zoo
-from fleetpipe.models.calibrate import calibrate
-from fleetpipe.node.adapt import AdaptiveBits, BandwidthEstimator
-from fleetpipe.planner.adapt import DeviationMonitor, device_factors, fine_tune, rescale_problem
-from fleetpipe.planner.cost import Stage, evaluate
-from fleetpipe.planner.problem import Problem
+from fleetpipe import topics, wire
+from fleetpipe.broker import LocalBroker
+from fleetpipe.client import FleetClient
+from fleetpipe.models import zoo
+from fleetpipe.planner.demo import _processes, _spawn
+from fleetpipe.transport.mqtt import MqttBus
 
-__all__ = ["main"]
-
-PROFILE = ((0.0, 100.0), (0.25, 50.0), (0.5, 20.0), (0.75, 100.0))  # (fraction of the run, Mbit/s)
-SLOW_AT, SLOW_FACTOR, SLOW_DEVICE = 0.4, 3.0, 1
-LAYER_MS = (6.0, 5.0, 1.0)  # per frame on an unslowed device
-STALL_S = 0.05
-
-
-def _bw(t: float, total: float) -> float:
-    return [bw for at, bw in PROFILE if t >= at * total][-1]
+BATCH = 120
+PHASES_MBPS = (100.0, 50.0, 20.0, 100.0)
+FACTOR = 20.0
+SLOWDOWN = 4.0
+ENV = {"FLEETPIPE_TIMING_HEALTH_INTERVAL_S": "0.25", "FLEETPIPE_TIMING_REPLAN_DEBOUNCE_S": "0.2"}
 
 
-def _slow(dev: int, t: float, total: float) -> float:
-    return SLOW_FACTOR if dev == SLOW_DEVICE and t >= SLOW_AT * total else 1.0
+def calibrate_digits(model_path: Path, out: Path) -> list[int]:
+    from fleetpipe.models.calibrate import calibrate
+    from fleetpipe.models.onnx_graph import load_onnx, read_model
 
-
-def simulate(adaptive: bool, *, seconds: float, cut_bytes: tuple[int, ...], min_bits: tuple[int, ...],
-             problem: Problem) -> dict[str, object]:
-    """Run one policy; returns frames done, mean bytes/frame, bit-width use and re-plans."""
-    plan = tuple(Stage((d,), d, d) for d in range(3))
-    free: dict[object, float] = {}
-    monitor = DeviationMonitor.for_plan(problem, plan, threshold=0.2, window_s=0.3) if adaptive else None
-    links = {k: AdaptiveBits(min_bits=min_bits[k], nbytes_at_32=cut_bytes[k],
-                             estimator=BandwidthEstimator(alpha=0.3, window=4)) for k in range(2)}
-    t_in, done, sent, bits_used, replans = 0.0, 0, 0, Counter(), []
-    stall_until = 0.0
-    while True:
-        t = max(t_in, stall_until)
-        if t >= seconds:
-            break
-        t_in = t
-        frame_bits = []
-        for k, st in enumerate(plan):
-            dev = st.devices[0]
-            comp = sum(LAYER_MS[i] for i in range(st.first, st.last + 1)) * _slow(dev, t, seconds) / 1000
-            start = max(t, free.get(dev, 0.0))
-            t = free[dev] = start + comp
-            if k == 0:
-                t_in = start + comp  # the source is saturating: next frame enters when stage 0 frees
-            if monitor is not None:
-                monitor.observe(k, comp * 1000, now=t)
-            if k + 1 == len(plan):
-                break
-            cut = st.last
-            prev_ms = comp * 1000
-            nxt = plan[k + 1]
-            next_ms = sum(LAYER_MS[i] for i in range(nxt.first, nxt.last + 1)) * _slow(nxt.devices[0], t, seconds)
-            bits = links[cut].decide(prev_ms, next_ms).bits if adaptive else 8
-            nbytes = codec.encoded_nbytes("float32", (cut_bytes[cut] // 4,), bits)
-            link = ("link", dev, nxt.devices[0])
-            start = max(t, free.get(link, 0.0))
-            dur = nbytes * 8 / (_bw(start, seconds) * 1e6)
-            t = free[link] = start + dur
-            if adaptive:
-                links[cut].observe_transfer(nbytes, dur)
-            sent += nbytes
-            frame_bits.append((cut, bits))
-        if t <= seconds:
-            done += 1
-            bits_used[tuple(frame_bits)] += 1
-        if monitor is not None and (devs := monitor.deviating(now=t_in)):
-            result = fine_tune(problem, plan, devs)
-            if result is not None:
-                for d, f in device_factors(plan, devs).items():  # the planner's view follows the measurement
-                    problem = rescale_problem(problem, d, f)
-                plan = result.stages
-                replans.append((round(t_in, 2), [("ABCD"[s.devices[0]], s.first, s.last) for s in plan]))
-                stall_until = t_in + STALL_S
-                monitor.reset([max(s.compute_ms, 1e-9) for s in evaluate(problem, plan).stages])
-    return {"frames": done, "bytes_per_frame": sent / max(done, 1), "bits": bits_used, "replans": replans}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Calibrate the digits model, simulate both policies, print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--seconds", type=float, default=8.0, help="simulated seconds (default 8)")
-    ap.add_argument("--batch", type=int, default=256, help="digits per frame (default 256)")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    model = zoo.build("digits")
-    graph = onnx_graph.load_onnx(model, {"input": (1, 64)})
+    proto = read_model(str(model_path))
+    graph = load_onnx(proto, input_shapes={proto.graph.input[0].name: (BATCH, 64)})
     x, y = zoo.digits_test_set()
-    cal = calibrate(model, graph, x, y, floor=0.005)
-    cut_bytes = tuple(graph.crossing_bytes(i) * args.batch for i in range(2))
-    problem = Problem(
-        layer_names=tuple(layer.name for layer in graph.layers),
-        compute_ms=np.array([[ms] * 4 for ms in LAYER_MS]), out_bytes=np.array([*cut_bytes, 40.0 * args.batch]),
-        param_bytes=np.array([layer.param_bytes for layer in graph.layers], dtype=float),
-        input_bytes=graph.input_bytes * args.batch, device_names=("A", "B", "C", "D"),
-        mem_bytes=np.full(4, 1e9), bw_mbps=np.full((4, 4), 100.0), min_bits=cal.min_bits_array(),
-        allow_replication=True)
-    acc = _accuracy_table(model, graph, x, y)
-    rows = []
-    for name, adaptive in (("fixed plan, 8-bit", False), ("adaptive bits + re-plan", True)):
-        r = simulate(adaptive, seconds=args.seconds, cut_bytes=cut_bytes, min_bits=cal.min_bits, problem=problem)
-        bits = r["bits"]
-        assert isinstance(bits, Counter)
-        n = sum(bits.values())
-        loss = sum(c * (acc[(32, 32)] - acc[(dict(k).get(0, 32), dict(k).get(1, 32))]) for k, c in bits.items()) / n
-        rows.append((name, r, loss))
-    print("SIMULATION (discrete-event, not the MQTT runtime): digits MLP, 3 stages, "
-          f"{args.batch} digits/frame, {args.seconds:g} s; bandwidth 100->50->20->100 Mbit/s, "
-          f"device B {SLOW_FACTOR:g}x slower from t={SLOW_AT * args.seconds:g} s")
-    print(f"calibration (floor 0.5 %, real labels): min bits per cut {list(cal.min_bits)}")
-    print(f"{'policy':26} {'frames':>7} {'fps':>7} {'KB/frame':>9} {'acc loss':>9}  re-plans")
-    base = rows[0][1]["frames"]
-    for name, r, loss in rows:
-        frames = r["frames"]
-        assert isinstance(frames, int) and isinstance(base, int)
-        print(f"{name:26} {frames:7d} {frames / args.seconds:7.1f} {float(r['bytes_per_frame']) / 1000:9.1f} "  # type: ignore[arg-type]
-              f"{loss * 100:8.2f}%  {r['replans']}")
-    ad = rows[1][1]["frames"]
-    assert isinstance(ad, int) and isinstance(base, int)
-    print(f"throughput ratio adaptive / fixed: {ad / max(base, 1):.2f}x   (wall {time.perf_counter() - t0:.1f} s)")
+    n = (len(x) // BATCH) * BATCH
+    cal = calibrate(proto, graph, x[:n], y[:n])
+    out.write_text(cal.to_json())
+    return list(cal.min_bits)
+
+
+async def _control(url: str, fleet: str, nodes: list[str], **values: float) -> None:
+    async with MqttBus(url, client_id=f"bench-ctl-{time.monotonic_ns()}") as bus:
+        for node in nodes:
+            msg = wire.EmulationControl(fleet=fleet, node_id=node, ts=time.time(), **values)
+            await bus.publish(topics.node_control(fleet, node), wire.encode(msg), qos=1)
+
+
+class Bytes:
+    """Sums the nodes' bytes_out from their metrics topic."""
+
+    def __init__(self, url: str, fleet: str) -> None:
+        self.url, self.fleet = url, fleet
+        self.latest: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with MqttBus(self.url, client_id=f"bench-bytes-{self.fleet}") as bus:
+            await bus.subscribe(topics.NODE_METRICS.filter(fleet=self.fleet), qos=0)
+            it = bus.messages().__aiter__()
+            while not self.stop.is_set():
+                try:
+                    m = await asyncio.wait_for(it.__anext__(), 0.3)
+                except TimeoutError:
+                    continue
+                msg = wire.decode(m.payload)
+                if isinstance(msg, wire.Metrics) and "bytes_out" in msg.values:
+                    self.latest[msg.node_id] = msg.values["bytes_out"]
+
+    def total(self) -> float:
+        return sum(self.latest.values())
+
+
+def run_fleet(mode: str, model: Path, calib: Path, tmp: Path, phase_s: float, console: Console) -> dict[str, Any]:
+    x_all, y_all = zoo.digits_test_set()
+    rng = np.random.default_rng(0)
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "fleetpipe"]
+    fleet = f"adapt-{mode}"
+    names = ["a", "b", "c"]
+    adaptive = mode == "adaptive"
+    with LocalBroker() as broker, _processes() as procs:
+        planner = [*base, "planner", "--broker", broker.url, "--model", str(model), "--fleet", fleet,
+                   "--expect-nodes", "3", "--input-shape", f"{BATCH},64", "--no-announce"]
+        planner += ["--calibration", str(calib)] if adaptive else ["--bits", "8", "--no-adapt"]
+        procs.append(_spawn(planner, tmp / f"{mode}-planner.log", env))
+        for name in names:
+            cmd = [*base, "node", "--broker", broker.url, "--fleet", fleet, "--name", name, "--no-announce",
+                   "--emulate", f"{FACTOR}:bw={PHASES_MBPS[0]}", "--cache-dir", str(tmp / f"{mode}-{name}")]
+            procs.append(_spawn(cmd if adaptive else [*cmd, "--fixed-bits"], tmp / f"{mode}-{name}.log", env))
+        counter = Bytes(broker.url, fleet)
+        counter.thread.start()
+        with FleetClient(broker.url, fleet=fleet, window=8) as client:
+            plan = client.wait_plan(120)
+            middle = plan.stages[len(plan.stages) // 2].nodes[0]
+            done: list[tuple[float, int, int]] = []  # (time, frame index, correct count)
+            stop = threading.Event()
+            sent: list[tuple[object, np.ndarray]] = []
+
+            def feed() -> None:
+                while not stop.is_set():
+                    idx = rng.integers(0, len(x_all), BATCH)
+                    fut = client.submit(x_all[idx])
+                    sent.append((fut, y_all[idx]))
+
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
+            t0 = time.monotonic()
+            phase_bytes = []
+            phase_frames = []
+            for k, mbps in enumerate(PHASES_MBPS):
+                asyncio.run(_control(broker.url, fleet, names, bandwidth_mbps=mbps))
+                if k == 2:
+                    asyncio.run(_control(broker.url, fleet, [middle], compute_factor=FACTOR * SLOWDOWN))
+                b0, f0 = counter.total(), client.stats.completed
+                time.sleep(phase_s)
+                phase_bytes.append(counter.total() - b0)
+                phase_frames.append(client.stats.completed - f0)
+            stop.set()
+            feeder.join()
+            wall = time.monotonic() - t0
+            correct = total = 0
+            for fut, labels in sent:
+                try:
+                    out = fut.result(timeout=60).output
+                except Exception:  # noqa: BLE001 - counted below
+                    continue
+                correct += int(np.sum(np.argmax(out, axis=1) == labels))
+                total += len(labels)
+            epochs = client.plan.epoch
+        counter.stop.set()
+        counter.thread.join(5)
+    frames = [max(f, 1) for f in phase_frames]
+    console.print(f"{mode}: {sum(phase_frames)} frames in {wall:.1f} s, final epoch {epochs}")
+    return {"fps": [f / phase_s for f in phase_frames],
+            "bytes_per_frame": [b / f for b, f in zip(phase_bytes, frames, strict=True)],
+            "accuracy": correct / max(total, 1), "epochs": epochs, "lost": len(sent) - total // BATCH}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase-s", type=float, default=6.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="fleetpipe-adaptive-") as tmpdir:
+        tmp = Path(tmpdir)
+        model = tmp / "digits.onnx"
+        onnx.save(zoo.build("digits"), model)
+        calib = tmp / "calib.json"
+        min_bits = calibrate_digits(model, calib)
+        console.print(f"calibrated minimum bits per cut (0.5 % floor, real labels): {min_bits}")
+        fixed = run_fleet("fixed", model, calib, tmp, args.phase_s, console)
+        adaptive = run_fleet("adaptive", model, calib, tmp, args.phase_s, console)
+    x, y = zoo.digits_test_set()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(zoo.DATA_DIR / "digits_mlp.onnx"), providers=["CPUExecutionProvider"])
+    float_acc = float(np.mean(np.argmax(sess.run(None, {sess.get_inputs()[0].name: x})[0], axis=1) == y))
+    report = {"calibrated_min_bits": min_bits, "phases_mbps": PHASES_MBPS, "fixed": fixed, "adaptive": adaptive,
+              "float_accuracy": float_acc,
+              "throughput_ratio": sum(adaptive["fps"]) / max(sum(fixed["fps"]), 1e-9)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    t = Table(title="adaptive (calibrated bits + COACH + fine-tune) vs fixed plan at 8 bits, same fleet and script")
+    for col in ("phase", "link Mbit/s", "fixed fps", "adaptive fps", "ratio", "fixed B/frame", "adaptive B/frame"):
+        t.add_column(col, justify="right")
+    for k, mbps in enumerate(PHASES_MBPS):
+        note = f" (+{SLOWDOWN:.0f}x slower node)" if k >= 2 else ""
+        t.add_row(f"{k + 1}{note}", f"{mbps:.0f}", f"{fixed['fps'][k]:.1f}", f"{adaptive['fps'][k]:.1f}",
+                  f"{adaptive['fps'][k] / max(fixed['fps'][k], 1e-9):.2f}x", f"{fixed['bytes_per_frame'][k]:.0f}",
+                  f"{adaptive['bytes_per_frame'][k]:.0f}")
+    out = Console(width=160)
+    out.print(t)
+    out.print(f"overall throughput adaptive/fixed: {report['throughput_ratio']:.2f}x; accuracy on real labels: "
+              f"float {float_acc:.4f}, fixed-8 {fixed['accuracy']:.4f}, adaptive {adaptive['accuracy']:.4f}; "
+              f"plan epochs: fixed {fixed['epochs']}, adaptive {adaptive['epochs']}; "
+              f"frames lost: fixed {fixed['lost']}, adaptive {adaptive['lost']}")
     return 0
-
-
-def _accuracy_table(model: object, graph: object, x: np.ndarray, y: np.ndarray) -> dict[tuple[int, int], float]:
-    """Top-1 accuracy on the real labels for every pair of bit-widths at the two cuts (per-sample frames)."""
-    s0, s1, s2 = (slicing.make_session(slicing.slice_model(model, graph, i, i)) for i in range(3))
-    a0 = np.concatenate([slicing.run_model(s0, {"input": x[i : i + 1]})["fc0/Relu"] for i in range(len(x))])
-    out: dict[tuple[int, int], float] = {}
-    for b0 in (2, 3, 4, 5, 6, 7, 8, 16, 32):
-        q0 = np.concatenate([codec.decode_tensor(codec.encode_tensor(a0[i : i + 1], b0)) for i in range(len(x))])
-        a1 = np.concatenate([slicing.run_model(s1, {"fc0/Relu": q0[i : i + 1]})["fc1/Relu"] for i in range(len(x))])
-        for b1 in (2, 3, 4, 5, 6, 7, 8, 16, 32):
-            q1 = [codec.decode_tensor(codec.encode_tensor(a1[i : i + 1], b1)) for i in range(len(x))]
-            logits = np.concatenate([slicing.run_model(s2, {"fc1/Relu": q})["logits"] for q in q1])
-            out[(b0, b1)] = float(np.mean(logits.argmax(axis=1) == y))
-    return out
 
 
 if __name__ == "__main__":

@@ -16,11 +16,19 @@ width, the quantization parameters and one flat little-endian byte string.
 
 The hot loops work in chunks that stay in L2 and reuse one scratch buffer, so encode costs about two
 float passes plus a min/max scan, and decode about one.
+
+Optional fast path: with numba installed (the ``fast`` extra) the per-tensor 2..8-bit range scan,
+quantize+pack and unpack+dequantize run as fused single-pass kernels (:mod:`fleetpipe._codec_numba`)
+whose output is byte-identical to the numpy path. numba is imported on first use; call :func:`warmup`
+at process start so the JIT (or on-disk cache load) does not land in a hot path. Without numba, or if a
+kernel fails, the numpy path runs; ``FLEETPIPE_CODEC_NUMBA=0`` forces it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +49,7 @@ __all__ = [
     "from_wire",
     "max_abs_error",
     "to_wire",
+    "warmup",
 ]
 
 #: Largest element count a tensor may have (2**28, i.e. 1 GiB of float32).
@@ -196,6 +205,22 @@ def max_abs_error(t: EncodedTensor) -> float:
     return max(scales, default=0.0) / 2.0
 
 
+def warmup() -> bool:
+    """Compile (or load from cache) the optional numba kernels now; False when only numpy is in use.
+
+    Call it once when a node starts: the first quantized encode/decode would otherwise pay the JIT.
+    """
+    k = _kernels()
+    if k is None:
+        return False
+    try:
+        k.warmup()
+    except Exception:  # numba present but broken: fall back for good
+        _disable_kernels()
+        return False
+    return True
+
+
 def encoded_nbytes(dtype: str, shape: tuple[int, ...], bits: int) -> int:
     """Payload byte count of a tensor of ``dtype`` and ``shape`` at ``bits``."""
     n = math.prod(shape)
@@ -261,6 +286,59 @@ _PAD = 16
 # Below this ratio of |value| to step the float32 fast path keeps rounding error < 2**-10 step.
 _FAST_RANGE = 2.0**12
 _LOCAL = threading.local()
+_LOG = logging.getLogger(__name__)
+# The numba kernel module once imported, False when unavailable (or disabled), None before the first try.
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """The numba kernel module, imported on first use, or None (numpy path)."""
+    global _KERNELS
+    k = _KERNELS
+    if k is None:
+        k = False
+        if os.environ.get("FLEETPIPE_CODEC_NUMBA", "1") != "0":
+            try:
+                from fleetpipe import _codec_numba as k
+            except Exception:  # ImportError, or a numba/llvmlite that cannot load on this machine
+                k = False
+        _KERNELS = k
+    return k or None
+
+
+def _disable_kernels() -> None:
+    global _KERNELS
+    if _KERNELS:
+        _LOG.warning("numba codec kernels failed; using the numpy path", exc_info=True)
+    _KERNELS = False
+
+
+# Float dtype name -> (integer view dtype, magnitude mask, exponent mask) for the kernel range scan: a value
+# is NaN or inf exactly when its magnitude bits are >= the exponent mask.
+_INT_VIEW = {
+    "float16": (np.dtype(np.int16), 0x7FFF, 0x7C00),
+    "float32": (np.dtype(np.int32), 0x7FFFFFFF, 0x7F800000),
+    "float64": (np.dtype(np.int64), 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def _minmax(a: np.ndarray) -> tuple[float, float]:
+    """Min and max of a non-empty 1-d float array (NaN if it holds a NaN)."""
+    k = _kernels()
+    if k is not None:
+        it, sm, em = _INT_VIEW[a.dtype.name]
+        try:
+            klo, khi, mag = k.RANGE_KEYS[a.dtype.name](a.view(it))
+        except Exception:
+            _disable_kernels()
+        else:
+            if mag >= em:
+                return math.nan, math.nan
+            keys = np.array([klo, khi], it)
+            keys ^= (keys >> (it.itemsize * 8 - 1)) & it.type(sm)
+            lo, hi = keys.view(a.dtype).tolist()
+            return lo, hi
+    return float(np.minimum.reduce(a)), float(np.maximum.reduce(a))
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -319,7 +397,8 @@ def _frombuffer(data: bytes | bytearray | memoryview, dt: np.dtype[Any]) -> np.n
 
 
 def _range(a: np.ndarray, clip_percentile: float | None) -> tuple[float, float, tuple[float, float] | None]:
-    lo, hi = float(np.minimum.reduce(a)), float(np.maximum.reduce(a))
+    lo, hi = _minmax(a)
+    lo += 0.0  # -0.0 -> +0.0: which signed zero a reduction returns is not specified
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot quantize non-finite values (NaN/inf); use bits=16 or 32")
     if clip_percentile is None:
@@ -357,6 +436,9 @@ def _quantize_tensor(
     buf = _scratch(np.dtype(work).name, work)
     codes = out if bits == 8 else _scratch("codes", np.uint8)
     winv, woff = work(inv), work(0.5 - lo * inv)
+    k = _kernels()
+    if k is not None and _quantize_kernel(k, flat, out, bits, nbytes, fast, winv, woff, lo, inv, levels, clip):
+        return data, scale, lo, clip
     for i in range(0, n, _CHUNK):
         x = flat[i : i + _CHUNK]
         m = x.size
@@ -378,6 +460,23 @@ def _quantize_tensor(
             c[m:] = 0
             _pack_chunk(c, bits, out, i * bits // 8, nbytes)
     return data, scale, lo, clip
+
+
+def _quantize_kernel(
+    k: Any, flat: np.ndarray, out: np.ndarray, bits: int, nbytes: int, fast: bool, winv: Any, woff: Any,
+    lo: float, inv: float, levels: int, clip: tuple[float, float] | None,
+) -> bool:
+    """Fused quantize+pack into ``out`` with the numba kernels; False if they failed (numpy path then)."""
+    x = flat if flat.dtype != np.float16 else flat.astype(np.float32)  # numba has no float16 arithmetic
+    try:
+        if fast:
+            k.QUANTIZE_FAST[bits](x, out, nbytes, winv, woff, np.float32(levels + 0.25), clip is not None)
+        else:
+            k.QUANTIZE_EXACT[bits](x, out, nbytes, lo, inv, levels + 0.25, True)
+    except Exception:
+        _disable_kernels()
+        return False
+    return True
 
 
 def _quantize_channels(
@@ -425,6 +524,14 @@ def _dequantize_tensor(
     work = np.dtype(np.float32) if fast else np.dtype(np.float64)
     out = np.empty(n, work)
     ws, wz = work.type(scale), work.type(zp)
+    k = _kernels()
+    if k is not None and n:
+        try:
+            (k.DEQUANTIZE32 if fast else k.DEQUANTIZE64)[bits](raw, out, ws, wz)
+        except Exception:
+            _disable_kernels()
+        else:
+            return out if work == dt else out.astype(dt)
     for i in range(0, n, _CHUNK):
         o = out[i : i + _CHUNK]
         np.copyto(o, _unpack_chunk(raw, bits, i, o.size))

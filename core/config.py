@@ -77,6 +77,8 @@ class NodeConfig:
     # zeroconf: advertise on these interfaces (addresses or names; empty = all), or not at all.
     interfaces: tuple[str, ...] = ()
     announce: bool = True
+    # COACH online bit-width; off = always send at the assigned (calibrated or configured) bits.
+    adaptive_bits: bool = True
 
     def __post_init__(self) -> None:
         validate_name("node name", self.name)
@@ -101,6 +103,8 @@ class PlannerConfig:
     replan_threshold: float = 0.2
     time_limit_s: float = 5.0
     calibration: str | None = None
+    # ScalPipe fine-tuning when stages drift from their predictions; off = re-plan only on membership changes.
+    adapt: bool = True
     interfaces: tuple[str, ...] = ()
     announce: bool = True
 

@@ -77,8 +77,9 @@ class _Msg:
     BINARY: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        for name, tp in _schema(type(self)):
-            object.__setattr__(self, name, _check(tp, getattr(self, name), name))
+        setattr_ = object.__setattr__
+        for name, chk in _plan(type(self)).checks:
+            setattr_(self, name, chk(getattr(self, name), name))
         self._validate()
 
     def _validate(self) -> None:
@@ -483,6 +484,162 @@ def _schema(cls: type) -> tuple[tuple[str, Any], ...]:
     return s
 
 
+class _ClassPlan:
+    """Per-class work precomputed once: field checkers (construction), loaders and key sets (decode)."""
+
+    __slots__ = ("checks", "loads", "names", "required")
+
+    def __init__(self, cls: type) -> None:
+        schema = _schema(cls)
+        self.checks = tuple((n, _checker(tp)) for n, tp in schema)
+        self.loads = tuple((n, _loader(tp)) for n, tp in schema)
+        self.names = frozenset(n for n, _ in schema)
+        self.required = frozenset(
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        )
+
+
+_PLANS: dict[type, _ClassPlan] = {}
+
+
+def _plan(cls: type) -> _ClassPlan:
+    p = _PLANS.get(cls)
+    if p is None:
+        p = _PLANS[cls] = _ClassPlan(cls)
+    return p
+
+
+_Fn = typing.Callable[[Any, str], Any]
+
+
+def _checker(tp: Any) -> _Fn:
+    """``_check`` specialised to one annotation (same results and errors, no per-call introspection)."""
+    if tp is str:
+        def check_str(v: Any, where: str) -> Any:
+            if type(v) is not str:
+                raise TypeError(f"{where}: expected str, got {type(v).__name__}")
+            if len(v) > _STR_MAX:
+                raise ValueError(f"{where}: string longer than {_STR_MAX}")
+            return v
+        return check_str
+    if tp is int:
+        def check_int(v: Any, where: str) -> Any:
+            if type(v) is not int:
+                raise TypeError(f"{where}: expected an int, got {type(v).__name__}")
+            if not -_INT_MAX <= v <= _INT_MAX:
+                raise ValueError(f"{where}: int out of range")
+            return v
+        return check_int
+    if tp is float:
+        def check_float(v: Any, where: str) -> Any:
+            if type(v) is float:
+                if v - v != 0.0:  # inf or NaN
+                    raise ValueError(f"{where}: must be finite, got {v}")
+                return v
+            return _check(float, v, where)
+        return check_float
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and type(None) in typing.get_args(tp):
+            one = _checker(inner[0])
+
+            def check_optional(v: Any, where: str) -> Any:
+                return None if v is None else one(v, where)
+            return check_optional
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item = _checker(args[0])
+
+            def check_seq(v: Any, where: str) -> Any:
+                if type(v) is not tuple and type(v) is not list and not isinstance(v, tuple | list):
+                    raise TypeError(f"{where}: expected a sequence, got {type(v).__name__}")
+                if len(v) > _SEQ_MAX:
+                    raise ValueError(f"{where}: more than {_SEQ_MAX} entries")
+                return tuple([item(x, f"{where}[{i}]") for i, x in enumerate(v)])
+            return check_seq
+        items = tuple(_checker(a) for a in args)
+
+        def check_fixed(v: Any, where: str) -> Any:
+            if not isinstance(v, tuple | list):
+                raise TypeError(f"{where}: expected a sequence, got {type(v).__name__}")
+            if len(v) != len(items):
+                raise TypeError(f"{where}: expected {len(items)} entries, got {len(v)}")
+            return tuple([c(x, f"{where}[{i}]") for i, (c, x) in enumerate(zip(items, v, strict=True))])
+        return check_fixed
+    if origin is None and isinstance(tp, type) and tp not in (bool, str, int, float):
+        def check_instance(v: Any, where: str) -> Any:
+            if isinstance(v, tp):
+                return v
+            return _check(tp, v, where)
+        return check_instance
+
+    def check_generic(v: Any, where: str) -> Any:
+        return _check(tp, v, where)
+    return check_generic
+
+
+def _loader(tp: Any) -> _Fn:
+    """``_load`` specialised to one annotation."""
+    if tp in (str, int, float, bool):
+        return _identity
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) != 1:
+            return _identity
+        one = _loader(inner[0])
+        if one is _identity:
+            return _identity
+
+        def load_optional(v: Any, where: str) -> Any:
+            return v if v is None else one(v, where)
+        return load_optional
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item = _loader(args[0])
+
+            def load_seq(v: Any, where: str) -> Any:
+                if type(v) is not list:
+                    return v
+                if len(v) > _SEQ_MAX:
+                    raise DecodeError(f"{where}: more than {_SEQ_MAX} entries")
+                if item is _identity:
+                    return tuple(v)
+                return tuple([item(x, f"{where}[{i}]") for i, x in enumerate(v)])
+            return load_seq
+        items = tuple(_loader(a) for a in args)
+
+        def load_fixed(v: Any, where: str) -> Any:
+            if type(v) is not list:
+                return v
+            if len(v) != len(items):
+                raise DecodeError(f"{where}: expected {len(items)} entries, got {len(v)}")
+            return tuple([f(x, f"{where}[{i}]") for i, (f, x) in enumerate(zip(items, v, strict=True))])
+        return load_fixed
+    if tp is EncodedTensor:
+        def load_tensor(v: Any, where: str) -> Any:
+            try:
+                return from_wire(v)
+            except DecodeError as exc:
+                raise DecodeError(f"{where}: {exc}") from None
+        return load_tensor
+    if isinstance(tp, type) and is_dataclass(tp):
+        def load_message(v: Any, where: str) -> Any:
+            return _build(tp, v, where)
+        return load_message
+
+    def load_generic(v: Any, where: str) -> Any:
+        return _load(tp, v, where)
+    return load_generic
+
+
+def _identity(v: Any, where: str) -> Any:
+    return v
+
+
 def _check(tp: Any, v: Any, where: str) -> Any:
     """Type-check (and lightly coerce) one value against an annotation."""
     origin = typing.get_origin(tp)
@@ -551,8 +708,15 @@ def _dump(v: Any) -> Any:
     return v
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def _dump_fields(msg: Any) -> dict[str, Any]:
-    return {name: _dump(getattr(msg, name)) for name, _ in _schema(type(msg))}
+    out = {}
+    for name, _ in _schema(type(msg)):
+        v = getattr(msg, name)
+        out[name] = v if type(v) in _PLAIN else _dump(v)
+    return out
 
 
 def _load(tp: Any, v: Any, where: str) -> Any:
@@ -583,16 +747,15 @@ def _load(tp: Any, v: Any, where: str) -> Any:
 def _build(cls: type, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise DecodeError(f"{where}: expected a map, got {type(body).__name__}")
-    schema = _schema(cls)
-    names = {n for n, _ in schema}
-    unknown = [str(k) for k in body if k not in names]
-    if unknown:
+    plan = _plan(cls)
+    names = plan.names
+    if not names.issuperset(body):
+        unknown = [str(k) for k in body if k not in names]
         raise DecodeError(f"{where}: unknown fields {sorted(unknown)}")
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    missing = required - body.keys()
+    missing = plan.required - body.keys()
     if missing:
         raise DecodeError(f"{where}: missing fields {sorted(missing)}")
-    kwargs = {n: _load(tp, body[n], f"{where}.{n}") for n, tp in schema if n in body}
+    kwargs = {n: load(body[n], f"{where}.{n}") for n, load in plan.loads if n in body}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -425,10 +425,7 @@ def _window(ctx: _Ctx, node: Any) -> tuple[int, int, int, int, int]:
         raise SplitError(f"{node.name}: auto_pad is not supported")
     if ctx.attr(node, "ceil_mode", 0):
         raise SplitError(f"{node.name}: ceil_mode is not supported")
-    if node.op_type == "Conv":
-        k = int(ctx.shape(node.input[1])[2])
-    else:
-        k = int(ctx.attr(node, "kernel_shape")[0])
+    k = int(ctx.shape(node.input[1])[2]) if node.op_type == "Conv" else int(ctx.attr(node, "kernel_shape")[0])
     strides = ctx.attr(node, "strides") or [1, 1]
     dil = ctx.attr(node, "dilations") or [1, 1]
     pads = ctx.attr(node, "pads") or [0, 0, 0, 0]
@@ -748,10 +745,9 @@ def _tp_part(ctx: _Ctx, weights: list[float], p: int, allow_partial: bool) -> tu
         if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool") and axis == 1:
             nodes.append(_clone(node, keep_ins))
             state[out] = ("C", 1, lo, hi)
-        elif op == "Softmax" and int(ctx.attr(node, "axis", -1)) % out_rank != axis:
-            nodes.append(_clone(node, keep_ins))
-            state[out] = ("C", axis, lo, hi)
-        elif op == "LayerNormalization" and axis < int(ctx.attr(node, "axis", -1)) % out_rank:
+        elif (op == "Softmax" and int(ctx.attr(node, "axis", -1)) % out_rank != axis) or (
+            op == "LayerNormalization" and axis < int(ctx.attr(node, "axis", -1)) % out_rank
+        ):
             nodes.append(_clone(node, keep_ins))
             state[out] = ("C", axis, lo, hi)
         elif op == "Transpose":

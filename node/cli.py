@@ -29,6 +29,8 @@ def register(subparsers: Any) -> None:
                    help="zeroconf: browse/advertise only on this interface or address (repeatable)")
     p.add_argument("--no-announce", dest="announce", action="store_false", default=None,
                    help="do not advertise this node with zeroconf")
+    p.add_argument("--fixed-bits", dest="adaptive_bits", action="store_false", default=None,
+                   help="always send at the assigned bit-width (no online adaptation)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
 
     keys = ("name", "fleet", "emulate", "cache_dir", "threads", "broker_username", "broker_password_file",
-            "broker_ca_certs", "announce")
+            "broker_ca_certs", "announce", "adaptive_bits")
     flags = {k: getattr(args, k, None) for k in keys}
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     flags["broker_url"] = args.broker

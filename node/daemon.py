@@ -312,7 +312,8 @@ class NodeDaemon:
         except Exception as exc:  # whatever the slice or the assignment holds, the old slot keeps serving
             with contextlib.suppress(FleetpipeError):
                 self.lifecycle.handle("load_failed")
-            await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {exc}"), None)
+            why = f"no chunks within {SLICE_FETCH_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else exc
+            await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {why}"), None)
             return
         topic = topics.stage_in(self.fleet, assign.epoch, assign.stage)
         group = topics.shared(topics.stage_group(self.fleet, assign.epoch, assign.stage), topic)
@@ -428,7 +429,12 @@ class NodeDaemon:
         outputs, compute_ms = await slot.executor.run(inputs)
         self.stats.compute_ms.append(compute_ms)
         last = assign.next_stage is None
-        bits = 32 if last else self._choose_bits(slot, outputs, compute_ms)
+        if last:
+            bits = 32
+        elif self.config.adaptive_bits:
+            bits = self._choose_bits(slot, outputs, compute_ms)
+        else:
+            bits = assign.bits
         tensors = tuple((name, codec.encode_tensor(_as_array(outputs[name]), bits=_bits_for(outputs[name], bits)))
                         for name in assign.output_names)
         hop = wire.Hop(stage=assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
@@ -523,7 +529,7 @@ class NodeDaemon:
         self._health_hist.append(health)
         with contextlib.suppress(FleetpipeError):
             await self.bus.publish(topics.node_health(self.fleet, self.name), wire.encode(health), qos=0)
-            values = metrics_payload(self._health_hist, window_s=5.0)
+            values = {**metrics_payload(self._health_hist, window_s=5.0), "bytes_out": float(self.stats.bytes_out)}
             metrics = wire.Metrics(fleet=self.fleet, node_id=self.name, ts=health.ts, values=values)
             await self.bus.publish(topics.node_metrics(self.fleet, self.name), wire.encode(metrics), qos=0)
         sdnotify.notify("WATCHDOG=1")

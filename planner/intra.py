@@ -224,10 +224,7 @@ def _split_stage(
             base = best[i - first]
             if base == math.inf:
                 continue
-            if i == j:
-                opts = [("", float(p.compute_ms[j, lead]))]
-            else:
-                opts = []
+            opts = [("", float(p.compute_ms[j, lead]))] if i == j else []
             for kind in SPLIT_KINDS:
                 key = (i, j, kind, group, lead, overlap, tiles)
                 if key not in cache:

@@ -287,7 +287,7 @@ class PlannerService:
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
                 return
-        if self.monitor is not None and self.current is not None and now >= self._cooldown_until:
+        if self.config.adapt and self.monitor is not None and self.current is not None and now >= self._cooldown_until:
             deviations = [d for d in self.monitor.deviating(now) if self._hurts(d)]
             if deviations:
                 self._replanning = asyncio.create_task(self._fine_tune(deviations))

@@ -19,12 +19,16 @@ from .conftest import LOOPBACK, announce_broker
 pytestmark = pytest.mark.integration
 
 
-def _wait_browse(fleet: str, predicate: object, timeout_s: float = 10.0) -> list[Found]:
-    """Browse in short rounds until ``predicate(found)`` holds (adverts need ~1 s of probing)."""
+def _wait_browse(fleet: str, predicate: object, timeout_s: float = 12.0) -> list[Found]:
+    """Browse in rounds until ``predicate(found)`` holds.
+
+    A fresh browser sees its first answer ~1.2 s after it starts (query scheduling plus the responder's
+    delay), so each round must be well over that.
+    """
     deadline = time.monotonic() + timeout_s
     found: list[Found] = []
     while time.monotonic() < deadline:
-        found = browse(fleet, timeout_s=1.0, interfaces=LOOPBACK)
+        found = browse(fleet, timeout_s=2.5, interfaces=LOOPBACK)
         if predicate(found):  # type: ignore[operator]
             return found
     return found
@@ -48,8 +52,8 @@ def test_fleets_never_mix(fleet: str) -> None:
     other = fleet + "-other"
     with Announcer("node", "n1", fleet, 7001, interfaces=LOOPBACK, duplicate_check_s=0), \
             Announcer("node", "n1", other, 7002, interfaces=LOOPBACK, duplicate_check_s=0):
-        mine = browse(fleet, timeout_s=1.5, interfaces=LOOPBACK)
-        theirs = browse(other, timeout_s=1.0, interfaces=LOOPBACK)
+        mine = browse(fleet, timeout_s=2.5, interfaces=LOOPBACK)
+        theirs = browse(other, timeout_s=2.5, interfaces=LOOPBACK)
     assert [(f.fleet, f.name, f.port) for f in mine if f.role == "node"] == [(fleet, "n1", 7001)]
     assert [(f.fleet, f.name, f.port) for f in theirs if f.role == "node"] == [(other, "n1", 7002)]
     assert not any(f.duplicate for f in mine + theirs)  # same id in two fleets is not a duplicate

@@ -1,0 +1,228 @@
+"""Intra-layer parallelism on an emulated 4-device fleet, and the learned cost estimator's error.
+
+    .venv/bin/python bench/intra.py [--quick] [--skip-estimator]
+
+Part 1 (latency of one frame). Four emulated devices (rpi5 x2.5, jetson-nano x3, two rpi4 x5 slower
+than this host; 940 Mbit/s links; 1 ms per message). Per-layer times are measured on this host (each layer
+as its own slice, one thread, median) and scaled by each device's factor; ``fleetpipe.planner.intra.solve_intra`` plans
+pipeline-only and with intra-layer splits. Each plan is then *re-costed from measurements*: every
+unit that runs on one device is timed as its own slice, every split unit is materialised with
+``fleetpipe.models.split`` (verified against the unsplit slice), each part is timed with onnxruntime
+(one thread) and scaled by its device's factor, and the critical path is scatter + max part + gather
+at the emulated bandwidth. This is computed from measured part times; it is NOT an end-to-end
+measurement over MQTT (the runtime does not run split stages yet).
+
+Part 2 (estimator). Zoo models at several widths/resolutions are profiled layer by layer at 1, 2
+and 4 onnxruntime threads (cached in bench/out/intra_profiles.json); gradient-boosted trees are
+compared with FLOPs scaling (layer FLOPs / GFLOP/s of the configuration fitted on the training
+rows) on held-out models and on a held-out thread configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetpipe.models import zoo
+from fleetpipe.models.onnx_graph import load_onnx
+from fleetpipe.models.profile import random_feeds
+from fleetpipe.models.slicing import make_session, run_model, slice_model
+from fleetpipe.models.split import layer_split_info, split_model, verify_split
+from fleetpipe.planner import estimator as E
+from fleetpipe.planner.intra import IntraPlan, IntraProblem, solve_intra
+from fleetpipe.planner.problem import transfer_ms
+
+__all__ = ["main"]
+
+OUT = Path(__file__).parent / "out"
+DEVICES = (("rpi5", 2.5), ("jetson-nano", 3.0), ("rpi4-a", 5.0), ("rpi4-b", 5.0))
+BW_MBPS = 940.0
+MSG_MS = 1.0
+
+
+def _time_ms(model: Any, feeds: dict[str, np.ndarray], reps: int) -> float:
+    sess = make_session(model, threads=1)
+    names = [i.name for i in sess.get_inputs()]
+    f = {n: feeds[n] for n in names}
+    for _ in range(2):
+        sess.run(None, f)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, f)
+        ts.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ts)
+
+
+def _measured_latency(model: Any, graph: Any, plan: IntraPlan, acts: dict[str, np.ndarray],
+                      factors: list[float], reps: int) -> tuple[float, float]:
+    """The plan's latency with every split unit's model cost replaced by its re-costed measured cost.
+
+    Unsplit work is already costed from measured per-layer slice times, so only split units differ:
+    each is materialised, verified, its parts timed (one thread) x device factor, plus the exchange.
+    Returns the latency and the worst split error (max abs diff to the unsplit unit).
+    """
+    total, worst = plan.latency_ms, 0.0
+    for st in plan.stages:
+        for u in st.units:
+            if not u.kind:
+                continue
+            piece = slice_model(model, graph, u.first, u.last)
+            feeds = {n: acts[n] for n in graph.inputs_of(u.first)}
+            sp = split_model(piece, u.kind, [1.0 / factors[d] for d in st.devices])
+            worst = max(worst, verify_split(piece, sp, feeds))
+            cmax = scatter = gather = 0.0
+            for d, part, pf in zip(st.devices, sp.parts, sp.scatter(feeds), strict=True):
+                cmax = max(cmax, _time_ms(part.model, pf, reps) * factors[d])
+                if d != st.lead:
+                    scatter += transfer_ms(part.input_bytes, BW_MBPS) + MSG_MS
+                    gather += transfer_ms(part.output_bytes, BW_MBPS) + MSG_MS
+            total += scatter + cmax + gather - u.latency_ms
+    return total, worst
+
+
+def _describe(plan: IntraPlan, names: list[str]) -> str:
+    out = []
+    for st in plan.stages:
+        devs = "+".join(names[d] for d in st.devices)
+        units = ",".join(f"{u.first}-{u.last}{':' + u.kind if u.kind else ''}" for u in st.units)
+        out.append(f"[{st.first}-{st.last} {st.mode} {devs} {units}]")
+    return " ".join(out)
+
+
+def latency_table(quick: bool, reps: int) -> None:
+    """Part 1: pipeline-only vs intra-layer splits, cost model and re-costed from measured part times."""
+    cases = [
+        ("resnet50", {"width": 0.5 if quick else 1.0, "resolution": 96 if quick else 160}),
+        ("vit", {"resolution": 64, "patch": 8, "dim": 128 if quick else 256, "depth": 2 if quick else 4,
+                 "heads": 4 if quick else 8}),
+    ]
+    names = [d for d, _ in DEVICES]
+    factors = [f for _, f in DEVICES]
+    print("\n== one-frame latency, 4 emulated devices (rpi5 x2.5, jetson x3, 2 x rpi4 x5; 940 Mbit/s; 1 ms/msg)")
+    print("   'measured' = re-costed from onnxruntime times of the actual slices/split parts on this host x device")
+    print("   factor + exchange bytes at 940 Mbit/s; NOT end-to-end over MQTT.\n")
+    header = f"{'model':9} {'plan':34} {'model ms':>9} {'measured ms':>11} {'vs pipe':>8} {'split err':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, kw in cases:
+        model = zoo.build(name, **kw)
+        graph = load_onnx(model)
+        env = dict(random_feeds(graph))  # every intermediate activation the slices need
+        host_l = []
+        for i in range(len(graph)):
+            piece = slice_model(model, graph, i, i)
+            host_l.append(_time_ms(piece, env, reps))
+            env.update(run_model(make_session(piece), env))
+        host = np.array(host_l)
+        info = layer_split_info(model, graph)
+        in_b = [graph.tensor_bytes[graph.inputs_of(i)[0]] for i in range(len(graph))]
+        p = IntraProblem(
+            compute_ms=host[:, None] * np.array(factors)[None, :],
+            in_bytes=in_b, out_bytes=[la.out_bytes for la in graph.layers],
+            bw_mbps=np.full((4, 4), BW_MBPS), kinds=tuple(i.kinds for i in info),
+            halo_rows=[i.halo_rows for i in info], in_rows=[i.in_rows for i in info],
+            out_rows=[i.out_rows for i in info], msg_ms=MSG_MS,
+        )
+        pipe_lat = solve_intra(p, modes=("single",))
+        pipe_thr = solve_intra(p, modes=("single",), latency_ms=1e12)
+        intra = solve_intra(p)
+        intra_thr = solve_intra(p, period_ms=pipe_thr.period_ms * (1 + 1e-9))
+        intra_ovl = solve_intra(p, overlap=True, tiles=4)
+        rows = [("pipeline-only, min latency", pipe_lat), ("pipeline-only, max throughput", pipe_thr),
+                ("intra splits, min latency", intra), ("intra, period<=pipeline max-thr", intra_thr),
+                ("intra + overlap (4 tiles, model)", intra_ovl)]
+        base_measured = None
+        for label, plan in rows:
+            if "overlap" in label:
+                print(f"{name:9} {label:34} {plan.latency_ms:9.1f} {'-':>11} {'':>8} {'':>9}")
+                continue
+            meas, err = _measured_latency(model, graph, plan, env, factors, reps)
+            if base_measured is None:
+                base_measured = meas
+            print(f"{name:9} {label:34} {plan.latency_ms:9.1f} {meas:11.1f} {base_measured / meas:7.2f}x "
+                  f"{err:9.1e}")
+        print(f"  {name} params {kw}: {len(graph)} layers, {graph.total_flops / 1e9:.2f} GFLOP")
+        print(f"  min-latency intra plan: {_describe(intra, names)}")
+        print(f"  period: pipeline max-thr {pipe_thr.period_ms:.1f} ms, intra@that {intra_thr.period_ms:.1f} ms"
+              f" (latency {pipe_thr.latency_ms:.1f} -> {intra_thr.latency_ms:.1f} ms, model)")
+        print()
+
+
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("resnet18", {"width": 0.25, "resolution": 64}),
+    ("resnet18", {"width": 0.5, "resolution": 96}),
+    ("resnet18", {"width": 0.25, "resolution": 128}),
+    ("resnet50", {"width": 0.25, "resolution": 64}),
+    ("resnet50", {"width": 0.5, "resolution": 64}),
+    ("mobilenetv2", {"width": 0.5, "resolution": 96}),
+    ("mobilenetv2", {"width": 1.0, "resolution": 64}),
+    ("vgg16", {"width": 0.125, "resolution": 64, "fc": 256}),
+    ("vit", {"resolution": 32, "patch": 4, "dim": 64, "depth": 2, "heads": 4}),
+    ("vit", {"resolution": 32, "patch": 4, "dim": 128, "depth": 2, "heads": 4}),
+    ("inception", {"width": 0.25, "resolution": 64}),
+]
+HELD_OUT_MODELS = {("mobilenetv2", 1.0), ("inception", 0.25), ("vit", 128)}
+
+
+def estimator_table(refresh: bool) -> None:
+    """Part 2: learned estimator vs FLOPs scaling on held-out models and a held-out configuration."""
+    cache = OUT / "intra_profiles.json"
+    if refresh and cache.exists():
+        cache.unlink()
+    doc = E.profile_configs(VARIANTS, [1, 2, 4], runs=8, cache=cache)
+    rows, cfg = doc["rows"], doc["configs"]
+    x = np.array([r["features"] for r in rows])
+    dev = np.array([[cfg[str(r["threads"])], r["threads"]] for r in rows])
+    ms = np.array([r["ms"] for r in rows])
+    flops = np.array([r["flops"] for r in rows], dtype=np.float64)
+    th = np.array([r["threads"] for r in rows])
+    held = np.array([(r["model"], r["kw"].get("width", r["kw"].get("dim"))) in HELD_OUT_MODELS for r in rows])
+    keep = ms > 0.005  # drop layers below 5 us (pure noise)
+    print(f"\n== cost estimator: {len(rows)} layer x config profiles in {doc.get('seconds', 0):.0f} s "
+          f"(configs GFLOP/s: {', '.join(f'{k} thr {v:.1f}' for k, v in cfg.items())}); layers >= 5 us only")
+    header = f"{'held out':28} {'n':>4} {'learned med':>11} {'p90':>7} {'FLOPs med':>10} {'p90':>7}"
+    print(header)
+    print("-" * len(header))
+    for label, test in [("models (mbv2 w1, incep, vit128)", held), ("config: 2 threads", th == 2),
+                        ("config: 4 threads", th == 4), ("config: 1 thread", th == 1)]:
+        train = ~test
+        est = E.fit_estimator(x[train], dev[train], ms[train])
+        base = np.zeros(int(test.sum()))
+        tt = th[test]
+        for t in set(tt.tolist()):
+            m = train & (th == t)
+            g = flops[m].sum() / ms[m].sum() / 1e6 if m.any() else cfg[str(t)]
+            base[tt == t] = E.flops_scaling_ms(flops[test][tt == t], g)
+        k = keep[test]
+        le = E.relative_errors(est.predict_ms(x[test], dev[test])[k], ms[test][k])
+        fe = E.relative_errors(base[k], ms[test][k])
+        print(f"{label:28} {le['n']:4d} {le['median']:11.2f} {le['p90']:7.2f} {fe['median']:10.2f} {fe['p90']:7.2f}")
+    print("  FLOPs scaling: layer FLOPs / GFLOP/s fitted on the training rows of the same config "
+          "(for a held-out config: its calibration GFLOP/s).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both parts and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smaller models, fewer reps")
+    parser.add_argument("--reps", type=int, default=0)
+    parser.add_argument("--skip-estimator", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--refresh", action="store_true", help="re-profile the estimator data set")
+    args = parser.parse_args(argv)
+    reps = args.reps or (5 if args.quick else 15)
+    if not args.skip_latency:
+        latency_table(args.quick, reps)
+    if not args.skip_estimator:
+        estimator_table(args.refresh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
