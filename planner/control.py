@@ -24,6 +24,9 @@ class Policy:
     expect_wait_s: float = 10.0
     # Re-plan when a stage's measured time deviates from its prediction by more than this (fraction).
     deviation: float = 0.2
+    # Before the first plan, wait up to this long (since the first member appeared) for every alive node's
+    # health: it says which epoch the node runs, so a restarted planner never plans under a stale epoch.
+    health_grace_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,12 @@ def decide(state: FleetState, now: float, policy: Policy, first_seen: float | No
         and (first_seen is None or now - first_seen < policy.expect_wait_s)
     ):
         return [WaitForNodes(len(alive), policy.expect_nodes)]
+    if (
+        state.plan is None
+        and any(v.health is None for v in alive.values())
+        and (first_seen is None or now - first_seen < policy.health_grace_s)
+    ):
+        return [WaitForNodes(sum(v.health is not None for v in alive.values()), len(alive))]
     reason = "initial plan" if state.plan is None else "membership changed"
     if state.plan is not None:
         planned = {n for s in state.plan.stages for n in s.nodes}

@@ -119,7 +119,8 @@ class PlannerService:
         self.model = model
         self.state = state.FleetState()
         self.policy = control.Policy(debounce_s=timing.REPLAN_DEBOUNCE_S, min_nodes=config.min_nodes,
-                                     expect_nodes=config.expect_nodes, deviation=config.replan_threshold)
+                                     expect_nodes=config.expect_nodes, deviation=config.replan_threshold,
+                                     health_grace_s=2 * timing.HEALTH_INTERVAL_S)
         self.should_exit = asyncio.Event()
         self.bus: MqttBus | None = None
         self._first_seen: float | None = None

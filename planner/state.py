@@ -127,7 +127,12 @@ def apply(state: FleetState, event: Event) -> FleetState:
             # A node whose lease ran out (SIGSTOP, network blip) and speaks again is alive again.
             revived = not known.alive
             view = dataclasses.replace(known, last_seen=now, health=msg, alive=True)
-            return _put(state, view, changed=revived, now=now)
+            state = _put(state, view, changed=revived, now=now)
+            if msg.epoch > state.epoch:
+                # A node runs a newer epoch than we know of (a planner restarted after the broker lost the
+                # retained plan): the next plan must outnumber it, or nodes would ignore it as stale.
+                state = dataclasses.replace(state, epoch=int(msg.epoch))
+            return state
         case Tick(now=now, lease_s=lease_s):
             expired = [v for v in state.nodes.values() if v.alive and now - v.last_seen > lease_s]
             for view in expired:

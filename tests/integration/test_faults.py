@@ -74,14 +74,14 @@ class Stream:
         return time.monotonic() - start
 
 
-def _stage_nodes(client: FleetClient, epoch_after: int, timeout_s: float = 60) -> object:
+def _stage_nodes(client: FleetClient, epoch_after: int, logs: object, timeout_s: float = 60) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         plan = client.plan
         if plan is not None and plan.epoch > epoch_after:
             return plan
         time.sleep(0.05)
-    raise AssertionError(f"no plan newer than epoch {epoch_after} within {timeout_s} s")
+    raise AssertionError(f"no plan newer than epoch {epoch_after} within {timeout_s} s\n{logs()}")  # type: ignore[operator]
 
 
 def test_kills_restarts_and_stragglers_lose_nothing(mosquitto, tmp_path, quick_timing):
@@ -109,14 +109,14 @@ def test_kills_restarts_and_stragglers_lose_nothing(mosquitto, tmp_path, quick_t
                 # 1. kill -9 a middle-stage node mid-stream
                 victim = plan.stages[len(plan.stages) // 2].nodes[0]
                 f.signal(victim, signal.SIGKILL)
-                plan = _stage_nodes(client, plan.epoch)
+                plan = _stage_nodes(client, plan.epoch, f.logs)
                 assert victim not in {n for s in plan.stages for n in s.nodes}
                 stream.wait_done(stream.done_count() + 10, 60, "after killing a middle node", f.logs())
 
                 # 2. kill -9 the first-stage node
                 victim = plan.stages[0].nodes[0]
                 f.signal(victim, signal.SIGKILL)
-                plan = _stage_nodes(client, plan.epoch)
+                plan = _stage_nodes(client, plan.epoch, f.logs)
                 stream.wait_done(stream.done_count() + 10, 60, "after killing the first-stage node", f.logs())
 
                 # 3. kill -9 the planner and start a new one: the pipeline keeps running on the retained plan
@@ -140,7 +140,7 @@ def test_kills_restarts_and_stragglers_lose_nothing(mosquitto, tmp_path, quick_t
                 if len(live) >= 2:
                     stopped = live[-1]
                     f.signal(stopped, signal.SIGSTOP)
-                    plan = _stage_nodes(client, plan.epoch)
+                    plan = _stage_nodes(client, plan.epoch, f.logs)
                     assert stopped not in {n for s in plan.stages for n in s.nodes}
 
                 stream.thread.join(180)
