@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -395,7 +396,11 @@ class PlannerService:
         plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
                          bottleneck_ms=float(result.report.bottleneck_ms),
                          latency_ms=float(result.report.latency_ms), ts=time.time())
-        await self._wait_loaded(assigned, epoch)
+        if not await self._wait_loaded(assigned, epoch):
+            # An assigned node died or stopped answering while loading: this epoch can never run. Skip its
+            # number (nodes may already hold it) and let the next step re-plan for the members still alive.
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            return
         self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
         self.last_result = result
@@ -420,15 +425,21 @@ class PlannerService:
             await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk))
         self._published_slices.add(digest)
 
-    async def _wait_loaded(self, nodes: set[str], epoch: int) -> None:
+    async def _wait_loaded(self, nodes: set[str], epoch: int) -> bool:
+        """Wait until every node in ``nodes`` reports ``epoch`` loaded; False if one of them is gone meanwhile."""
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while time.monotonic() < deadline:
             if all(self._loaded.get(n, -1) >= epoch for n in nodes):
-                return
+                return True
+            gone = sorted(n for n in nodes if n not in self.state.nodes or not self.state.nodes[n].alive)
+            if gone:
+                log.warning("planner: %s gone while loading epoch %d; abandoning it", ",".join(gone), epoch)
+                return False
             await asyncio.sleep(0.05)
         missing = sorted(n for n in nodes if self._loaded.get(n, -1) < epoch)
         log.warning("planner: nodes %s did not report epoch %d loaded in %.0f s; publishing anyway",
                     missing, epoch, LOAD_TIMEOUT_S)
+        return True
 
     async def _publish_error(self, kind: str, detail: str) -> None:
         assert self.bus is not None
