@@ -148,6 +148,9 @@ class NodeDaemon:
             return EXIT_BROKER
         self.lifecycle.handle("connect")
         sdnotify.notify("READY=1")
+        # Load (or compile, on a machine's first run) the optional numba codec kernels while the slice loads,
+        # not on the first frame.
+        warm = asyncio.create_task(asyncio.to_thread(codec.warmup), name="codec-warmup")
         jobs = [("receiver", self._receiver()), ("worker", self._worker()),
                 ("sender", self._sender()), ("health", self._health_loop())]
         if self.config.announce:
@@ -159,7 +162,7 @@ class NodeDaemon:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, warm, return_exceptions=True)
             for slot in self.slots.values():
                 slot.executor.shutdown()
             await self.bus.__aexit__(None, None, None)
