@@ -277,18 +277,34 @@ class FleetClient:
         """Block until a plan is known."""
         return self._call(self._client.wait_plan(timeout_s), timeout_s + 5)
 
-    def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> concurrent.futures.Future[FrameResult]:
-        """Send one frame; returns a future of its result (blocks while the window is full)."""
+    def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray],
+               timeout_s: float | None = None) -> concurrent.futures.Future[FrameResult]:
+        """Send one frame; returns a future of its result.
+
+        Blocks while the window is full (up to ``timeout_s``, then ``TimeoutError``), so a producer
+        loop is paced by the fleet instead of queueing frames without bound.
+        """
         outer: concurrent.futures.Future[FrameResult] = concurrent.futures.Future()
+        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         async def go() -> None:
             try:
                 inner = await self._client.submit(inputs)
+            except BaseException as exc:
+                sent.set_exception(exc)
+                return
+            sent.set_result(None)
+            try:
                 outer.set_result(await inner)
             except BaseException as exc:
                 outer.set_exception(exc)
 
-        asyncio.run_coroutine_threadsafe(go(), self._loop)
+        task = asyncio.run_coroutine_threadsafe(go(), self._loop)
+        try:
+            sent.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            task.cancel()
+            raise TimeoutError(f"no window slot within {timeout_s} s (the fleet is not returning results)") from None
         return outer
 
     def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> np.ndarray:
