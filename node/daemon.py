@@ -138,6 +138,11 @@ class NodeDaemon:
         will = Will(topics.node_state(self.fleet, self.name), wire.encode(self._death("connection lost")),
                     qos=1, retain=True)
         broker = self.config.broker
+        # Advertise (and check the id is not taken) before connecting: a second process with our id would
+        # otherwise take over our MQTT session (same client id) and the two would knock each other off.
+        announcer = await self._announce() if self.config.announce else None
+        if announcer is False:
+            return EXIT_CONFIG
         try:
             self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
                                username=broker.username, password=broker.password(),
@@ -145,6 +150,8 @@ class NodeDaemon:
             await self.bus.__aenter__()
         except FleetpipeError as exc:
             log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
+            if announcer:
+                await announcer.__aexit__(None, None, None)
             return EXIT_BROKER
         self.lifecycle.handle("connect")
         sdnotify.notify("READY=1")
@@ -153,8 +160,6 @@ class NodeDaemon:
         warm = asyncio.create_task(asyncio.to_thread(codec.warmup), name="codec-warmup")
         jobs = [("receiver", self._receiver()), ("worker", self._worker()),
                 ("sender", self._sender()), ("health", self._health_loop())]
-        if self.config.announce:
-            jobs.append(("announce", self._announce()))
         tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs]
         try:
             await self.should_exit.wait()
@@ -166,6 +171,8 @@ class NodeDaemon:
             for slot in self.slots.values():
                 slot.executor.shutdown()
             await self.bus.__aexit__(None, None, None)
+            if announcer:
+                await announcer.__aexit__(None, None, None)
         return self.exit_code
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -179,23 +186,24 @@ class NodeDaemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handle, sig)
 
-    async def _announce(self) -> None:
-        """Advertise this node with zeroconf until exit; a duplicate node id stops the node."""
+    async def _announce(self) -> Any:
+        """Start the zeroconf advert: the entered Announcer, None if advertising failed, False on a duplicate id."""
         from fleetpipe.discovery import Announcer
         from fleetpipe.transport import parse_broker_url
 
         url = self.config.broker.url or ""
+        announcer = Announcer("node", self.name, self.fleet, parse_broker_url(url).port, {"broker": url},
+                              interfaces=self.config.interfaces or None)
         try:
-            async with Announcer("node", self.name, self.fleet, parse_broker_url(url).port, {"broker": url},
-                                 interfaces=self.config.interfaces or None):
-                await self.should_exit.wait()
+            return await announcer.__aenter__()
         except FleetpipeError as exc:
-            await self._report(exc, None)
             if "duplicate" in str(exc):
-                self.exit_code = EXIT_CONFIG
-                self.should_exit.set()
+                log.error("node %s: %s", self.name, exc)
+                return False
+            log.warning("node %s: zeroconf advert failed: %s", self.name, exc)
         except OSError as exc:  # no usable interface for multicast: discovery is optional
             log.warning("node %s: zeroconf advert failed: %s", self.name, exc)
+        return None
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop taking frames, finish those in hand, publish death."""
