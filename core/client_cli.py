@@ -12,7 +12,9 @@ __all__ = ["register", "run"]
 def register(subparsers: Any) -> None:
     """Add the ``infer`` subcommand."""
     p = subparsers.add_parser("infer", help="run .npy inputs through a running fleet")
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    from fleetpipe.cliargs import add_broker_args
+
+    add_broker_args(p)
     p.add_argument("--fleet", default="default")
     p.add_argument("--input", required=True, nargs="+", help=".npy file(s), one frame each (or a batch with --batch)")
     p.add_argument("--output", help="write the outputs to this .npy (stacked)")
@@ -25,12 +27,16 @@ def run(args: argparse.Namespace) -> int:
     """Stream the inputs and print one line per result."""
     import numpy as np
 
+    from fleetpipe.cliargs import broker_from_args
     from fleetpipe.client import FleetClient
     from fleetpipe.errors import FleetpipeError
 
     arrays = [np.load(path, allow_pickle=False) for path in args.input]
     try:
-        with FleetClient(args.broker, fleet=args.fleet, window=args.window) as client:
+        broker = broker_from_args(args)
+        # On a secure broker the ACL grants a client its own result topic, named after its username.
+        with FleetClient(broker.url or "", fleet=args.fleet, window=args.window, client_id=broker.username,
+                         username=broker.username, password=broker.password(), tls=broker.tls()) as client:
             client.wait_plan(args.timeout)
             outputs = []
             for path, result in zip(args.input, client.stream(arrays), strict=True):

@@ -14,7 +14,7 @@ What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics
               write F/epoch/+/stage/+/in  F/result/+  F/error  F/slice/request
               read  F/node/n/assign  F/epoch/+/stage/+/in  F/slice/+/+
-    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error
+    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
               read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/plan  F/error  F/slice/request
     client c  write F/epoch/+/stage/0/in
               read  F/result/c  F/plan  F/error
@@ -173,6 +173,7 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/node/+/health"),
             ("read", f"{f}/node/+/metrics"),
             ("read", f"{f}/slice/request"),
+            ("write", f"{f}/node/planner/metrics"),  # pipeline metrics (planner/loop.py publishes them there)
         ]
     if role == "client":
         return [

@@ -63,9 +63,11 @@ def timeline_png(results_or_hops: Any, plan: Any, path: str) -> Any:
 
 
 def _guard(func: Any, args: argparse.Namespace) -> int:
+    from fleetpipe.cliargs import broker_from_args
     from fleetpipe.errors import FleetpipeError
 
     try:
+        args.broker = broker_from_args(args)  # URL + credentials + TLS, from --config and the flags
         return int(func(args))
     except FleetpipeError as exc:  # broker unreachable, ...: one line, not a traceback
         print(f"fleetpipe {args.command}: {exc}", file=sys.stderr)
@@ -73,7 +75,9 @@ def _guard(func: Any, args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
+    from fleetpipe.cliargs import add_broker_args
+
+    add_broker_args(p)
     p.add_argument("--fleet", default="default", help="fleet name (default 'default')")
 
 

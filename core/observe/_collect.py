@@ -9,17 +9,28 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from fleetpipe import topics, wire
+from fleetpipe.config import BrokerConfig
 from fleetpipe.errors import WireError
 from fleetpipe.metrics import FleetView
 
-__all__ = ["client_id", "telemetry_filters", "watch"]
+__all__ = ["client_id", "open_bus", "telemetry_filters", "watch"]
 
 
 def client_id(role: str) -> str:
     """A unique MQTT client id for an observer process."""
     return f"fleetpipe-{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def open_bus(broker: str | BrokerConfig, role: str, **kwargs: Any) -> Any:
+    """An (unentered) ``MqttBus`` for an observer: a URL, or a ``BrokerConfig`` with credentials and TLS."""
+    from fleetpipe.transport.mqtt import MqttBus
+
+    b = BrokerConfig(url=broker) if isinstance(broker, str) else broker
+    return MqttBus(b.url or "", client_id=client_id(role), username=b.username, password=b.password(),
+                   tls=b.tls(), **kwargs)
 
 
 def telemetry_filters(fleet: str, *, results: bool) -> list[tuple[str, int]]:
@@ -36,15 +47,13 @@ def telemetry_filters(fleet: str, *, results: bool) -> list[tuple[str, int]]:
     return out
 
 
-async def watch(url: str, view: FleetView, *, seconds: float | None = None, stop: asyncio.Event | None = None,
-                results: bool = False, lock: threading.Lock | None = None,
+async def watch(url: str | BrokerConfig, view: FleetView, *, seconds: float | None = None,
+                stop: asyncio.Event | None = None, results: bool = False, lock: threading.Lock | None = None,
                 on_message: Callable[[wire.Message], None] | None = None,
                 subscribed: asyncio.Event | None = None) -> None:
     """Fold the fleet's messages into ``view`` for ``seconds`` (or until ``stop`` is set)."""
-    from fleetpipe.transport.mqtt import MqttBus
-
     deadline = None if seconds is None else time.monotonic() + seconds
-    async with MqttBus(url, client_id=client_id("observe"), queue_maxsize=1000) as bus:
+    async with open_bus(url, "observe", queue_maxsize=1000) as bus:
         for flt, qos in telemetry_filters(view.fleet, results=results):
             await bus.subscribe(flt, qos)
         if subscribed is not None:

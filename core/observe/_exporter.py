@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fleetpipe.config import BrokerConfig
 from fleetpipe.metrics import FleetView
 
 __all__ = ["FleetCollector", "run_exporter", "serve_exporter"]
@@ -134,7 +135,7 @@ class FleetCollector:
         yield c
 
 
-async def serve_exporter(url: str, fleet: str, port: int, bind: str = "127.0.0.1", *,
+async def serve_exporter(url: str | BrokerConfig, fleet: str, port: int, bind: str = "127.0.0.1", *,
                          stop: asyncio.Event | None = None, started: asyncio.Event | None = None,
                          results: bool = True) -> None:
     """Serve ``/metrics`` on ``bind:port`` while folding the fleet's telemetry, until ``stop`` is set."""

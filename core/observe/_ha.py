@@ -76,14 +76,13 @@ def run_ha(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- private
 
 
-async def _publish(url: str, fleet: str, seconds: float, prefix: str, *, remove: bool) -> int:
-    from fleetpipe.observe._collect import client_id, watch
-    from fleetpipe.transport.mqtt import MqttBus
+async def _publish(url: Any, fleet: str, seconds: float, prefix: str, *, remove: bool) -> int:
+    from fleetpipe.observe._collect import open_bus, watch
 
     view = FleetView(fleet)
     await watch(url, view, seconds=seconds)
     snap = view.snapshot()
-    async with MqttBus(url, client_id=client_id("ha")) as bus:
+    async with open_bus(url, "ha") as bus:
         for n in snap.nodes:
             for topic, cfg in discovery_configs(fleet, n.node_id, n.device_class, prefix):
                 payload = b"" if remove else json.dumps(cfg).encode()

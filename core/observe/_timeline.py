@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from fleetpipe import wire
+from fleetpipe.config import BrokerConfig
 from fleetpipe.metrics import HopStats, analyse_hops, frames_of
 
 __all__ = ["record_results", "run_timeline", "timeline_png"]
@@ -99,7 +100,8 @@ def timeline_png(results_or_hops: Any, plan: wire.Plan | None, path: str) -> Hop
     return total
 
 
-async def record_results(url: str, fleet: str, seconds: float) -> tuple[list[wire.Result], wire.Plan | None]:
+async def record_results(url: str | BrokerConfig, fleet: str,
+                         seconds: float) -> tuple[list[wire.Result], wire.Plan | None]:
     """Collect every result published in the fleet for ``seconds``, and the newest plan."""
     from fleetpipe.metrics import FleetView
     from fleetpipe.observe._collect import watch
