@@ -164,3 +164,23 @@ def test_exact_matches_brute_force_with_replication(p: dict) -> None:
     n_d = len(p["types"])
     p["bw"] = np.full((n_d, n_d), p["bw"][0, 0 if n_d == 1 else 1])  # identical links: types are classes
     check(p, to_problem(p, allow_replication=True), replicas=True)
+
+
+@SETTINGS
+@given(instances(max_layers=7, max_devices=4, extensions=True))
+def test_heuristic_reports_what_the_cost_model_scores(p: dict) -> None:
+    """The fast re-planner never claims a plan better (or other) than the cost model scores it."""
+    from fleetpipe.planner import heuristic
+
+    problem = to_problem(p)
+    expect = brute(p)
+    try:
+        res = heuristic.refine(problem, None, time_limit_s=0.05)
+    except InfeasiblePlan:
+        assert expect is None or not math.isfinite(expect[0])
+        return
+    again = evaluate(problem, res.stages)
+    assert res.report == again
+    assert res.bottleneck_ms == again.bottleneck_ms
+    if again.feasible:
+        assert expect is not None and res.bottleneck_ms >= expect[0] - 1e-9  # never beats the optimum
