@@ -76,6 +76,7 @@ def one_run(run: int, tmp: Path, console: Console) -> dict[str, float]:
             feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
             time.sleep(3.0)
+            plan = client.plan  # the current epoch: the planner may have fine-tuned since start-up
             victim = plan.stages[len(plan.stages) // 2].nodes[0]
             killed_at = time.monotonic()
             os.killpg(names[victim].pid, signal.SIGKILL)
