@@ -69,6 +69,8 @@ SPECS = [
     Spec("faults", ["--json"], ["--json", "--runs", "1"], 600, 120, "json", "kill -9 of a middle node mid-stream"),
     Spec("adaptive", ["--json"], ["--json", "--phase-s", "2.5"], 600, 150, "json",
          "real fleet: adaptive bits + fine-tune vs fixed 8-bit plan"),
+    Spec("early_exit", [], ["--repeat", "1"], 300, 120, "text",
+         "COACH early exit: exit ratio on correlated vs shuffled streams, accuracy, throughput vs no exit"),
     Spec("scale", ["--json"], ["--json", "--quick"], 1800, 330, "json",
          "EdgePipe metric: 16-device ViT fleet / one device; 8-device CNN fleets"),
 ]
@@ -224,7 +226,7 @@ def parse_text_only(text: str) -> dict[str, Any]:
 
 PARSERS: dict[str, Callable[[str], Any]] = {"transport": parse_transport, "slicing": parse_slicing,
                                             "discovery": parse_discovery, "adaptive_sim": parse_adaptive_sim,
-                                            "intra": parse_text_only}
+                                            "intra": parse_text_only, "early_exit": parse_text_only}
 
 
 # -- report sections --------------------------------------------------------------------------------
@@ -461,7 +463,8 @@ def write_report(out: Path, quick: bool, machine: dict[str, Any], outcomes: list
     add("faults", "Faults: kill -9 mid-stream", section_faults)
     add("adaptive", "Adaptive vs fixed on a real fleet", section_adaptive)
     for n, t in (("adaptive_sim", "Adaptive vs fixed, simulated"), ("slicing", "Slicing overhead"),
-                 ("discovery", "Discovery"), ("intra", "Intra-layer parallelism")):
+                 ("discovery", "Discovery"), ("intra", "Intra-layer parallelism"),
+                 ("early_exit", "COACH early exit on a real fleet")):
         add(n, t, lambda d, n=n: section_simple(n, d))
     for title, build in sections:
         name = title.split("`bench/")[1].split(".py")[0]

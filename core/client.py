@@ -48,11 +48,19 @@ class FrameResult:
     latency_ms: float
     hops: tuple[Any, ...]
     attempts: int
+    # COACH early exit: a stage answered with the top label (``outputs`` is then ``{"label": [label]}``).
+    early_exit: bool = False
+    label: int | None = None
 
     @property
     def output(self) -> np.ndarray:
         """The first (usually only) output."""
         return next(iter(self.outputs.values()))
+
+    @property
+    def top1(self) -> int:
+        """The predicted class: the early-exit label, else the argmax of the output."""
+        return int(self.label) if self.label is not None else int(np.argmax(self.output))
 
 
 @dataclass(slots=True)
@@ -64,6 +72,7 @@ class ClientStats:
     resent: int = 0
     duplicates: int = 0
     stale_reports: int = 0
+    early_exits: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -237,9 +246,12 @@ class AsyncFleetClient:
         except (DecodeError, ValueError) as exc:
             pending.future.set_exception(DecodeError(f"result of {result.frame_id}: {exc}"))
             return
+        if result.early_exit:
+            self.stats.early_exits += 1
         pending.future.set_result(FrameResult(result.frame_id, outputs, int(result.epoch),
                                               (time.monotonic() - pending.first_sent) * 1000,
-                                              tuple(result.hops), pending.attempts))
+                                              tuple(result.hops), pending.attempts, bool(result.early_exit),
+                                              result.label))
 
     async def _watchdog(self) -> None:
         while True:

@@ -105,6 +105,8 @@ class PlannerConfig:
     calibration: str | None = None
     # ScalPipe fine-tuning when stages drift from their predictions; off = re-plan only on membership changes.
     adapt: bool = True
+    # COACH early exit at calibrated cuts (needs a calibration with exit caches); off = every frame runs to the end.
+    early_exit: bool = True
     interfaces: tuple[str, ...] = ()
     announce: bool = True
 

@@ -37,6 +37,7 @@ __all__ = [
     "Activation",
     "EmulationControl",
     "ErrorReport",
+    "ExitCache",
     "Hop",
     "Message",
     "Metrics",
@@ -235,6 +236,7 @@ class StageAssign(_Msg):
     output_names: tuple[str, ...] = ()
     bits: int = 32
     next_stage: int | None = None
+    exit_cache: ExitCache | None = None
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
@@ -248,6 +250,26 @@ class StageAssign(_Msg):
         _text(self.model_id, "model_id")
         _slice_hash(self.slice_hash, allow_empty=True)
         _bits(self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitCache(_Msg):
+    """COACH early exit for a stage: per-label semantic centres of its output feature and the threshold."""
+
+    TAG: ClassVar[str] = "exit_cache"
+    threshold: float
+    centres: tuple[tuple[float, ...], ...]
+    counts: tuple[int, ...]
+
+    def _validate(self) -> None:
+        if not self.threshold > 0:
+            raise ValueError("exit threshold must be > 0")
+        if len(self.centres) < 2 or len(self.counts) != len(self.centres):
+            raise ValueError("an exit cache needs >= 2 labels with one count each")
+        if len({len(c) for c in self.centres}) != 1 or not self.centres[0]:
+            raise ValueError("exit cache centres must share one non-zero dimension")
+        if any(c < 0 for c in self.counts):
+            raise ValueError("exit cache counts must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

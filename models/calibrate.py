@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ class Calibration:
     bits_candidates: tuple[int, ...]
     min_bits: tuple[int, ...]
     losses: tuple[tuple[tuple[int, float], ...], ...]
+    # COACH early exit per cut (classifiers with labels): {cut: {"threshold", "centres", "counts"}}; a cut is
+    # absent when its crossing is several tensors, too wide, or no threshold keeps the loss within the floor.
+    exits: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -90,6 +93,7 @@ class Calibration:
             "n_samples": self.n_samples, "bits_candidates": list(self.bits_candidates),
             "min_bits": list(self.min_bits),
             "losses": [{str(b): v for b, v in cut} for cut in self.losses],
+            "exits": {str(c): dict(e) for c, e in sorted(self.exits.items())},
         }
 
     def to_json(self) -> str:
@@ -107,6 +111,7 @@ class Calibration:
             n_samples=int(d["n_samples"]), bits_candidates=tuple(d["bits_candidates"]),
             min_bits=tuple(d["min_bits"]),
             losses=tuple(tuple((int(b), float(v)) for b, v in cut.items()) for cut in d["losses"]),
+            exits={int(c): e for c, e in d.get("exits", {}).items()},
         )
 
 
@@ -163,6 +168,7 @@ def calibrate(
 
     min_bits = [FULL_BITS] * (n_layers - 1)
     losses: list[dict[int, float]] = [{} for _ in range(n_layers - 1)]
+    exits: dict[int, dict[str, Any]] = {}
     for done, cut in enumerate(todo, 1):
         prefix = _Runner(slice_model(model, graph, 0, cut), batch)
         suffix = _Runner(slice_model(model, graph, cut + 1, n_layers - 1), batch)
@@ -175,6 +181,10 @@ def calibrate(
                 losses[cut][bits] = float(loss_of(suffix.run({**feeds, **sent})[out_name]))
             return losses[cut][bits]
 
+        if metric == "labels" and len(crossing) == 1:
+            exit_doc = _exit_cache(next(iter(crossing.values())), labels, reference, floor)
+            if exit_doc is not None:
+                exits[cut] = exit_doc
         min_bits[cut] = _bisect(cands, measure, floor)
         if min_bits[cut] != FULL_BITS and not measure(min_bits[cut]) <= floor:  # verify the found width
             raise AssertionError(f"bisection picked {min_bits[cut]} bits at cut {cut} outside the floor")
@@ -183,8 +193,33 @@ def calibrate(
     return Calibration(
         model_id=model_id_of(model), floor=float(floor), metric=metric, n_samples=n_samples,
         bits_candidates=tuple(cands), min_bits=tuple(min_bits),
-        losses=tuple(tuple(d.items()) for d in losses),
+        losses=tuple(tuple(d.items()) for d in losses), exits=exits,
     )
+
+
+#: Largest semantic cache shipped in an assignment (labels x feature dim), to keep the JSON small.
+MAX_EXIT_CACHE = 65536
+
+
+def _exit_cache(activation: np.ndarray, labels: Any, reference: np.ndarray, floor: float) -> dict[str, Any] | None:
+    """Warm per-label centres of the cut's pooled feature and calibrate the exit threshold within ``floor``."""
+    from fleetpipe.context import SemanticCache
+
+    feats = SemanticCache.feature(activation)
+    n_labels = int(reference.reshape(reference.shape[0], -1).shape[1])
+    labs = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if feats.shape[0] != labs.shape[0] or n_labels < 2 or n_labels * feats.shape[1] > MAX_EXIT_CACHE:
+        return None
+    if labs.min() < 0 or labs.max() >= n_labels:
+        return None
+    cache = SemanticCache(n_labels, feats.shape[1])
+    cache.warm(feats, labs)
+    threshold = cache.calibrate_threshold(feats, labs, np.argmax(reference.reshape(len(labs), -1), axis=1),
+                                          floor)
+    if not (math.isfinite(threshold) and threshold > 0):
+        return None
+    return {"threshold": float(threshold), "centres": cache.centres.round(6).tolist(),
+            "counts": cache.counts.astype(int).tolist()}
 
 
 def _bisect(cands: list[int], measure: Callable[[int], float], floor: float) -> int:

@@ -64,11 +64,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 1
     args.out.write_text(cal.to_json() + "\n")
     table = Table(title=f"{name}: metric={cal.metric}, floor={cal.floor:g}, {cal.n_samples} samples")
-    for col in ("cut after", "layer", "min bits", "loss at min"):
+    for col in ("cut after", "layer", "min bits", "loss at min", "early-exit S_ext"):
         table.add_column(col, justify="right")
     for i, b in enumerate(cal.min_bits):
         loss = cal.loss(i, b)
-        table.add_row(str(i), graph.layers[i].name, str(b), "-" if loss is None else f"{loss:+.4f}")
+        exit_doc = cal.exits.get(i)
+        table.add_row(str(i), graph.layers[i].name, str(b), "-" if loss is None else f"{loss:+.4f}",
+                      "-" if exit_doc is None else f"{exit_doc['threshold']:.4g}")
     Console().print(table)
     console.print(f"wrote {args.out} (model id {cal.model_id}); min_bits per layer: {cal.min_bits_array().tolist()}")
     return 0

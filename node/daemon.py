@@ -54,6 +54,8 @@ log = logging.getLogger("fleetpipe.node")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+# Running-mean memory of the early-exit centres: the last ~this many exits per label weigh in (COACH Eq. 7).
+EXIT_CACHE_MEMORY = 50
 EXIT_BROKER = 3
 
 # Keep the previous epoch's slice this long after switching, so in-flight frames finish.
@@ -72,6 +74,8 @@ class _Slot:
     retired_at: float | None = None
     # COACH: per-link adaptive bit-width (non-last stages), created on the first output.
     adaptive: Any = None
+    # COACH: semantic cache for early exit when the assignment carries one (fleetpipe.context.SemanticCache).
+    exit_cache: Any = None
 
 
 @dataclass(slots=True)
@@ -84,6 +88,7 @@ class _Stats:
     idle_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     bytes_out: int = 0
     last_done: float | None = None
+    early_exits: int = 0
 
 
 class NodeDaemon:
@@ -332,7 +337,7 @@ class NodeDaemon:
         for old in self.slots.values():
             if old.retired_at is None:
                 old.retired_at = now
-        self.slots[assign.epoch] = _Slot(assign, runtime, executor, group)
+        self.slots[assign.epoch] = _Slot(assign, runtime, executor, group, exit_cache=_exit_cache(assign.exit_cache))
         self.epoch = assign.epoch
         # Timings of the previous slice say nothing about this one (the planner compares them to the plan).
         self.stats.compute_ms.clear()
@@ -440,10 +445,15 @@ class NodeDaemon:
         outputs, compute_ms = await slot.executor.run(inputs)
         self.stats.compute_ms.append(compute_ms)
         last = assign.next_stage is None
+        separable = None  # COACH task separability S of this frame, when the stage has an exit cache
+        if not last and slot.exit_cache is not None:
+            separable = await self._early_exit(slot, frame, outputs, recv_ts, compute_ms)
+            if separable is True:
+                return
         if last:
             bits = 32
         elif self.config.adaptive_bits:
-            bits = self._choose_bits(slot, outputs, compute_ms)
+            bits = self._choose_bits(slot, outputs, compute_ms, separable)
         else:
             bits = assign.bits
         tensors = tuple((name, codec.encode_tensor(_as_array(outputs[name]), bits=_bits_for(outputs[name], bits)))
@@ -466,8 +476,46 @@ class NodeDaemon:
             await self._outbox.put((topic, wire.encode(nxt), slot.adaptive))
         self.stats.frames_out += 1
 
-    def _choose_bits(self, slot: _Slot, outputs: dict[str, Any], compute_ms: float) -> int:
-        """COACH Eq. 11 at the sending node: the highest bits whose transfer does not become the bubble."""
+    async def _early_exit(self, slot: _Slot, frame: Any, outputs: dict[str, Any], recv_ts: float,
+                          compute_ms: float) -> bool | float | None:
+        """COACH: answer a clearly separable frame here with the top label (Eq. 9 > S_ext).
+
+        Returns True if it exited, else the frame's separability S (for bit relief), or None.
+
+        Only single-sample frames of a single crossing tensor exit (a batch exits whole or not at all, so
+        batches always run to the end). The label's centre follows the stream as a running mean (Eq. 7).
+        """
+        names = slot.assign.output_names
+        act = _as_array(outputs[names[0]]) if len(names) == 1 else None
+        if act is None or act.ndim < 1 or act.shape[0] != 1:
+            return None
+        cache = slot.exit_cache
+        try:
+            feature = cache.feature(act)[0]
+            leave, label, s = cache.decide(feature)
+        except ValueError:  # the slice's feature does not match the calibrated cache: never exit
+            slot.exit_cache = None
+            return None
+        if not leave or label is None:
+            return float(s)
+        cache.update(feature, label)
+        hop = wire.Hop(stage=slot.assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
+                       send_ts=time.time())
+        label_t = codec.encode_tensor(np.array([label], dtype=np.int64), bits=32)
+        result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id, epoch=frame.epoch,
+                             tensors=(("label", label_t),), hops=(*frame.hops, hop), ts=time.time(),
+                             early_exit=True, label=int(label))
+        await self._outbox.put((frame.reply_to, wire.encode(result), None))
+        self.stats.frames_out += 1
+        self.stats.early_exits += 1
+        return True
+
+    def _choose_bits(self, slot: _Slot, outputs: dict[str, Any], compute_ms: float,
+                     separable: bool | float | None = None) -> int:
+        """COACH Eq. 11 at the sending node: the highest bits whose transfer does not become the bubble.
+
+        A clearly separable frame (S from the exit cache) may go below the calibrated floor (bit relief).
+        """
         from fleetpipe.node.adapt import AdaptiveBits, BandwidthEstimator
 
         assign = slot.assign
@@ -484,7 +532,10 @@ class NodeDaemon:
             next_ms = float(plan.stages[assign.next_stage].predicted_ms) or compute_ms
             target = float(plan.bottleneck_ms) or None
         own = _mean(self.stats.compute_ms) or compute_ms
-        return int(slot.adaptive.decide(own, next_ms, target_ms=target).bits)
+        floor = None
+        if isinstance(separable, float) and slot.exit_cache is not None:
+            floor = slot.exit_cache.relieved_min_bits(assign.bits, separable)
+        return int(slot.adaptive.decide(own, next_ms, min_bits=floor, target_ms=target).bits)
 
     async def _sender(self) -> None:
         assert self.bus is not None
@@ -540,7 +591,8 @@ class NodeDaemon:
         self._health_hist.append(health)
         with contextlib.suppress(FleetpipeError):
             await self.bus.publish(topics.node_health(self.fleet, self.name), wire.encode(health), qos=0)
-            values = {**metrics_payload(self._health_hist, window_s=5.0), "bytes_out": float(self.stats.bytes_out)}
+            values = {**metrics_payload(self._health_hist, window_s=5.0), "bytes_out": float(self.stats.bytes_out),
+                      "early_exits_total": float(self.stats.early_exits)}
             metrics = wire.Metrics(fleet=self.fleet, node_id=self.name, ts=health.ts, values=values)
             await self.bus.publish(topics.node_metrics(self.fleet, self.name), wire.encode(metrics), qos=0)
         sdnotify.notify("WATCHDOG=1")
@@ -638,3 +690,16 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _exit_cache(doc: Any) -> Any:
+    """The assignment's exit cache as a live SemanticCache (centres follow the stream), or None."""
+    if doc is None:
+        return None
+    from fleetpipe.context import SemanticCache
+
+    centres = np.asarray(doc.centres, dtype=np.float64)
+    cache = SemanticCache(centres.shape[0], centres.shape[1], threshold=doc.threshold, max_count=EXIT_CACHE_MEMORY)
+    cache.centres[:] = centres
+    cache.counts[:] = np.asarray(doc.counts, dtype=np.int64)
+    return cache

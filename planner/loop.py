@@ -138,7 +138,8 @@ class PlannerService:
         self._measured: dict[int, float] = {}
         self._cooldown_until = 0.0
         self._published_epoch = -1
-        self.min_bits = _load_min_bits(config, model)
+        self.calibration = _load_calibration(config, model)
+        self.min_bits = None if self.calibration is None else self.calibration.min_bits_array()
         self.last_result: Any = None
 
     def run(self) -> int:
@@ -157,7 +158,8 @@ class PlannerService:
         if self.model is None:
             self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
-            self.min_bits = _load_min_bits(self.config, self.model)
+            self.calibration = _load_calibration(self.config, self.model)
+            self.min_bits = None if self.calibration is None else self.calibration.min_bits_array()
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
                            password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
@@ -387,7 +389,8 @@ class PlannerService:
                     first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
                     slice_size=len(stage_slices[s.index][0]), model_id=self.model.model_id,
                     input_names=s.input_names, output_names=s.output_names, bits=s.bits,
-                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time())
+                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
+                    exit_cache=self._exit_cache(s, len(stages)))
                 await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
         assigned = {n for s in stages for n in s.nodes}
         for node_id in self._assigned - assigned:
@@ -414,6 +417,17 @@ class PlannerService:
         self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
         log.info("planner: epoch %d published: %s", epoch,
                  " | ".join(f"s{s.index} {'+'.join(s.nodes)} L{s.first_layer}-{s.last_layer}" for s in stages))
+
+    def _exit_cache(self, stage: Any, n_stages: int) -> Any:
+        """COACH early exit for a stage that ends at a calibrated cut (never the last stage), or None."""
+        cal = self.calibration
+        if cal is None or not self.config.early_exit or stage.index + 1 >= n_stages:
+            return None
+        doc = cal.exits.get(stage.last_layer)
+        if doc is None:
+            return None
+        return wire.ExitCache(threshold=float(doc["threshold"]), centres=tuple(tuple(r) for r in doc["centres"]),
+                              counts=tuple(int(c) for c in doc["counts"]))
 
     async def _publish_slice(self, digest: str, data: bytes) -> None:
         assert self.bus is not None
@@ -449,8 +463,8 @@ class PlannerService:
             await self.bus.publish(topics.error(self.fleet), wire.encode(report), qos=1)
 
 
-def _load_min_bits(config: PlannerConfig, model: ModelInfo | None) -> Any:
-    """Per-cut minimum bits from a calibration file (``fleetpipe calibrate``), or None."""
+def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
+    """The calibration file (``fleetpipe calibrate``: per-cut minimum bits, exit caches), or None."""
     if not config.calibration:
         return None
     from fleetpipe.models.calibrate import Calibration
@@ -461,8 +475,9 @@ def _load_min_bits(config: PlannerConfig, model: ModelInfo | None) -> Any:
         raise ConfigError(f"cannot read calibration {config.calibration}: {exc}") from exc
     if model is not None and cal.model_id != model.model_id:
         raise ConfigError(f"calibration {config.calibration} is for model {cal.model_id}, not {model.model_id}")
-    log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%)", list(cal.min_bits), 100 * cal.floor)
-    return cal.min_bits_array()
+    log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
+             list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
+    return cal
 
 
 @dataclass(frozen=True, slots=True)
