@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
@@ -19,6 +18,7 @@ from fleetpipe import topics, wire
 from fleetpipe.client import FleetClient
 from fleetpipe.transport import TLSParameters
 from tests.integration.fleet_helpers import fleet as fleet_ctx
+from tests.integration.fleet_helpers import tiny_resnet18
 
 from .conftest import FLEET, SecureBroker, run
 
@@ -34,12 +34,8 @@ def _conf(broker: SecureBroker, tmp: Path, identity: str, section: str | None = 
 
 
 def test_fleet_runs_on_the_secure_broker(secure_broker: SecureBroker, tmp_path: Path) -> None:
-    from fleetpipe.models import zoo
-
-    kw = {"width": 0.25, "resolution": 32, "num_classes": 10}
-    model = tmp_path / "resnet18.onnx"
-    onnx.save(zoo.build("resnet18", **kw), model)
-    x = np.random.default_rng(2).standard_normal(tuple(zoo.input_shape("resnet18", **kw))).astype(np.float32)
+    model, shape = tiny_resnet18(tmp_path)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     with fleet_ctx(secure_broker.url, FLEET, tmp_path) as f:
         f.spawn("planner", ["planner", "--config", str(_conf(secure_broker, tmp_path, "planner", "planner")),
                             "--model", str(model), "--bits", "32", "--no-announce"])

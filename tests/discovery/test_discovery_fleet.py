@@ -11,26 +11,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
 from fleetpipe.client import FleetClient
 from fleetpipe.node.daemon import EXIT_CONFIG
 from tests.integration.fleet_helpers import fleet as fleet_ctx
+from tests.integration.fleet_helpers import tiny_resnet18
 
 from .conftest import announce_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-def _model(tmp_path: Path) -> tuple[Path, tuple[int, ...]]:
-    from fleetpipe.models import zoo
-
-    kw = {"width": 0.25, "resolution": 32, "num_classes": 10}
-    path = tmp_path / "resnet18.onnx"
-    onnx.save(zoo.build("resnet18", **kw), path)
-    return path, tuple(zoo.input_shape("resnet18", **kw))
 
 
 def _node_args(name: str, fleet_name: str, tmp_path: Path) -> list[str]:
@@ -39,7 +30,7 @@ def _node_args(name: str, fleet_name: str, tmp_path: Path) -> list[str]:
 
 
 def test_fleet_without_broker_address_finds_it_and_runs(mosquitto, tmp_path, fleet: str) -> None:
-    model, shape = _model(tmp_path)
+    model, shape = tiny_resnet18(tmp_path)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(6)]
@@ -69,7 +60,7 @@ def test_fleet_without_broker_address_finds_it_and_runs(mosquitto, tmp_path, fle
 
 def test_static_fallback_from_the_config_file(mosquitto, tmp_path, fleet: str) -> None:
     """No advert at all: the node resolves the broker from ``[broker] static_fallback`` in its file."""
-    model, shape = _model(tmp_path)
+    model, shape = tiny_resnet18(tmp_path)
     conf = tmp_path / "node.toml"
     conf.write_text(f'[broker]\nstatic_fallback = ["mqtt://127.0.0.1:1", "{mosquitto.url}"]\n')
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)

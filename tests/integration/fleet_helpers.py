@@ -68,3 +68,15 @@ def fleet(url: str, name: str, logdir: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop()
+
+
+def tiny_resnet18(tmp_path: Path, width: float = 0.25, resolution: int = 32) -> tuple[Path, tuple[int, ...]]:
+    """A small zoo ResNet-18 (10 classes) saved under ``tmp_path``; returns its path and input shape."""
+    import onnx
+
+    from fleetpipe.models import zoo
+
+    kw = {"width": width, "resolution": resolution, "num_classes": 10}
+    path = tmp_path / "resnet18.onnx"
+    onnx.save(zoo.build("resnet18", **kw), path)
+    return path, tuple(zoo.input_shape("resnet18", **kw))

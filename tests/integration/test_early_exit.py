@@ -37,7 +37,8 @@ def _calibrated_digits(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarr
 def test_separable_frames_exit_early_within_the_floor(tmp_path: Path, mosquitto) -> None:
     model, calib, x, y = _calibrated_digits(tmp_path)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    full = np.array([int(np.argmax(sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0])) for i in range(len(x))])
+    name = sess.get_inputs()[0].name
+    full = np.array([int(np.argmax(sess.run(None, {name: x[i : i + 1]})[0])) for i in range(len(x))])
     with fleet(mosquitto.url, "exit", tmp_path) as f:
         f.planner(model, "--calibration", str(calib), "--input-shape", "1,64", "--expect-nodes", "2", "--no-adapt")
         for name in ("a", "b"):
@@ -54,5 +55,6 @@ def test_separable_frames_exit_early_within_the_floor(tmp_path: Path, mosquitto)
     assert stats.early_exits == len(exited)
     pred = np.array([r.top1 for r in results])
     loss = float(np.mean(full == y) - np.mean(pred == y))
-    print(f"\nearly exits {len(exited)}/{len(x)}; accuracy full {np.mean(full == y):.4f}, fleet {np.mean(pred == y):.4f}")
+    print(f"\nearly exits {len(exited)}/{len(x)}; accuracy full {np.mean(full == y):.4f}, "
+          f"fleet {np.mean(pred == y):.4f}")
     assert loss <= 0.02, loss  # the calibrated 0.5 % floor, with room for 180 held-out frames (1 frame = 0.56 %)

@@ -7,24 +7,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
 from fleetpipe import codec, topics, wire
 from fleetpipe.client import FleetClient
-from tests.integration.fleet_helpers import fleet
+from tests.integration.fleet_helpers import fleet, tiny_resnet18
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-def _tiny_model(tmp_path: Path) -> tuple[Path, tuple[int, ...]]:
-    from fleetpipe.models import zoo
-
-    kw = {"width": 0.25, "resolution": 32, "num_classes": 10}
-    path = tmp_path / "resnet18.onnx"
-    onnx.save(zoo.build("resnet18", **kw), path)
-    return path, tuple(zoo.input_shape("resnet18", **kw))
 
 
 def _reference(path: Path, xs: list[np.ndarray]) -> list[np.ndarray]:
@@ -34,7 +24,7 @@ def _reference(path: Path, xs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def test_fleet_output_equals_local_model(mosquitto, tmp_path):
-    model, shape = _tiny_model(tmp_path)
+    model, shape = tiny_resnet18(tmp_path)
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(12)]
     refs = _reference(model, xs)
@@ -58,7 +48,7 @@ def test_fleet_output_equals_local_model(mosquitto, tmp_path):
 
 
 def test_quantized_fleet_stays_within_error_bound(mosquitto, tmp_path):
-    model, shape = _tiny_model(tmp_path)
+    model, shape = tiny_resnet18(tmp_path)
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(6)]
     refs = _reference(model, xs)
@@ -81,7 +71,7 @@ def test_bad_frames_are_reported_and_node_survives(mosquitto, tmp_path):
 
     from fleetpipe.transport.mqtt import MqttBus
 
-    model, shape = _tiny_model(tmp_path)
+    model, shape = tiny_resnet18(tmp_path)
     with fleet(mosquitto.url, "ibad", tmp_path) as f:
         f.planner(model, "--expect-nodes", "1", "--bits", "32")
         f.node("solo", "1")
@@ -121,7 +111,7 @@ def test_sigterm_drains_and_publishes_death(mosquitto, tmp_path):
 
     from fleetpipe.transport.mqtt import MqttBus
 
-    model, _ = _tiny_model(tmp_path)
+    model, _ = tiny_resnet18(tmp_path)
     with fleet(mosquitto.url, "idrain", tmp_path) as f:
         f.node("d1", "1")
         time.sleep(0.5)
