@@ -64,7 +64,7 @@ SPECS = [
     Spec("transport", [], ["--quick"], 600, 150, "text", "MQTT (QoS 1 via mosquitto) vs raw TCP loopback"),
     Spec("intra", [], ["--quick", "--skip-estimator"], 900, 150, "text",
          "intra-layer splits vs pipeline only; learned cost estimator"),
-    Spec("pipeline", ["--json"], ["--json", "--frames", "16"], 900, 240, "json",
+    Spec("pipeline", ["--json"], ["--json", "--frames", "32"], 900, 240, "json",
          "4-node emulated fleet vs best single node vs planner prediction; per-hop MQTT vs raw TCP"),
     Spec("faults", ["--json"], ["--json", "--runs", "1"], 600, 120, "json", "kill -9 of a middle node mid-stream"),
     Spec("adaptive", ["--json"], ["--json", "--phase-s", "2.5"], 600, 150, "json",
