@@ -139,7 +139,8 @@ class NodeDaemon:
         self._install_signals(loop)
         tune_malloc()
         self._capability = probe_capability(available_runtimes())
-        self._speed = await asyncio.to_thread(measure_speed, 0.2) / max(self.device.compute_factor, 1e-9)
+        speed = await asyncio.to_thread(measure_speed, 0.2, cpu_time=bool(self.config.emulate))
+        self._speed = speed / max(self.device.compute_factor, 1e-9)
         will = Will(topics.node_state(self.fleet, self.name), wire.encode(self._death("connection lost")),
                     qos=1, retain=True)
         broker = self.config.broker

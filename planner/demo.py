@@ -129,8 +129,13 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         base = [sys.executable, "-m", "fleetpipe"]
         t0 = time.monotonic()
-        procs.append(_spawn([*base, "planner", "--broker", broker.url, "--model", str(model_path), "--fleet", fleet,
-                             "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1"], logs / "planner.log", env))
+        procs.append(_spawn([*base, "-v", "planner", "--broker", broker.url, "--model", str(model_path), "--fleet",
+                             fleet, "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1"],
+                            logs / "planner.log", env))
+        # The planner profiles the model on this host first; starting the nodes only then keeps their start-up
+        # from stealing cycles from that profile, which every prediction is scaled from.
+        with console.status("profiling the model"):
+            _wait_profiled(procs[-1], logs / "planner.log")
         node_classes = {}
         for i in range(nodes):
             cls = classes[i % len(classes)]
@@ -314,6 +319,16 @@ def _stage_rows(plan: Any, results: list[Any], wire_bytes: dict[int, int]) -> li
             "wire_bytes": int(wire_bytes.get(s.index, 0)),
         })
     return rows
+
+
+def _wait_profiled(planner: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> None:
+    """Block until the planner logs that it profiled the model (it exits or times out: carry on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and planner.poll() is None:
+        with contextlib.suppress(OSError):
+            if "planner: model " in log.read_text(errors="replace"):
+                return
+        time.sleep(0.05)
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
