@@ -459,16 +459,9 @@ class NodeDaemon:
             bits = assign.bits
         tensors = tuple((name, codec.encode_tensor(_as_array(outputs[name]), bits=_bits_for(outputs[name], bits)))
                         for name in assign.output_names)
-        hop = wire.Hop(stage=assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
-                       send_ts=time.time())
-        hops = (*frame.hops, hop)
-        if last:
-            expected = topics.result(self.fleet, frame.client_id)
-            if frame.reply_to != expected:
-                raise DecodeError(f"frame {frame.frame_id}: reply_to {frame.reply_to!r} is not {expected!r}")
-            result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id,
-                                 epoch=frame.epoch, tensors=tensors, hops=hops, ts=time.time())
-            await self._outbox.put((frame.reply_to, wire.encode(result), None))
+        hops = (*frame.hops, self._hop(assign.stage, recv_ts, compute_ms))
+        if last:  # reply_to was checked against the client's result topic before the compute
+            await self._reply(frame, tensors, hops)
         else:
             nxt = wire.Activation(fleet=self.fleet, epoch=frame.epoch, frame_id=frame.frame_id,
                                   client_id=frame.client_id, stage=assign.next_stage, tensors=tensors,
@@ -500,16 +493,22 @@ class NodeDaemon:
         if not leave or label is None:
             return float(s)
         cache.update(feature, label)
-        hop = wire.Hop(stage=slot.assign.stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
-                       send_ts=time.time())
         label_t = codec.encode_tensor(np.array([label], dtype=np.int64), bits=32)
-        result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id, epoch=frame.epoch,
-                             tensors=(("label", label_t),), hops=(*frame.hops, hop), ts=time.time(),
-                             early_exit=True, label=int(label))
-        await self._outbox.put((frame.reply_to, wire.encode(result), None))
+        hops = (*frame.hops, self._hop(slot.assign.stage, recv_ts, compute_ms))
+        await self._reply(frame, (("label", label_t),), hops, early_exit=True, label=int(label))
         self.stats.frames_out += 1
         self.stats.early_exits += 1
         return True
+
+    def _hop(self, stage: int, recv_ts: float, compute_ms: float) -> wire.Hop:
+        return wire.Hop(stage=stage, node_id=self.name, recv_ts=recv_ts, compute_ms=round(compute_ms, 3),
+                        send_ts=time.time())
+
+    async def _reply(self, frame: Any, tensors: Any, hops: Any, **extra: Any) -> None:
+        """Queue a frame's Result for its client's result topic (``reply_to``, checked on arrival)."""
+        result = wire.Result(fleet=self.fleet, frame_id=frame.frame_id, client_id=frame.client_id, epoch=frame.epoch,
+                             tensors=tensors, hops=hops, ts=time.time(), **extra)
+        await self._outbox.put((frame.reply_to, wire.encode(result), None))
 
     def _choose_bits(self, slot: _Slot, outputs: dict[str, Any], compute_ms: float,
                      separable: bool | float | None = None) -> int:

@@ -139,8 +139,12 @@ class PlannerService:
         self._cooldown_until = 0.0
         self._published_epoch = -1
         self.calibration = _load_calibration(config, model)
-        self.min_bits = None if self.calibration is None else self.calibration.min_bits_array()
         self.last_result: Any = None
+
+    @property
+    def min_bits(self) -> Any:
+        """Per-cut calibrated bit floor for the planner's problem, or None (uncalibrated)."""
+        return None if self.calibration is None else self.calibration.min_bits_array()
 
     def run(self) -> int:
         """Run until told to exit; returns a process exit code."""
@@ -159,7 +163,6 @@ class PlannerService:
             self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
-            self.min_bits = None if self.calibration is None else self.calibration.min_bits_array()
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
                            password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)

@@ -177,7 +177,8 @@ def test_heuristic_reports_what_the_cost_model_scores(p: dict) -> None:
     try:
         res = heuristic.refine(problem, None, time_limit_s=0.05)
     except InfeasiblePlan:
-        assert expect is None or not math.isfinite(expect[0])
+        # The heuristic is not complete: under tight memory it may find no plan where one exists (hypothesis
+        # found 3 layers on 3 devices); the exact solver covers that. It claims nothing then, so nothing to check.
         return
     again = evaluate(problem, res.stages)
     assert res.report == again
