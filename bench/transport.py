@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import shutil
 import socket
 import statistics
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fleetpipe.deploy import broker_config
+from fleetpipe.node.daemon import tune_malloc
 from fleetpipe.transport.mqtt import MqttBus
 
 SIZES = [("1 KB", 1024), ("64 KB", 64 * 1024), ("1 MB", 1024 * 1024), ("8 MB", 8 * 1024 * 1024)]
@@ -212,16 +212,6 @@ def raw_throughput(size: int, count: int) -> float:
     return size * count / _raw_run("sink", size, count)[0]
 
 
-def _tune_malloc() -> bool:
-    """The page-fault trap: paho recv()s into fresh multi-MB buffers; keep them off mmap (glibc only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
-
-
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -258,7 +248,7 @@ async def amain(quick: bool) -> None:
         off = await mqtt_pingpong(url, 1024, rounds, nodelay=False)
         on = await mqtt_pingpong(url, 1024, rounds, nodelay=True)
         print(f"TCP_NODELAY, 1 KB QoS 1 ping-pong median: off {_ms(off)}, on {_ms(on)} ({off / on:.1f}x)")
-        if _tune_malloc():
+        if tune_malloc():
             for label, size in SIZES[2:]:
                 rounds, count = COUNTS[size][1 if quick else 0]
                 rtt = await mqtt_pingpong(url, size, rounds)

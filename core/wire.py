@@ -10,6 +10,14 @@ JSON; a msgpack map never starts with it), checks size, version, tag and every f
 :class:`~fleetpipe.errors.DecodeError` naming the offending field, or
 :class:`~fleetpipe.errors.VersionMismatch`. Any bytes at all give a message or one of these errors.
 
+Data messages with big binary values (tensor payloads, slice chunks: ``>= BLOB_MIN`` bytes) are framed
+as the msgpack array ``[blob, envelope]``: ``0x92``, a bin32 ``blob`` holding every big value (each at a
+16-byte aligned offset of the message), then the envelope map, in which each big value is replaced by an
+ext ``REF_EXT`` of 16 bytes (big-endian u64 offset and length into the blob). Encoding copies each
+payload once (``bytes.join``; a plain ``msgpack.packb`` copies it twice); decoding copies none: the
+envelope is unpacked from the bytes after the blob and every reference becomes a ``memoryview`` slice of
+the message, so ``np.frombuffer`` decodes raw tensors in place. Any msgpack reader still reads the frame.
+
 This module is sans-IO: it imports only the standard library, msgpack, numpy and fleetpipe.codec/errors.
 """
 
@@ -68,6 +76,12 @@ _INT_MAX = 2**63 - 1
 _STR_MAX = 65536
 _SEQ_MAX = 4096
 _BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 16, 32})
+#: Binary values of data messages at least this large travel in the frame's blob (see the module docstring).
+BLOB_MIN = 1024
+#: msgpack ext type code of a blob reference.
+REF_EXT = 1
+_BLOB_HEAD = 6  # 0x92, 0xc6, u32 blob length
+_ALIGN = 16
 
 
 class _Msg:
@@ -445,7 +459,7 @@ def encode(msg: Message) -> bytes:
     body.update(_dump_fields(msg))
     try:
         if cls.BINARY:
-            return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+            return _pack_binary(body)
         return json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode {cls.__name__}: {exc}") from exc
@@ -462,7 +476,9 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
         raise DecodeError(f"message of {size} bytes exceeds max_bytes={max_bytes}")
     binary = data[0] != 0x7B  # '{'
     try:
-        if binary:
+        if binary and data[0] == 0x92 and size >= _BLOB_HEAD and data[1] == 0xC6:
+            body = _unpack_framed(memoryview(data).cast("B"), max_bytes)
+        elif binary:
             body = msgpack.unpackb(
                 data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
                 max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, max_ext_len=0,
@@ -486,6 +502,63 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
     if binary != cls.BINARY:
         raise DecodeError(f"{tag} must be {'msgpack' if cls.BINARY else 'JSON'}")
     return _build(cls, body, tag)  # type: ignore[no-any-return]
+
+
+def _pack_binary(body: dict[str, Any]) -> bytes:
+    """msgpack of ``body``; big binary values go to the blob of a ``[blob, envelope]`` frame."""
+    parts: list[Any] = []
+    env = _lift(body, parts, [_BLOB_HEAD])
+    if not parts:
+        return msgpack.packb(env, use_bin_type=True)  # type: ignore[no-any-return]
+    header = msgpack.packb(env, use_bin_type=True)
+    blob_len = sum(memoryview(p).nbytes for p in parts)
+    if blob_len > 0xFFFFFFFF:
+        raise ValueError(f"blob of {blob_len} bytes exceeds the bin32 limit")
+    parts[0] = b"\x92\xc6" + blob_len.to_bytes(4, "big") + parts[0]
+    parts.append(header)
+    return b"".join(parts)
+
+
+def _lift(v: Any, parts: list[Any], end: list[int]) -> Any:
+    """``v`` with every big binary value replaced by a blob reference; ``parts`` gets padding and payloads."""
+    t = type(v)
+    if t is dict:
+        return {k: _lift(x, parts, end) for k, x in v.items()}
+    if t is list:
+        return [_lift(x, parts, end) for x in v]
+    if t is bytes or t is bytearray or t is memoryview:
+        n = memoryview(v).nbytes
+        if n < BLOB_MIN:
+            return v
+        pad = -end[0] % _ALIGN
+        parts.append(b"\0" * pad)
+        parts.append(v)
+        off = end[0] + pad - _BLOB_HEAD
+        end[0] += pad + n
+        return msgpack.ExtType(REF_EXT, off.to_bytes(8, "big") + n.to_bytes(8, "big"))
+    return v
+
+
+def _unpack_framed(mv: memoryview, max_bytes: int) -> Any:
+    """The envelope of a ``[blob, envelope]`` frame, blob references resolved to zero-copy slices."""
+    blob_len = int.from_bytes(mv[2:_BLOB_HEAD], "big")
+    end = _BLOB_HEAD + blob_len
+    if end >= mv.nbytes:
+        raise DecodeError(f"truncated frame: blob of {blob_len} bytes, message of {mv.nbytes}")
+    blob = mv[_BLOB_HEAD:end]
+
+    def ref(code: int, data: bytes) -> memoryview:
+        if code != REF_EXT or len(data) != 16:
+            raise DecodeError(f"unknown ext type {code} ({len(data)} bytes)")
+        off, n = int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big")
+        if off + n > blob_len:
+            raise DecodeError(f"blob reference {off}+{n} outside a blob of {blob_len} bytes")
+        return blob[off : off + n]
+
+    return msgpack.unpackb(
+        mv[end:], raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
+        max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, max_ext_len=16, ext_hook=ref,
+    )
 
 
 def is_binary(data: bytes | bytearray | memoryview) -> bool:

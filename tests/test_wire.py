@@ -341,3 +341,62 @@ def test_framing_does_not_copy_via_tobytes() -> None:
     msg = Activation("lab", 0, "f", "c", 0, (("x", t),), "r", 0.0)
     data = encode(msg)
     assert len(data) - x.nbytes < 400
+
+
+# ------------------------------------------------------------------------- framed data messages
+
+
+def _big_activation() -> Activation:
+    x = np.random.default_rng(1).standard_normal((1, 16, 9, 9)).astype(np.float32)
+    return Activation("lab", 2, "f-9", "cli", 1, (("x", encode_tensor(x)), ("q", encode_tensor(x, 8)),
+                                                  ("s", encode_tensor(x[0, 0, 0, :3]))),
+                      "fleetpipe/v1/lab/result/cli", 1.0)
+
+
+def test_big_payloads_are_framed_once_and_decoded_in_place() -> None:
+    msg = _big_activation()
+    data = encode(msg)
+    assert isinstance(data, bytes) and data[:2] == b"\x92\xc6"
+    # Any msgpack reader sees [blob, envelope]; the small tensor stays inline, the big ones are references.
+    blob, env = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    refs = [t["data"] for _, t in env["tensors"]]
+    assert [type(r) for r in refs] == [msgpack.ExtType, msgpack.ExtType, bytes]
+    big = msg.tensors[0][1].nbytes + msg.tensors[1][1].nbytes
+    assert big <= len(blob) < big + 2 * 16  # the two payloads, each padded to a 16-byte boundary
+    out = decode(data)
+    assert isinstance(out, Activation)
+    base = np.frombuffer(data, np.uint8)
+    for (name, t), (_, t0) in zip(out.tensors, msg.tensors, strict=True):
+        assert bytes(t.data) == bytes(t0.data), name
+    raw = out.tensors[0][1]
+    assert isinstance(raw.data, memoryview) and np.shares_memory(np.frombuffer(raw.data, np.uint8), base)
+    arr = decode_tensor(raw)
+    assert np.shares_memory(arr, base) and arr.ctypes.data % 16 == 0  # aligned, so frombuffer did not copy
+    np.testing.assert_array_equal(arr, decode_tensor(msg.tensors[0][1]))
+    assert out == decode(bytes(data)) and len(data) - sum(t.nbytes for _, t in msg.tensors) < 400
+
+
+def test_framed_garbage_raises_decode_error_only() -> None:
+    data = encode(_big_activation())
+    blob_len = int.from_bytes(data[2:6], "big")
+    for cut in (1, 5, 6, 7, 6 + blob_len - 1, 6 + blob_len, 6 + blob_len + 1, len(data) - 1):
+        with pytest.raises(DecodeError):
+            decode(data[:cut])
+    bad_len = data[:2] + (blob_len + 10**6).to_bytes(4, "big") + data[6:]
+    with pytest.raises(DecodeError, match="truncated frame"):
+        decode(bad_len)
+    env_at = 6 + blob_len
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # flips in the envelope, where the references live
+        flipped = bytearray(data)
+        i = int(rng.integers(env_at, len(data)))
+        flipped[i] ^= 1 << int(rng.integers(0, 8))
+        with contextlib.suppress(DecodeError):
+            decode(bytes(flipped))
+    ref = msgpack.ExtType(wire.REF_EXT, (0).to_bytes(8, "big") + (blob_len + 1).to_bytes(8, "big"))
+    env = msgpack.packb({"v": 1, "type": "slice_chunk", "x": ref})
+    with pytest.raises(DecodeError, match="outside a blob"):
+        decode(data[:env_at] + env)
+    other = msgpack.packb({"v": 1, "type": "slice_chunk", "x": msgpack.ExtType(7, b"\0" * 16)})
+    with pytest.raises(DecodeError, match="unknown ext type"):
+        decode(data[:env_at] + other)
