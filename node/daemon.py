@@ -7,11 +7,14 @@ content hash; the node loads the slice (local cache, else retained chunks on MQT
 hash) on its inference thread and subscribes to the stage's input topic for that epoch (a shared
 subscription, so replicas split the frames).
 
-Frames flow through three tasks so compute overlaps transfer: the receiver puts decoded frames in
-a bounded inbox (a full inbox blocks the MQTT thread, which pushes back on the broker instead of
-dropping), the worker runs the slice on the single inference thread, the sender paces bytes to the
-emulated link and publishes to the next stage or, from the last stage, to the client's response
-topic. The node keeps the previous epoch's slice for a grace period after a switch, so frames
+Frames flow through five tasks so compute overlaps codec work and transfer: the receiver puts
+decoded frames in a bounded inbox (a full inbox blocks the MQTT thread, which pushes back on the
+broker instead of dropping), the preparer checks a frame and decodes its tensors, the worker runs
+the slice on the single inference thread, the finisher encodes the outputs, and the sender paces
+bytes to the emulated link and publishes to the next stage or, from the last stage, to the client's
+response topic. Preparer, worker and finisher hand over through one-frame queues, so while frame n
+computes, frame n+1 is decoded and frame n-1 encoded (a stage's period is its compute, not compute
+plus codec), and frames leave in arrival order. The node keeps the previous epoch's slice for a grace period after a switch, so frames
 already in flight under the old plan still complete; a frame whose epoch it no longer holds is
 reported on the error topic (``StaleEpoch``) and the client re-sends it under the new plan.
 Nothing bad from the network crashes the daemon: each frame's failure becomes one error report.
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,6 +65,9 @@ EXIT_BROKER = 3
 # Keep the previous epoch's slice this long after switching, so in-flight frames finish.
 EPOCH_GRACE_S = 15.0
 SLICE_FETCH_TIMEOUT_S = 30.0
+#: GIL switch interval of a node process (CPython default 0.005): bounds how long the inference thread waits
+#: for the GIL held by the loop thread's codec work.
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass(slots=True)
@@ -112,6 +119,8 @@ class NodeDaemon:
         self.cache_dir = Path(os.path.expanduser(config.cache_dir))
         self._inbox: asyncio.Queue[tuple[wire.Activation, float]] = asyncio.Queue(maxsize=config.queue_limit)
         self._outbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue(maxsize=4)
+        self._ready: asyncio.Queue[tuple[Any, float, _Slot, dict[str, np.ndarray]]] = asyncio.Queue(maxsize=1)
+        self._computed: asyncio.Queue[tuple[Any, float, _Slot, dict[str, Any], float]] = asyncio.Queue(maxsize=1)
         self._last_send_end = 0.0
         self.plans: dict[int, Any] = {}  # epoch -> Plan (for the neighbours' predicted times)
         self._chunks: dict[str, dict[int, bytes]] = {}
@@ -138,6 +147,9 @@ class NodeDaemon:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         tune_malloc()
+        # The loop thread decodes and encodes while the inference thread computes; with CPython's default 5 ms
+        # switch interval the inference thread could wait that long for the GIL after every slice run.
+        sys.setswitchinterval(GIL_SWITCH_S)
         self._capability = probe_capability(available_runtimes())
         speed = await asyncio.to_thread(measure_speed, 0.2, cpu_time=bool(self.config.emulate))
         self._speed = speed / max(self.device.compute_factor, 1e-9)
@@ -164,8 +176,8 @@ class NodeDaemon:
         # Load (or compile, on a machine's first run) the optional numba codec kernels while the slice loads,
         # not on the first frame.
         warm = asyncio.create_task(asyncio.to_thread(codec.warmup), name="codec-warmup")
-        jobs = [("receiver", self._receiver()), ("worker", self._worker()),
-                ("sender", self._sender()), ("health", self._health_loop())]
+        jobs = [("receiver", self._receiver()), ("preparer", self._preparer()), ("worker", self._worker()),
+                ("finisher", self._finisher()), ("sender", self._sender()), ("health", self._health_loop())]
         tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs]
         try:
             await self.should_exit.wait()
@@ -222,7 +234,7 @@ class NodeDaemon:
             with contextlib.suppress(FleetpipeError):
                 await self.bus.unsubscribe(slot.topic)
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while (self._inbox.qsize() or self._outbox.qsize() or self._busy) and time.monotonic() < deadline:
+        while (self._inbox.qsize() or self._outbox.qsize() or self._in_hand) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         with contextlib.suppress(FleetpipeError):
             await self.bus.publish(topics.node_state(self.fleet, self.name),
@@ -409,23 +421,52 @@ class NodeDaemon:
 
     # -- the frame path --------------------------------------------------------------------------
 
-    _busy = False
+    # Three tasks per node, so a frame's codec work overlaps the previous frame's compute (COACH: no bubble
+    # between a stage's compute and its own encode/decode): ``_preparer`` checks and decodes frame n+1 and
+    # ``_finisher`` encodes frame n-1 while ``_worker`` computes frame n on the inference thread. The hand-offs
+    # hold one frame each, so order is kept and at most three frames are in the node beyond the inbox.
+    _in_hand = 0  # frames taken from the inbox and not yet queued for sending (or dropped with an error)
+
+    async def _preparer(self) -> None:
+        while True:
+            frame, recv_ts = await self._inbox.get()
+            self._in_hand += 1
+            try:
+                slot, inputs = self._prepare(frame)
+            except (FleetpipeError, ValueError, TypeError) as exc:
+                self._in_hand -= 1
+                await self._report(exc, frame.frame_id)
+                continue
+            await self._ready.put((frame, recv_ts, slot, inputs))
 
     async def _worker(self) -> None:
         while True:
             idle_from = time.monotonic()
-            frame, recv_ts = await self._inbox.get()
+            frame, recv_ts, slot, inputs = await self._ready.get()
             self.stats.idle_ms.append((time.monotonic() - idle_from) * 1000)
-            self._busy = True
             try:
-                await self._process(frame, recv_ts)
+                outputs, compute_ms = await slot.executor.run(inputs)
+            except (FleetpipeError, ValueError, TypeError) as exc:
+                self._in_hand -= 1
+                await self._report(exc, frame.frame_id)
+            else:
+                self.stats.compute_ms.append(compute_ms)
+                await self._computed.put((frame, recv_ts, slot, outputs, compute_ms))
+            finally:
+                self._retire_old_slots()
+
+    async def _finisher(self) -> None:
+        while True:
+            frame, recv_ts, slot, outputs, compute_ms = await self._computed.get()
+            try:
+                await self._finish(frame, recv_ts, slot, outputs, compute_ms)
             except (FleetpipeError, ValueError, TypeError) as exc:
                 await self._report(exc, frame.frame_id)
             finally:
-                self._busy = False
-                self._retire_old_slots()
+                self._in_hand -= 1
 
-    async def _process(self, frame: Any, recv_ts: float) -> None:
+    def _prepare(self, frame: Any) -> tuple[_Slot, dict[str, np.ndarray]]:
+        """Check a frame against the slot of its epoch and decode its tensors (before any compute)."""
         slot = self.slots.get(frame.epoch)
         if slot is None:
             raise StaleEpoch(f"frame {frame.frame_id} is for epoch {frame.epoch}; node holds {sorted(self.slots)}")
@@ -442,9 +483,12 @@ class NodeDaemon:
         if assign.input_names and names != sorted(assign.input_names):
             raise InferenceError(f"frame {frame.frame_id} has tensors {names}; stage {assign.stage} takes "
                                  f"{sorted(assign.input_names)}")
-        inputs = {name: codec.decode_tensor(t) for name, t in frame.tensors}
-        outputs, compute_ms = await slot.executor.run(inputs)
-        self.stats.compute_ms.append(compute_ms)
+        return slot, {name: codec.decode_tensor(t) for name, t in frame.tensors}
+
+    async def _finish(self, frame: Any, recv_ts: float, slot: _Slot, outputs: dict[str, Any],
+                      compute_ms: float) -> None:
+        """Early exit, bit-width, encode and queue a computed frame for the next stage (or its client)."""
+        assign = slot.assign
         last = assign.next_stage is None
         separable = None  # COACH task separability S of this frame, when the stage has an exit cache
         if not last and slot.exit_cache is not None:
