@@ -14,10 +14,12 @@ the slice on the single inference thread, the finisher encodes the outputs, and 
 bytes to the emulated link and publishes to the next stage or, from the last stage, to the client's
 response topic. Preparer, worker and finisher hand over through one-frame queues, so while frame n
 computes, frame n+1 is decoded and frame n-1 encoded (a stage's period is its compute, not compute
-plus codec), and frames leave in arrival order. The node keeps the previous epoch's slice for a grace period after a switch, so frames
-already in flight under the old plan still complete; a frame whose epoch it no longer holds is
-reported on the error topic (``StaleEpoch``) and the client re-sends it under the new plan.
-Nothing bad from the network crashes the daemon: each frame's failure becomes one error report.
+plus codec), and frames leave in arrival order.
+
+The node keeps the previous epoch's slice for a grace period after a switch, so frames already in
+flight under the old plan still complete; a frame whose epoch it no longer holds is reported on
+the error topic (``StaleEpoch``) and the client re-sends it under the new plan. Nothing bad from
+the network crashes the daemon: each frame's failure becomes one error report.
 """
 
 from __future__ import annotations
@@ -438,6 +440,7 @@ class NodeDaemon:
                 await self._report(exc, frame.frame_id)
                 continue
             await self._ready.put((frame, recv_ts, slot, inputs))
+            await asyncio.sleep(0)  # let the worker hand this frame to the inference thread before the next decode
 
     async def _worker(self) -> None:
         while True:
