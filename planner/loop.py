@@ -324,9 +324,7 @@ class PlannerService:
 
     async def _fine_tune(self, deviations: list[Any]) -> None:
         """ScalPipe: a stage runs off its prediction for a while; move boundary layers instead of re-solving."""
-        from fleetpipe.planner.adapt import device_factors, fine_tune, rescale_problem
-
-        from fleetpipe.planner.adapt import Deviation
+        from fleetpipe.planner.adapt import Deviation, device_factors, fine_tune, rescale_problem
 
         assert self.monitor is not None and self.current is not None
         problem, result = self.current
