@@ -73,6 +73,18 @@ class TFLiteBuilder:
         self._tensors[index].buffer = len(self._buffers) - 1
         return index
 
+    def rename(self, index: int, name: str) -> None:
+        """Give tensor ``index`` another name."""
+        self._tensors[index].name = name
+
+    def name(self, index: int) -> str:
+        """The name of tensor ``index``."""
+        return str(self._tensors[index].name)
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """The declared shape of tensor ``index``."""
+        return tuple(self._tensors[index].shape)
+
     def op(self, code: int, inputs: Sequence[int], outputs: Sequence[int], options: Any = None) -> None:
         """Append a builtin operator (``schema.BuiltinOperator`` code) with its ``...OptionsT``."""
         o = schema.OperatorT()

@@ -175,7 +175,7 @@ _NUMPY_TYPES = {
     "INT64": "int64", "BOOL": "bool", "INT16": "int16", "COMPLEX64": "complex64", "INT8": "int8",
     "COMPLEX128": "complex128", "UINT64": "uint64", "UINT32": "uint32", "UINT16": "uint16",
 }  # fmt: skip
-_ZERO_FLOP_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "TRANSPOSE", "PAD",
+_ZERO_FLOP_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "TRANSPOSE", "PAD", "PADV2",
                             "SLICE", "STRIDED_SLICE", "GATHER", "SPLIT", "PACK", "UNPACK", "DEQUANTIZE",
                             "QUANTIZE", "CAST", "SHAPE"})  # fmt: skip
 _HEAVY_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
@@ -185,7 +185,7 @@ _LIGHT_OPS = frozenset({"AVERAGE_POOL_2D", "MAX_POOL_2D", "L2_POOL_2D", "MEAN", 
                         "REDUCE_MIN", "REDUCE_PROD", "SOFTMAX", "LOG_SOFTMAX"})  # fmt: skip
 _ELEMENTWISE_OPS = frozenset({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "RELU", "RELU6",
                               "RELU_N1_TO_1", "LEAKY_RELU", "PRELU", "ABS", "SQUARE", "SQRT", "RSQRT",
-                              "NEG", "SQUARED_DIFFERENCE", "POW", "FLOOR", "CEIL", "ROUND"})  # fmt: skip
+                              "NEG", "SQUARED_DIFFERENCE", "POW", "FLOOR", "CEIL", "ROUND", "SIGN"})  # fmt: skip
 # Same weights as the ONNX side: a transcendental function counts 4 FLOPs per element.
 _TRANSCENDENTAL_OPS = frozenset({"LOGISTIC", "TANH", "EXP", "LOG", "HARD_SWISH", "GELU", "ELU", "SIN",
                                  "COS"})  # fmt: skip
@@ -387,6 +387,10 @@ def _op_flops(p: _Parsed, op: Any, kind: str) -> tuple[int, bool]:
     if kind == "FULLY_CONNECTED":
         in_features = p.infos[ins[1]].shape[-1]
         return 2 * out * in_features + (out if len(ins) > 2 else 0), True
+    if kind == "BATCH_MATMUL":
+        opts = op.builtinOptions
+        k = p.infos[ins[0]].shape[-2 if opts is not None and opts.adjX else -1]
+        return 2 * out * k, True
     if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         _, kh, kw, cin = p.infos[ins[1]].shape
         per_out = kh * kw * (cin if kind == "CONV_2D" else 1)
