@@ -28,6 +28,7 @@ __all__ = [
     "TFLiteBuilder",
     "build_cnn",
     "build_mlp",
+    "build_zoo",
     "cnn_weights",
     "load_mlp_weights",
     "main",
@@ -255,6 +256,15 @@ def build_cnn(spec: CnnSpec | None = None) -> bytes:
     softmax.beta = 1.0
     b.op(ops.SOFTMAX, [logits], [probs], softmax)
     return b.finish([inp], [probs])
+
+
+def build_zoo(name: str, **kw: Any) -> bytes:
+    """A ``fleetpipe.models.zoo`` model converted to .tflite (image input NHWC; digits: batch 1)."""
+    from fleetpipe.models import zoo
+    from fleetpipe.models.onnx_to_tflite import onnx_to_tflite
+
+    shapes = {"input": zoo.input_shape(name)} if name == "digits" else None
+    return onnx_to_tflite(zoo.build(name, **kw), shapes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
