@@ -329,7 +329,13 @@ def gather(c: Converter, node: Any) -> None:
     opts = schema.GatherOptionsT()
     opts.axis, opts.batchDims = axis, 0
     y = node.output[0]
-    c.op(OPS.GATHER, [c.value(data, False), c.const(idx, ind)], [c.define(y, c.shape(y), False)], opts)
+    if ind.ndim:
+        c.op(OPS.GATHER, [c.value(data, False), c.const(idx, ind)], [c.define(y, c.shape(y), False)], opts)
+        return
+    # LiteRT treats 0-d indices as [1] (it keeps the gathered axis), so gather one row and reshape.
+    row = c.new(f"{y}/row", (*shape[:axis], 1, *shape[axis + 1 :]))
+    c.op(OPS.GATHER, [c.value(data, False), c.const(idx, ind.reshape(1))], [row], opts)
+    c.reshape(row, c.shape(y), c.define(y, c.shape(y), False))
 
 
 def softmax(c: Converter, node: Any) -> None:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from fleetpipe.errors import UnsupportedModel
+from fleetpipe.errors import ModelError, UnsupportedModel
 from fleetpipe.models._tflite_ops import HANDLERS, match_patterns
 from fleetpipe.models.build_tflite import TFLiteBuilder
 from fleetpipe.models.onnx_graph import UnknownOpWarning, load_onnx, normalize, read_model
@@ -52,7 +52,7 @@ from fleetpipe.models.tflite import run_tflite
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["LAYOUTS", "SUPPORTED_OPS", "onnx_to_tflite", "tflite_feeds", "verify_conversion"]
+__all__ = ["LAYOUTS", "SUPPORTED_OPS", "check_shapes", "onnx_to_tflite", "tflite_feeds", "verify_conversion"]
 
 Layout = Literal["nhwc", "nchw"]
 LAYOUTS: tuple[Layout, ...] = ("nhwc", "nchw")
@@ -109,6 +109,7 @@ def verify_conversion(
     """Max abs difference between onnxruntime on ``model`` and LiteRT on ``tflite_model`` (ONNX feeds)."""
     from fleetpipe.models.slicing import make_session, run_model
 
+    check_shapes(tflite_model)
     want = run_model(make_session(model, threads=threads), feeds)
     got = run_tflite(tflite_model, tflite_feeds(feeds, layout), threads=threads)
     worst = 0.0
@@ -123,6 +124,31 @@ def verify_conversion(
         if ref.size:
             worst = max(worst, float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max()))
     return worst
+
+
+def check_shapes(tflite_model: bytes) -> None:
+    """Raise ModelError unless LiteRT's kernels compute every tensor's declared shape."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    sub = schema.Model.GetRootAs(tflite_model, 0).Subgraphs(0)
+    # Builtin kernels only: a delegate hides the shapes of the tensors inside its partitions.
+    interp = Interpreter(
+        model_content=bytes(tflite_model),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    try:
+        interp.allocate_tensors()
+    except Exception as exc:
+        raise ModelError(f"LiteRT cannot prepare the model: {exc}") from exc
+    for d in interp.get_tensor_details():
+        if d["index"] >= sub.TensorsLength():  # scratch tensors the kernels added
+            continue
+        tensor = sub.Tensors(d["index"])
+        declared = tuple(int(v) for v in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+        if tuple(int(v) for v in d["shape"]) != declared:
+            raise ModelError(
+                f"tensor {d['name']!r} is declared {declared} but LiteRT computes {tuple(d['shape'])}"
+            )
 
 
 SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(HANDLERS))

@@ -125,7 +125,12 @@ def verify_tflite_slices(
     env: dict[str, np.ndarray] = {t.name: np.asarray(feeds[t.name]) for t in graph.inputs if t.name in feeds}
     for first, last in ranges:
         piece = _slice(parsed, graph, first, last)
-        env.update(run_tflite(piece, {t: env[t] for t in graph.inputs_of(first)}))
+        outs = run_tflite(piece, {t: env[t] for t in graph.inputs_of(first)})
+        for name, value in outs.items():
+            declared = graph.tensors[name].shape if name in graph.tensors else value.shape
+            if value.shape[1:] != declared[1:] or value.ndim != len(declared):  # the batch may differ
+                raise SliceError(f"slice {first}..{last}: {name!r} has shape {value.shape}, declared {declared}")
+        env.update(outs)
     worst = 0.0
     for out in graph.outputs:
         got, want = env[out.name], expected[out.name]

@@ -207,3 +207,23 @@ def test_unsupported_op_is_named(node: onnx.NodeProto, size: int, match: str) ->
 def test_bad_layout_is_rejected() -> None:
     with pytest.raises(ValueError, match="layout"):
         onnx_to_tflite(tiny("vgg16"), layout="nchwc")  # type: ignore[arg-type]
+
+
+def test_check_shapes_catches_a_kernel_that_disagrees_with_the_declared_shape() -> None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    from fleetpipe.errors import ModelError
+    from fleetpipe.models.build_tflite import TFLiteBuilder
+    from fleetpipe.models.onnx_to_tflite import check_shapes
+
+    def gather(declared: tuple[int, ...], index: np.ndarray) -> bytes:
+        b = TFLiteBuilder()
+        x, y = b.tensor("x", (1, 3, 4)), b.tensor("y", declared)
+        opts = schema.GatherOptionsT()
+        opts.axis = 1
+        b.op(schema.BuiltinOperator.GATHER, [x, b.const("i", index)], [y], opts)
+        return b.finish([x], [y])
+
+    check_shapes(gather((1, 1, 4), np.array([0], np.int32)))
+    with pytest.raises(ModelError, match="'y' is declared \\(1, 4\\)"):
+        check_shapes(gather((1, 4), np.array([0], np.int32)))
