@@ -14,17 +14,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from fleetpipe.errors import UnsupportedModel
+from fleetpipe.models._tflite_common import (
+    ACT,
+    OPS,
+    attrs,
+    clip_activation,
+    clip_bounds,
+    fuse_act,
+    no_extra_outputs,
+    reduce,
+    text,
+    unsupported,
+)
+from fleetpipe.models._tflite_spatial import average_pool, conv, global_pool, max_pool
 
 if TYPE_CHECKING:
     from fleetpipe.models.onnx_to_tflite import Converter
 
 __all__ = ["HANDLERS", "match_patterns"]
 
-OPS = schema.BuiltinOperator
-ACT = schema.ActivationFunctionType
 _NHWC_AXIS = (0, 3, 1, 2)  # ONNX axis of a rank-4 tensor -> its position in NHWC
-_LOWEST = float(np.finfo(np.float32).min)
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p x), x >= 0.
 _AS_P = 0.3275911
 _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
@@ -41,77 +50,6 @@ def match_patterns(c: Converter) -> None:
                 c.patterns[chain[0]] = lambda conv, x=x, out=out: _emit_gelu(conv, x, out, False)
 
 
-# --------------------------------------------------------------------------- convolution and pooling
-
-
-def conv(c: Converter, node: Any) -> None:
-    x, w_name = node.input[0], node.input[1]
-    if w_name not in c.consts:
-        raise _unsupported(node, "non-constant weights")
-    w = c.consts[w_name].astype(np.float32)
-    if w.ndim != 4:
-        raise _unsupported(node, f"{w.ndim - 2}-D convolution (only 2-D)")
-    a = _attrs(node)
-    group = int(a.get("group", 1))
-    cout, cin_g, kh, kw = w.shape
-    n, cin = c.shape(x)[:2]
-    bias = _const_input(c, node, 2, np.zeros(cout, np.float32)).astype(np.float32).reshape(cout)
-    strides, dil = _pair(a, "strides"), _pair(a, "dilations")
-    act, out = _fuse_act(c, node.output[0])
-    xi, padding = _spatial_input(c, node, x, (kh, kw), strides, dil, same_ok=True, fill=0.0)
-    y_shape = c.shape(node.output[0])
-    b_label = node.input[2] if len(node.input) > 2 and node.input[2] else f"{w_name}/bias"
-    if group == 1:
-        yi = c.define(out, y_shape, True)
-        filt = c.const(w_name, w.transpose(0, 2, 3, 1))
-        c.op(OPS.CONV_2D, [xi, filt, c.const(b_label, bias)], [yi], _conv_opts(padding, strides, dil, act))
-    elif group == cin and cin_g == 1:
-        opts = schema.DepthwiseConv2DOptionsT()
-        opts.padding, opts.strideH, opts.strideW = padding, strides[0], strides[1]
-        opts.dilationHFactor, opts.dilationWFactor = dil
-        opts.depthMultiplier, opts.fusedActivationFunction = cout // cin, act
-        yi = c.define(out, y_shape, True)
-        filt = c.const(w_name, w[:, 0].transpose(1, 2, 0)[None])
-        c.op(OPS.DEPTHWISE_CONV_2D, [xi, filt, c.const(b_label, bias)], [yi], opts)
-    else:  # grouped: SPLIT the channels, one CONV_2D per group, CONCATENATION
-        og = cout // group
-        pn, ph, pw, _ = c.b.shape(xi)
-        parts = [c.b.tensor(c.unique(f"{out}/in{g}"), (pn, ph, pw, cin // group)) for g in range(group)]
-        split = schema.SplitOptionsT()
-        split.numSplits = group
-        c.op(OPS.SPLIT, [c.const("axis", np.array(3, np.int32)), xi], parts, split)
-        outs = []
-        for g in range(group):
-            yg = c.new(f"{out}/out{g}", (n, og, *y_shape[2:]), True)
-            ws = c.const(f"{w_name}/{g}", w[g * og : (g + 1) * og].transpose(0, 2, 3, 1))
-            bs = c.const(f"{b_label}/{g}", bias[g * og : (g + 1) * og])
-            c.op(OPS.CONV_2D, [parts[g], ws, bs], [yg], _conv_opts(padding, strides, dil, act))
-            outs.append(yg)
-        cat = schema.ConcatenationOptionsT()
-        cat.axis = 3
-        c.op(OPS.CONCATENATION, outs, [c.define(out, y_shape, True)], cat)
-
-
-def max_pool(c: Converter, node: Any) -> None:
-    _no_extra_outputs(c, node, "the Indices output")
-    _pool(c, node, OPS.MAX_POOL_2D, same_ok=True, fill=_LOWEST)
-
-
-def average_pool(c: Converter, node: Any) -> None:
-    if int(_attrs(node).get("count_include_pad", 0)):
-        _pool(c, node, OPS.AVERAGE_POOL_2D, same_ok=False, fill=0.0)
-    else:  # TFLite SAME excludes the padding from the mean, as count_include_pad=0 does
-        _pool(c, node, OPS.AVERAGE_POOL_2D, same_ok=True, fill=None)
-
-
-def global_pool(c: Converter, node: Any) -> None:
-    x, y = node.input[0], node.output[0]
-    if len(c.shape(x)) != 4:
-        raise _unsupported(node, f"rank-{len(c.shape(x))} input (only NCHW)")
-    code = OPS.MEAN if node.op_type == "GlobalAveragePool" else OPS.REDUCE_MAX
-    _reduce(c, code, c.value(x, True), [1, 2], c.define(y, c.shape(y), True))
-
-
 # --------------------------------------------------------------------------- elementwise
 
 
@@ -120,10 +58,10 @@ def relu(c: Converter, node: Any) -> None:
 
 
 def clip(c: Converter, node: Any) -> None:
-    bounds = _clip_bounds(c, node)
+    bounds = clip_bounds(c, node)
     if bounds is None:
-        raise _unsupported(node, "non-constant min/max")
-    act = _clip_activation(bounds)
+        raise unsupported(node, "non-constant min/max")
+    act = clip_activation(bounds)
     if act is not None:
         _unary_op(c, node, {ACT.RELU: OPS.RELU, ACT.RELU6: OPS.RELU6, ACT.RELU_N1_TO_1: OPS.RELU_N1_TO_1}[act])
         return
@@ -162,9 +100,9 @@ def binary(c: Converter, node: Any) -> None:
     code, options = _BINARY[node.op_type]
     ins = [t for t in node.input if t]
     if len(ins) != 2:
-        raise _unsupported(node, f"{len(ins)} inputs (only 2)")
+        raise unsupported(node, f"{len(ins)} inputs (only 2)")
     y = node.output[0]
-    act, out = _fuse_act(c, y) if node.op_type == "Add" else (ACT.NONE, y)
+    act, out = fuse_act(c, y) if node.op_type == "Add" else (ACT.NONE, y)
     y_shape = c.shape(y)
     nhwc = _common_nhwc(c, ins, len(y_shape))
     opts = options()
@@ -175,17 +113,17 @@ def binary(c: Converter, node: Any) -> None:
 
 
 def batch_norm(c: Converter, node: Any) -> None:
-    _no_extra_outputs(c, node, "training-mode outputs")
+    no_extra_outputs(c, node, "training-mode outputs")
     x, y = node.input[0], node.output[0]
     params = node.input[1:5]
     if len(params) != 4 or any(p not in c.consts for p in params):
-        raise _unsupported(node, "non-constant scale, bias, mean or variance")
+        raise unsupported(node, "non-constant scale, bias, mean or variance")
     scale, bias, mean, var = (c.consts[p].astype(np.float64) for p in params)
-    s = scale / np.sqrt(var + float(_attrs(node).get("epsilon", 1e-5)))
+    s = scale / np.sqrt(var + float(attrs(node).get("epsilon", 1e-5)))
     t = bias - mean * s
     shape, nhwc = c.shape(x), c.is_nhwc(x)
     if len(shape) < 2:
-        raise _unsupported(node, "input without a channel axis")
+        raise unsupported(node, "input without a channel axis")
     if not nhwc:
         s, t = s.reshape((-1,) + (1,) * (len(shape) - 2)), t.reshape((-1,) + (1,) * (len(shape) - 2))
     scaled = c.new(f"{y}/scaled", shape, nhwc)
@@ -223,7 +161,7 @@ def erf(c: Converter, node: Any) -> None:
 
 
 def gelu(c: Converter, node: Any) -> None:
-    approximate = _text(_attrs(node).get("approximate", b"none")) == "tanh"
+    approximate = text(attrs(node).get("approximate", b"none")) == "tanh"
     _emit_gelu(c, node.input[0], node.output[0], approximate)
 
 
@@ -232,12 +170,12 @@ def gelu(c: Converter, node: Any) -> None:
 
 def gemm(c: Converter, node: Any) -> None:
     a_name, b_name = node.input[0], node.input[1]
-    a = _attrs(node)
+    a = attrs(node)
     alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
     if b_name not in c.consts:
-        raise _unsupported(node, "non-constant B (use MatMul)")
+        raise unsupported(node, "non-constant B (use MatMul)")
     if len(c.shape(a_name)) != 2:
-        raise _unsupported(node, f"rank-{len(c.shape(a_name))} A")
+        raise unsupported(node, f"rank-{len(c.shape(a_name))} A")
     w = c.consts[b_name].astype(np.float64)
     w = (w if int(a.get("transB", 0)) else w.T) * alpha  # FULLY_CONNECTED wants [out, in]
     n_out = w.shape[0]
@@ -245,7 +183,7 @@ def gemm(c: Converter, node: Any) -> None:
     if len(node.input) > 2 and node.input[2]:
         bias_vec = _bias_vector(c, node.input[2], n_out)
         if bias_vec is None:
-            raise _unsupported(node, "C that is not a constant vector")
+            raise unsupported(node, "C that is not a constant vector")
         bias = beta * bias_vec
     ai = c.value(a_name, False)
     if int(a.get("transA", 0)):
@@ -253,7 +191,7 @@ def gemm(c: Converter, node: Any) -> None:
         at = c.new(f"{a_name}/T", (k, m))
         c.transpose(ai, (1, 0), at)
         ai = at
-    act, out = _fuse_act(c, node.output[0])
+    act, out = fuse_act(c, node.output[0])
     _fully_connected(c, ai, w, bias, b_name, out, act, keep_dims=False)
 
 
@@ -261,7 +199,7 @@ def matmul(c: Converter, node: Any) -> None:
     a_name, b_name = node.input[0], node.input[1]
     ra, rb = len(c.shape(a_name)), len(c.shape(b_name))
     if ra < 2 or rb < 2:
-        raise _unsupported(node, "rank-1 operands")
+        raise unsupported(node, "rank-1 operands")
     y = node.output[0]
     if b_name in c.consts and rb == 2:
         w = c.consts[b_name].astype(np.float64).T
@@ -273,7 +211,7 @@ def matmul(c: Converter, node: Any) -> None:
             if vec is not None and c.shape(add.output[0]) == c.shape(y):
                 bias, y = vec, add.output[0]
                 c.skip.add(add.name)
-        act, out = _fuse_act(c, y)
+        act, out = fuse_act(c, y)
         _fully_connected(c, c.value(a_name, False), w, bias, b_name, out, act, keep_dims=ra > 2)
         return
     opts = schema.BatchMatMulOptionsT()
@@ -298,7 +236,7 @@ def reshape(c: Converter, node: Any) -> None:
 def transpose(c: Converter, node: Any) -> None:
     x, y = node.input[0], node.output[0]
     rank = len(c.shape(x))
-    perm = [int(p) for p in _attrs(node).get("perm", range(rank - 1, -1, -1))]
+    perm = [int(p) for p in attrs(node).get("perm", range(rank - 1, -1, -1))]
     if c.is_nhwc(x):
         perm, xi = [(0, 3, 1, 2)[p] for p in perm], c.value(x)
     else:
@@ -309,7 +247,7 @@ def transpose(c: Converter, node: Any) -> None:
 def concat(c: Converter, node: Any) -> None:
     y = node.output[0]
     rank = len(c.shape(y))
-    axis = int(_attrs(node)["axis"]) % rank
+    axis = int(attrs(node)["axis"]) % rank
     ins = [t for t in node.input if t]
     nhwc = _common_nhwc(c, ins, rank)
     opts = schema.ConcatenationOptionsT()
@@ -321,9 +259,9 @@ def concat(c: Converter, node: Any) -> None:
 def gather(c: Converter, node: Any) -> None:
     data, idx = node.input[0], node.input[1]
     if idx not in c.consts:
-        raise _unsupported(node, "non-constant indices")
+        raise unsupported(node, "non-constant indices")
     shape = c.shape(data)
-    axis = int(_attrs(node).get("axis", 0)) % len(shape)
+    axis = int(attrs(node).get("axis", 0)) % len(shape)
     ind = c.consts[idx].astype(np.int64)
     ind = np.where(ind < 0, ind + shape[axis], ind)
     opts = schema.GatherOptionsT()
@@ -341,13 +279,13 @@ def gather(c: Converter, node: Any) -> None:
 def softmax(c: Converter, node: Any) -> None:
     x, y = node.input[0], node.output[0]
     rank = len(c.shape(x))
-    axis = int(_attrs(node).get("axis", -1 if c.opset >= 13 else 1)) % rank
+    axis = int(attrs(node).get("axis", -1 if c.opset >= 13 else 1)) % rank
     if axis == 1 and rank == 4 and c.is_nhwc(x) and c.opset >= 13:
         xi, nhwc = c.value(x), True  # the channel axis is last in NHWC
     elif axis == rank - 1:
         xi, nhwc = c.value(x, False), False
     else:
-        raise _unsupported(node, f"axis {axis} of a rank-{rank} input (TFLite SOFTMAX works on the last axis)")
+        raise unsupported(node, f"axis {axis} of a rank-{rank} input (TFLite SOFTMAX works on the last axis)")
     opts = schema.SoftmaxOptionsT()
     opts.beta = 1.0
     c.op(OPS.SOFTMAX, [xi], [c.define(y, c.shape(y), nhwc)], opts)
@@ -355,22 +293,22 @@ def softmax(c: Converter, node: Any) -> None:
 
 def layer_norm(c: Converter, node: Any) -> None:
     """No LayerNormalization builtin: mean, centre, variance, rsqrt, scale, shift."""
-    _no_extra_outputs(c, node, "Mean/InvStdDev outputs")
+    no_extra_outputs(c, node, "Mean/InvStdDev outputs")
     x, y = node.input[0], node.output[0]
     shape = c.shape(x)
-    a = _attrs(node)
+    a = attrs(node)
     axis = int(a.get("axis", -1)) % len(shape)
     red = shape[:axis] + (1,) * (len(shape) - axis)
     axes = list(range(axis, len(shape)))
     xi = c.value(x, False)
     mean = c.new(f"{y}/mean", red)
-    _reduce(c, OPS.MEAN, xi, axes, mean)
+    reduce(c, OPS.MEAN, xi, axes, mean)
     centred = c.new(f"{y}/centred", shape)
     c.op(OPS.SUB, [xi, mean], [centred], schema.SubOptionsT())
     square = c.new(f"{y}/square", shape)
     c.op(OPS.MUL, [centred, centred], [square], schema.MulOptionsT())
     var = c.new(f"{y}/var", red)
-    _reduce(c, OPS.MEAN, square, axes, var)
+    reduce(c, OPS.MEAN, square, axes, var)
     var_eps = c.new(f"{y}/var_eps", red)
     eps = c.const(f"{y}/epsilon", np.array(float(a.get("epsilon", 1e-5)), np.float32))
     c.op(OPS.ADD, [var, eps], [var_eps], schema.AddOptionsT())
@@ -387,12 +325,12 @@ def layer_norm(c: Converter, node: Any) -> None:
 
 def identity(c: Converter, node: Any) -> None:
     if node.op_type == "Dropout":
-        _no_extra_outputs(c, node, "the mask output")
+        no_extra_outputs(c, node, "the mask output")
     c.vals[node.output[0]] = c.vals[node.input[0]]
 
 
 def shape_op(c: Converter, node: Any) -> None:
-    a = _attrs(node)
+    a = attrs(node)
     dims = c.shape(node.input[0])
     start, end = int(a.get("start", 0)), a.get("end")
     c.consts[node.output[0]] = np.array(dims[start : None if end is None else int(end)], np.int64)
@@ -441,41 +379,6 @@ HANDLERS: dict[str, Callable[[Converter, Any], None]] = {
 # --------------------------------------------------------------------------- private helpers
 
 
-def _unsupported(node: Any, what: str) -> UnsupportedModel:
-    return UnsupportedModel(f"ONNX op {node.op_type} (node {node.name!r}) with {what} is not supported")
-
-
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pair(attrs: dict[str, Any], key: str) -> tuple[int, int]:
-    values = [int(v) for v in attrs.get(key, (1, 1))]
-    if len(values) != 2:
-        raise UnsupportedModel(f"{key}={values}: only 2-D spatial ops are supported")
-    return values[0], values[1]
-
-
-def _const_input(c: Converter, node: Any, i: int, default: np.ndarray) -> np.ndarray:
-    if len(node.input) <= i or not node.input[i]:
-        return default
-    if node.input[i] not in c.consts:
-        raise _unsupported(node, f"non-constant input {i}")
-    return c.consts[node.input[i]]
-
-
-def _no_extra_outputs(c: Converter, node: Any, what: str) -> None:
-    for t in node.output[1:]:
-        if t and (c.consumers.get(t) or t in c.graph_outputs):
-            raise _unsupported(node, what)
-
-
 def _common_nhwc(c: Converter, inputs: Sequence[str], out_rank: int) -> bool:
     """Run a broadcasting op NHWC when every activation operand is held NHWC."""
     acts = [t for t in inputs if t not in c.consts]
@@ -485,130 +388,6 @@ def _common_nhwc(c: Converter, inputs: Sequence[str], out_rank: int) -> bool:
 def _unary_op(c: Converter, node: Any, code: int, options: Any = None) -> None:
     x, y = node.input[0], node.output[0]
     c.op(code, [c.value(x)], [c.define(y, c.shape(y), c.is_nhwc(x))], options)
-
-
-def _reduce(c: Converter, code: int, x: int, axes: Sequence[int], out: int) -> None:
-    opts = schema.ReducerOptionsT()
-    opts.keepDims = True
-    c.op(code, [x, c.const("axes", np.array(axes, np.int32))], [out], opts)
-
-
-def _clip_bounds(c: Converter, node: Any) -> tuple[float, float] | None:
-    a = _attrs(node)
-    if c.opset < 11:
-        return float(a.get("min", -math.inf)), float(a.get("max", math.inf))
-    bounds = [-math.inf, math.inf]
-    for i in (1, 2):
-        if len(node.input) > i and node.input[i]:
-            if node.input[i] not in c.consts:
-                return None
-            bounds[i - 1] = float(c.consts[node.input[i]])
-    return bounds[0], bounds[1]
-
-
-def _clip_activation(bounds: tuple[float, float]) -> int | None:
-    return {(0.0, 6.0): ACT.RELU6, (0.0, math.inf): ACT.RELU, (-1.0, 1.0): ACT.RELU_N1_TO_1}.get(bounds)
-
-
-def _fuse_act(c: Converter, out: str) -> tuple[int, str]:
-    """Fuse the Relu/Clip that alone reads ``out``: (activation, name of the fused output)."""
-    user = c.sole_consumer(out)
-    if user is None or user.name in c.skip:
-        return ACT.NONE, out
-    act = None
-    if user.op_type == "Relu":
-        act = ACT.RELU
-    elif user.op_type == "Clip" and user.input[0] == out:
-        bounds = _clip_bounds(c, user)
-        act = None if bounds is None else _clip_activation(bounds)
-    if act is None:
-        return ACT.NONE, out
-    c.skip.add(user.name)
-    return act, user.output[0]
-
-
-def _conv_opts(padding: int, strides: tuple[int, int], dil: tuple[int, int], act: int) -> Any:
-    opts = schema.Conv2DOptionsT()
-    opts.padding, opts.strideH, opts.strideW = padding, strides[0], strides[1]
-    opts.dilationHFactor, opts.dilationWFactor = dil
-    opts.fusedActivationFunction = act
-    return opts
-
-
-def _spatial_input(
-    c: Converter,
-    node: Any,
-    x: str,
-    kernel: Sequence[int],
-    strides: tuple[int, int],
-    dil: tuple[int, int],
-    *,
-    same_ok: bool,
-    fill: float | None,
-) -> tuple[int, int]:
-    """The NHWC input of a conv/pool and its TFLite padding, with an explicit PAD when neither fits."""
-    a = _attrs(node)
-    if len(c.shape(x)) != 4:
-        raise _unsupported(node, f"rank-{len(c.shape(x))} input (only NCHW)")
-    n, ch, h, w = c.shape(x)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
-    same = []
-    for size, k, s in zip((h, w), eff, strides, strict=True):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        same.append((total // 2, total - total // 2))
-    auto = _text(a.get("auto_pad", "NOTSET"))
-    if auto == "VALID":
-        pads = [(0, 0), (0, 0)]
-    elif auto == "SAME_UPPER":
-        pads = same
-    elif auto == "SAME_LOWER":
-        pads = [(after, before) for before, after in same]
-    elif auto == "NOTSET":
-        p = [int(v) for v in a.get("pads", (0, 0, 0, 0))]
-        pads = [(p[0], p[2]), (p[1], p[3])]
-    else:
-        raise _unsupported(node, f"auto_pad={auto}")
-    xi = c.value(x, True)
-    if all(v == 0 for pair in pads for v in pair):
-        padding, size = schema.Padding.VALID, (h, w)
-    elif same_ok and pads == same:
-        padding, size = schema.Padding.SAME, (h, w)
-    elif fill is None:
-        raise _unsupported(node, f"pads {pads} other than TFLite's SAME (with count_include_pad=0)")
-    else:
-        size = (h + sum(pads[0]), w + sum(pads[1]))
-        padded = c.new(f"{x}/pad", (n, ch, *size), True)
-        paddings = c.const("paddings", np.array([(0, 0), *pads, (0, 0)], np.int32))
-        if fill == 0.0:
-            c.op(OPS.PAD, [xi, paddings], [padded], schema.PadOptionsT())
-        else:
-            value = c.const("pad_value", np.array(fill, np.float32))
-            c.op(OPS.PADV2, [xi, paddings, value], [padded], schema.PadV2OptionsT())
-        xi, padding = padded, schema.Padding.VALID
-    if padding == schema.Padding.SAME:
-        got = tuple(-(-s // st) for s, st in zip(size, strides, strict=True))
-    else:
-        got = tuple((s - k) // st + 1 for s, k, st in zip(size, eff, strides, strict=True))
-    want = tuple(c.shape(node.output[0])[2:])
-    if got != want:
-        raise _unsupported(node, f"output size {want} that TFLite pooling/conv gives as {got} (ceil_mode?)")
-    return xi, padding
-
-
-def _pool(c: Converter, node: Any, code: int, *, same_ok: bool, fill: float | None) -> None:
-    a = _attrs(node)
-    kernel = [int(k) for k in a["kernel_shape"]]
-    if len(kernel) != 2:
-        raise _unsupported(node, f"{len(kernel)}-D kernel (only 2-D)")
-    strides, dil = _pair(a, "strides"), _pair(a, "dilations")
-    if dil != (1, 1):
-        raise _unsupported(node, f"dilations {dil}")
-    xi, padding = _spatial_input(c, node, node.input[0], kernel, strides, dil, same_ok=same_ok, fill=fill)
-    opts = schema.Pool2DOptionsT()
-    opts.padding, opts.strideH, opts.strideW = padding, strides[0], strides[1]
-    opts.filterHeight, opts.filterWidth = kernel
-    y = node.output[0]
-    c.op(code, [xi], [c.define(y, c.shape(y), True)], opts)
 
 
 def _bias_vector(c: Converter, t: str, n: int) -> np.ndarray | None:

@@ -8,7 +8,8 @@ against onnxruntime (``verify_conversion``).
 Theory of operation: ``load_onnx(grouping="nodes")`` pins the input shapes, infers a static shape
 for every tensor and linearises the nodes in the same ``order`` the ONNX graph analysis uses, so
 the TFLite operator list (which is its execution order) cuts like the ONNX graph. Nodes are then
-converted one at a time in that order (``_tflite_ops.py`` holds one function per ONNX op type):
+converted one at a time in that order (``_tflite_ops`` holds one function per ONNX op type, with
+convolution and pooling in ``_tflite_spatial``):
 
 * Layout. TFLite's spatial kernels are NHWC, ONNX is NCHW. Every converted value records whether
   it is held NHWC (rank-4 tensors only) or in ONNX order. Conv and pooling take and give NHWC;
@@ -21,7 +22,7 @@ converted one at a time in that order (``_tflite_ops.py`` holds one function per
 * Fusion. A Relu or Clip(0, 6) that is the only consumer of a Conv, Gemm, MatMul or Add becomes
   that op's fused activation; MatMul by a constant matrix followed by Add of a constant vector is
   one FULLY_CONNECTED with bias. Tensors keep their ONNX names (a fused op's output takes the name
-  of the last fused node), so layers are named as on the ONNX side.
+  of the last fused node), so layers carry the ONNX side's scope names (``layer1.0``).
 * Missing builtins. Erf has no TFLite builtin: the exact-GELU subgraph ``x * 0.5 * (1 + Erf(x /
   sqrt 2))`` (any order of the multiplies) becomes the GELU builtin (approximate=False), and any
   other Erf is expanded with Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7) in ABS, SIGN, MUL,
@@ -30,7 +31,10 @@ converted one at a time in that order (``_tflite_ops.py`` holds one function per
   Shape of a (static) tensor is a constant. Integer constants are stored as int32.
 
 Anything outside ``SUPPORTED_OPS`` (or an unsupported attribute of a supported op) raises
-``UnsupportedModel`` naming the op and the node.
+``UnsupportedModel`` naming the op and the node. ``verify_conversion`` also checks that LiteRT's
+kernels compute every declared tensor shape (``check_shapes``): a slice boundary carries the
+declared shape, so a kernel that disagrees (LiteRT's GATHER keeps the axis of a 0-d index) would
+break slicing even when the whole model's output is right.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ class Value:
 
 
 class Converter:
-    """Conversion state shared by the op functions in ``_tflite_ops.py`` (internal)."""
+    """Conversion state shared by the op functions in ``_tflite_ops`` and ``_tflite_spatial`` (internal)."""
 
     def __init__(self, model: onnx.ModelProto, graph: Any, layout: Layout) -> None:
         from onnx import numpy_helper

@@ -227,3 +227,24 @@ def test_check_shapes_catches_a_kernel_that_disagrees_with_the_declared_shape() 
     check_shapes(gather((1, 1, 4), np.array([0], np.int32)))
     with pytest.raises(ModelError, match="'y' is declared \\(1, 4\\)"):
         check_shapes(gather((1, 4), np.array([0], np.int32)))
+
+
+def test_shape_arithmetic_is_folded_into_constants() -> None:
+    """The exporter idiom Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])) needs no runtime shape ops."""
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["x"], ["shape"], name="shape"),
+        n("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+        n("Unsqueeze", ["batch", "axes"], ["batch1"], name="unsqueeze"),
+        n("Concat", ["batch1", "minus_one"], ["target"], name="target", axis=0),
+        n("Relu", ["x"], ["r"], name="relu"),
+        n("Reshape", ["r", "target"], ["flat"], name="flatten"),
+        n("Unsqueeze", ["flat", "axes"], ["y"], name="unsqueeze_out"),
+    ]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
+    model = _model(nodes, inits, {"y": [1, 1, 4 * 81]})
+    tfl = onnx_to_tflite(model)
+    ops = [op for layer in load_tflite(tfl, grouping="nodes").layers for op in layer.op_types]
+    assert "SHAPE" not in ops and "GATHER" not in ops and "CONCATENATION" not in ops
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype(np.float32)}
+    assert verify_conversion(model, tfl, x) == 0.0
