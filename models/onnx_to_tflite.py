@@ -298,7 +298,7 @@ class Converter:
         from onnx.reference import ReferenceEvaluator
 
         try:
-            ref = ReferenceEvaluator(node)
+            ref = ReferenceEvaluator(node, opsets={"": self.opset})
             outs = ref.run(None, {t: self.consts[t] for t in node.input if t})
         except Exception as exc:
             raise UnsupportedModel(f"cannot fold constant {node.op_type} node {node.name!r}: {exc}") from exc

@@ -158,6 +158,9 @@ def _op_zoo() -> onnx.ModelProto:
         n("Reshape", ["tr", "shape"], ["rs"], name="reshape"),
         n("MatMul", ["rs", "Wmm"], ["mm"], name="matmul_no_bias"),
         n("Max", ["mm", "zero"], ["mm_relu"], name="max"),
+        n("Flatten", ["x"], ["flat_x"], name="flatten_nchw"),
+        n("Transpose", ["flat_x"], ["flat_t"], name="transpose_2d"),
+        n("Gemm", ["flat_t", "Wt"], ["gemm_t"], name="gemm_trans_a", transA=1),
     ]  # fmt: skip
     inits = {
         "Wg": w(6, 2, 3, 3), "Bg": w(6), "Wd": w(8, 1, 3, 3), "Wdil": w(3, 8, 3, 3),
@@ -165,8 +168,9 @@ def _op_zoo() -> onnx.ModelProto:
         "lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32),
         "Wfc": w(5, 6), "Cfc": w(1, 5), "k": np.array(1.5, np.float32),
         "shape": np.array([1, 100, 3], np.int64), "Wmm": w(3, 7), "zero": np.array(0, np.float32),
+        "Wt": w(324, 5),
     }  # fmt: skip
-    return _model(nodes, inits, {"out": [1, 5], "mm_relu": [1, 100, 7], "mp": [1, 3, 10, 10]})
+    return _model(nodes, inits, {"out": [1, 5], "mm_relu": [1, 100, 7], "mp": [1, 3, 10, 10], "gemm_t": [1, 5]})
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
