@@ -219,6 +219,9 @@ class Converter:
 
     def define(self, name: str, onnx_shape: Sequence[int], nhwc: bool) -> int:
         """The tensor holding ONNX value ``name``."""
+        dtype = self.dtypes.get(name, "float32")
+        if dtype != "float32":
+            raise UnsupportedModel(f"tensor {name!r} is {dtype}; only float32 activations are supported")
         index = self.new(name, onnx_shape, nhwc)
         self.vals[name] = Value(index, nhwc)
         return index
@@ -243,6 +246,7 @@ class Converter:
         return self.shapes[t]
 
     def is_nhwc(self, t: str) -> bool:
+        """Whether activation ``t`` is held NHWC (constants never are)."""
         return t not in self.consts and self.vals[t].nhwc
 
     def value(self, t: str, nhwc: bool | None = None) -> int:
