@@ -196,8 +196,14 @@ def parse_slicing(text: str) -> dict[str, Any]:
     r = re.search(r"ratio \(slices / whole\): ([\d.]+)", text)
     if not (m and n and r):
         raise ValueError("no slicing figures in the output")
-    return {"whole_ms": float(m[1]), "slices_ms": float(n[1]), "ratio": float(r[1]),
-            "model": text.splitlines()[0] if text else ""}
+    out = {"whole_ms": float(m[1]), "slices_ms": float(n[1]), "ratio": float(r[1]),
+           "model": text.splitlines()[0] if text else ""}
+    tw = re.search(r"tflite whole\s+([\d.]+) ms", text)
+    tn = re.search(r"tflite \d+ slices\s+([\d.]+) ms", text)
+    tr = re.search(r"\(tflite slices / tflite whole\): ([\d.]+)", text)
+    if tw and tn and tr:
+        out.update(tflite_whole_ms=float(tw[1]), tflite_slices_ms=float(tn[1]), tflite_ratio=float(tr[1]))
+    return out
 
 
 def parse_discovery(text: str) -> dict[str, Any]:
@@ -419,8 +425,12 @@ def section_adaptive(d: dict[str, Any]) -> str:
 
 def section_simple(name: str, d: dict[str, Any]) -> str:
     if name == "slicing":
-        return (f"{d['model']}  \nwhole {d['whole_ms']:.3f} ms, slices in sequence {d['slices_ms']:.3f} ms: "
+        text = (f"{d['model']}  \nwhole {d['whole_ms']:.3f} ms, slices in sequence {d['slices_ms']:.3f} ms: "
                 f"**slices / whole = {d['ratio']:.3f}**")
+        if "tflite_ratio" in d:
+            text += (f"  \nTFLite (LiteRT): whole {d['tflite_whole_ms']:.3f} ms, slices {d['tflite_slices_ms']:.3f} "
+                     f"ms: **slices / whole = {d['tflite_ratio']:.3f}**")
+        return text
     if name == "discovery":
         return md_table(["path", "ms", "vs static URL"],
                         [["cold (advert + resolve)", d["cold"], f"{d['cold_vs_static']:.0f}x"],

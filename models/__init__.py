@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fleetpipe.models.graph import Layer, ModelGraph, TensorInfo, split_ranges
 from fleetpipe.models.onnx_graph import UnknownOpWarning, load_onnx, read_model
-from fleetpipe.models.profile import LayerProfile, profile_layers
+from fleetpipe.models.profile import LayerProfile, profile_layers, profile_tflite_layers
 from fleetpipe.models.slicing import content_hash, slice_bytes, slice_model, verify_slices
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "content_hash",
     "load_onnx",
     "profile_layers",
+    "profile_tflite_layers",
     "read_model",
     "slice_bytes",
     "slice_model",

@@ -28,6 +28,7 @@ __all__ = [
     "TFLiteBuilder",
     "build_cnn",
     "build_mlp",
+    "build_zoo",
     "cnn_weights",
     "load_mlp_weights",
     "main",
@@ -72,6 +73,18 @@ class TFLiteBuilder:
         self._buffers.append(buf)
         self._tensors[index].buffer = len(self._buffers) - 1
         return index
+
+    def rename(self, index: int, name: str) -> None:
+        """Give tensor ``index`` another name."""
+        self._tensors[index].name = name
+
+    def name(self, index: int) -> str:
+        """The name of tensor ``index``."""
+        return str(self._tensors[index].name)
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """The declared shape of tensor ``index``."""
+        return tuple(self._tensors[index].shape)
 
     def op(self, code: int, inputs: Sequence[int], outputs: Sequence[int], options: Any = None) -> None:
         """Append a builtin operator (``schema.BuiltinOperator`` code) with its ``...OptionsT``."""
@@ -243,6 +256,15 @@ def build_cnn(spec: CnnSpec | None = None) -> bytes:
     softmax.beta = 1.0
     b.op(ops.SOFTMAX, [logits], [probs], softmax)
     return b.finish([inp], [probs])
+
+
+def build_zoo(name: str, **kw: Any) -> bytes:
+    """A ``fleetpipe.models.zoo`` model converted to .tflite (image input NHWC; digits: batch 1)."""
+    from fleetpipe.models import zoo
+    from fleetpipe.models.onnx_to_tflite import onnx_to_tflite
+
+    shapes = {"input": zoo.input_shape(name)} if name == "digits" else None
+    return onnx_to_tflite(zoo.build(name, **kw), shapes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,10 @@
 """``fleetpipe model``: inspect a model's layers and cuts, slice it into stage files, build zoo models.
 
-Cheap to import: onnx, onnxruntime and rich are imported inside the command functions.
+``.onnx`` and ``.tflite`` files are both accepted: a .tflite file is analysed by
+``fleetpipe.models.tflite`` (file order, the same grouping rules) and sliced into standalone
+.tflite stages; ``model zoo NAME -o FILE.tflite`` converts a zoo model with
+``fleetpipe.models.onnx_to_tflite``. Cheap to import: onnx, onnxruntime, LiteRT and rich are
+imported inside the command functions.
 """
 
 from __future__ import annotations
@@ -26,18 +30,20 @@ def register(subparsers: Any) -> None:
     _model_args(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
-    sl = sub.add_parser("slice", help="write one content-addressed ONNX file per stage plus manifest.json")
+    sl = sub.add_parser(
+        "slice", help="write one content-addressed .onnx or .tflite file per stage plus manifest.json"
+    )
     _model_args(sl)
     sl.add_argument("--cuts", required=True, help="cut after these layer indices, e.g. 3,7")
     sl.add_argument("-o", "--out", type=Path, required=True, help="output directory")
     sl.add_argument("--verify", action="store_true", help="run the slices and compare with the whole model")
     sl.set_defaults(func=cmd_slice)
 
-    zoo = sub.add_parser("zoo", help="build a zoo model and save it as .onnx")
+    zoo = sub.add_parser("zoo", help="build a zoo model and save it as .onnx (or .tflite, by the suffix)")
     zoo.add_argument(
         "name", help="zoo model name: inception, mobilenetv2, resnet18, resnet50, vgg16, vit, digits"
     )
-    zoo.add_argument("-o", "--out", type=Path, required=True, help="output .onnx file")
+    zoo.add_argument("-o", "--out", type=Path, required=True, help="output .onnx or .tflite file")
     _zoo_options(zoo)
     zoo.set_defaults(func=cmd_zoo)
 
@@ -80,18 +86,19 @@ def cmd_slice(args: argparse.Namespace) -> int:
     """Write the slices and a manifest."""
     from fleetpipe.models.graph import split_ranges
     from fleetpipe.models.profile import random_feeds
-    from fleetpipe.models.slicing import content_hash, slice_bytes, verify_slices
+    from fleetpipe.models.slicing import content_hash
 
     try:
         model, graph = _load(args)
+        tflite = isinstance(model, bytes)
         cuts = [int(c) for c in args.cuts.split(",") if c.strip()]
         ranges = split_ranges(len(graph.layers), cuts)
         args.out.mkdir(parents=True, exist_ok=True)
         stages = []
         for i, (first, last) in enumerate(ranges):
-            data = slice_bytes(model, graph, first, last)
+            data = _slice(model, graph, first, last)
             digest = content_hash(data)
-            path = args.out / f"{digest}.onnx"
+            path = args.out / f"{digest}.{'tflite' if tflite else 'onnx'}"
             path.write_bytes(data)
             layers = graph.layers[first : last + 1]
             stages.append(
@@ -110,13 +117,14 @@ def cmd_slice(args: argparse.Namespace) -> int:
             )
         manifest: dict[str, Any] = {
             "model": graph.name,
+            "format": "tflite" if tflite else "onnx",
             "layers": len(graph.layers),
             "cuts": cuts,
             "order": graph.order,
             "stages": stages,
         }
         if args.verify:
-            manifest["max_abs_diff"] = verify_slices(model, graph, cuts, random_feeds(graph))
+            manifest["max_abs_diff"] = _verify(model, graph, cuts, random_feeds(graph))
     except (FleetpipeError, ValueError) as exc:
         return _fail(exc)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -128,17 +136,25 @@ def cmd_slice(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    """Build a zoo model and save it."""
+    """Build a zoo model and save it (converted to TFLite for a .tflite path)."""
     import onnx
 
     from fleetpipe.models import zoo
 
     try:
         model = zoo.build(args.name, **_zoo_kwargs(args))
-    except (KeyError, TypeError, ValueError) as exc:
+        if args.out.suffix == ".tflite":
+            from fleetpipe.models.onnx_to_tflite import onnx_to_tflite
+
+            shapes = {"input": zoo.input_shape(args.name)} if args.name == "digits" else None
+            data = onnx_to_tflite(model, shapes)
+    except (KeyError, TypeError, ValueError, FleetpipeError) as exc:
         return _fail(exc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(args.out))
+    if args.out.suffix == ".tflite":
+        args.out.write_bytes(data)
+    else:
+        onnx.save(model, str(args.out))
     print(f"{args.name} -> {args.out} ({args.out.stat().st_size} bytes)")
     return 0
 
@@ -147,7 +163,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="an .onnx file, or zoo:NAME")
+    p.add_argument("file", help="an .onnx or .tflite file, or zoo:NAME")
     p.add_argument(
         "--input-shape",
         action="append",
@@ -155,7 +171,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=D,D,...",
         help="static shape for a model input with dynamic dimensions (repeatable)",
     )
-    p.add_argument("--order", default="greedy", choices=("greedy", "dfs", "file"), help="node linearisation")
+    p.add_argument(
+        "--order", default="greedy", choices=("greedy", "dfs", "file"), help="node linearisation (ONNX only)"
+    )
     p.add_argument("--grouping", default="blocks", choices=("blocks", "nodes"), help="layer grouping")
     _zoo_options(p)
 
@@ -208,15 +226,46 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         if name == "digits" and not shapes:
             shapes = {"input": zoo.input_shape(name)}
         source: Any = model
+    elif str(args.file).endswith(".tflite"):
+        if shapes:
+            raise FleetpipeError("--input-shape applies to ONNX models; a .tflite file has static shapes")
+        try:
+            from fleetpipe.models.tflite import load_tflite
+        except ImportError as exc:
+            raise FleetpipeError(str(exc)) from exc
+        path = Path(args.file)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FleetpipeError(f"cannot read {path}: {exc}") from exc
+        return data, load_tflite(data, name=path.stem, grouping=args.grouping)
     else:
-        if str(args.file).endswith(".tflite"):
-            raise FleetpipeError("TFLite files are handled by the TFLite loader, not this command (yet)")
         from fleetpipe.models.onnx_graph import read_model
 
         source = model = read_model(args.file)
         name = Path(args.file).stem
     graph = load_onnx(source, shapes or None, order=args.order, grouping=args.grouping, name=name)
     return model, graph
+
+
+def _slice(model: Any, graph: Any, first: int, last: int) -> bytes:
+    if isinstance(model, bytes):
+        from fleetpipe.models.tflite import slice_tflite
+
+        return slice_tflite(model, graph, first, last)
+    from fleetpipe.models.slicing import slice_bytes
+
+    return bytes(slice_bytes(model, graph, first, last))
+
+
+def _verify(model: Any, graph: Any, cuts: list[int], feeds: Any) -> float:
+    if isinstance(model, bytes):
+        from fleetpipe.models.tflite import verify_tflite_slices
+
+        return verify_tflite_slices(model, graph, cuts, feeds)
+    from fleetpipe.models.slicing import verify_slices
+
+    return verify_slices(model, graph, cuts, feeds)
 
 
 def _tensor(graph: Any, name: str) -> dict[str, Any]:

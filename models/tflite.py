@@ -19,6 +19,7 @@ repeated) and slices carry those names, so a node matches tensors by name.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,21 +84,7 @@ def slice_tflite(model_bytes: bytes, graph: ModelGraph, first: int, last: int) -
     n = len(graph.layers)
     if not (isinstance(first, int) and isinstance(last, int)) or not 0 <= first <= last < n:
         raise SliceError(f"invalid layer range {first}..{last} for a model of {n} layers")
-    parsed = _parse(bytes(model_bytes))
-    op_index = {node: i for i, node in enumerate(parsed.op_names)}
-    try:
-        ops = [op_index[node] for layer in graph.layers[first : last + 1] for node in layer.nodes]
-    except KeyError as exc:
-        raise SliceError(f"graph {graph.name!r} does not describe this model: no operator {exc}") from exc
-    if ops != list(range(ops[0], ops[-1] + 1)):
-        raise SliceError(f"layers {first}..{last} are not a contiguous operator range")
-    tensor_index = {t: i for i, t in enumerate(parsed.names)}
-    try:
-        inputs = [tensor_index[t] for t in graph.inputs_of(first)]
-        outputs = [tensor_index[t] for t in graph.crossing(last)]
-    except KeyError as exc:
-        raise SliceError(f"graph {graph.name!r} names tensor {exc}, absent from this model") from exc
-    return _extract(parsed, ops, inputs, outputs, f"{graph.name}[{first}:{last}]")
+    return _slice(_parse(bytes(model_bytes)), graph, first, last)
 
 
 def run_tflite(
@@ -106,8 +93,8 @@ def run_tflite(
     """Run a .tflite model once with LiteRT; inputs and outputs keyed by (unique) tensor name."""
     from ai_edge_litert.interpreter import Interpreter
 
-    names = _parse(bytes(model_bytes)).names
     try:
+        names = _tensor_names(bytes(model_bytes))
         interp = Interpreter(model_content=bytes(model_bytes), num_threads=threads)
         details = interp.get_input_details()
         for d in details:
@@ -134,10 +121,16 @@ def verify_tflite_slices(
     except ValueError as exc:
         raise SliceError(str(exc)) from exc
     expected = run_tflite(model_bytes, feeds)
+    parsed = _parse(bytes(model_bytes))
     env: dict[str, np.ndarray] = {t.name: np.asarray(feeds[t.name]) for t in graph.inputs if t.name in feeds}
     for first, last in ranges:
-        piece = slice_tflite(model_bytes, graph, first, last)
-        env.update(run_tflite(piece, {t: env[t] for t in graph.inputs_of(first)}))
+        piece = _slice(parsed, graph, first, last)
+        outs = run_tflite(piece, {t: env[t] for t in graph.inputs_of(first)})
+        for name, value in outs.items():
+            declared = graph.tensors[name].shape if name in graph.tensors else value.shape
+            if value.shape[1:] != declared[1:] or value.ndim != len(declared):  # the batch may differ
+                raise SliceError(f"slice {first}..{last}: {name!r} has shape {value.shape}, declared {declared}")
+        env.update(outs)
     worst = 0.0
     for out in graph.outputs:
         got, want = env[out.name], expected[out.name]
@@ -175,7 +168,7 @@ _NUMPY_TYPES = {
     "INT64": "int64", "BOOL": "bool", "INT16": "int16", "COMPLEX64": "complex64", "INT8": "int8",
     "COMPLEX128": "complex128", "UINT64": "uint64", "UINT32": "uint32", "UINT16": "uint16",
 }  # fmt: skip
-_ZERO_FLOP_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "TRANSPOSE", "PAD",
+_ZERO_FLOP_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "TRANSPOSE", "PAD", "PADV2",
                             "SLICE", "STRIDED_SLICE", "GATHER", "SPLIT", "PACK", "UNPACK", "DEQUANTIZE",
                             "QUANTIZE", "CAST", "SHAPE"})  # fmt: skip
 _HEAVY_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
@@ -185,7 +178,7 @@ _LIGHT_OPS = frozenset({"AVERAGE_POOL_2D", "MAX_POOL_2D", "L2_POOL_2D", "MEAN", 
                         "REDUCE_MIN", "REDUCE_PROD", "SOFTMAX", "LOG_SOFTMAX"})  # fmt: skip
 _ELEMENTWISE_OPS = frozenset({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "RELU", "RELU6",
                               "RELU_N1_TO_1", "LEAKY_RELU", "PRELU", "ABS", "SQUARE", "SQRT", "RSQRT",
-                              "NEG", "SQUARED_DIFFERENCE", "POW", "FLOOR", "CEIL", "ROUND"})  # fmt: skip
+                              "NEG", "SQUARED_DIFFERENCE", "POW", "FLOOR", "CEIL", "ROUND", "SIGN"})  # fmt: skip
 # Same weights as the ONNX side: a transcendental function counts 4 FLOPs per element.
 _TRANSCENDENTAL_OPS = frozenset({"LOGISTIC", "TANH", "EXP", "LOG", "HARD_SWISH", "GELU", "ELU", "SIN",
                                  "COS"})  # fmt: skip
@@ -284,12 +277,7 @@ def _facts(model: Any) -> _Parsed:
         const.append(data is not None and len(data) > 0)
         raw_names.append(_text(t.name))
         t.shape = _ints(t.shape)
-    seen: dict[str, int] = {}
-    for raw in raw_names:
-        seen[raw] = seen.get(raw, 0) + 1
-    names = tuple(
-        raw if raw and seen[raw] == 1 else f"{raw or 'tensor'}#{i}" for i, raw in enumerate(raw_names)
-    )
+    names = _unique_names(raw_names)
     for i, t in enumerate(tensors):
         type_name = _TYPE_NAMES.get(t.type, f"TYPE_{t.type}")
         dtype = _NUMPY_TYPES.get(type_name, type_name.lower())
@@ -299,6 +287,37 @@ def _facts(model: Any) -> _Parsed:
         infos.append(TensorInfo(names[i], dtype, shape, nbytes))
     op_names = tuple(f"{kind}:{k}" for k, kind in enumerate(op_types))
     return _Parsed(model, names, op_names, tuple(op_types), tuple(const), tuple(infos))
+
+
+def _unique_names(raw_names: Sequence[str]) -> tuple[str, ...]:
+    """Tensor names made unique: ``name#index`` when empty or repeated."""
+    seen: dict[str, int] = {}
+    for raw in raw_names:
+        seen[raw] = seen.get(raw, 0) + 1
+    return tuple(raw if raw and seen[raw] == 1 else f"{raw or 'tensor'}#{i}" for i, raw in enumerate(raw_names))
+
+
+def _tensor_names(data: bytes) -> tuple[str, ...]:
+    """The unique tensor names of the first subgraph, read without unpacking the whole model."""
+    sub = schema.Model.GetRootAs(data, 0).Subgraphs(0)
+    return _unique_names([_text(sub.Tensors(i).Name()) for i in range(sub.TensorsLength())])
+
+
+def _slice(parsed: _Parsed, graph: ModelGraph, first: int, last: int) -> bytes:
+    op_index = {node: i for i, node in enumerate(parsed.op_names)}
+    try:
+        ops = [op_index[node] for layer in graph.layers[first : last + 1] for node in layer.nodes]
+    except KeyError as exc:
+        raise SliceError(f"graph {graph.name!r} does not describe this model: no operator {exc}") from exc
+    if ops != list(range(ops[0], ops[-1] + 1)):
+        raise SliceError(f"layers {first}..{last} are not a contiguous operator range")
+    tensor_index = {t: i for i, t in enumerate(parsed.names)}
+    try:
+        inputs = [tensor_index[t] for t in graph.inputs_of(first)]
+        outputs = [tensor_index[t] for t in graph.crossing(last)]
+    except KeyError as exc:
+        raise SliceError(f"graph {graph.name!r} names tensor {exc}, absent from this model") from exc
+    return _extract(parsed, ops, inputs, outputs, f"{graph.name}[{first}:{last}]")
 
 
 def _text(value: Any) -> str:
@@ -387,6 +406,10 @@ def _op_flops(p: _Parsed, op: Any, kind: str) -> tuple[int, bool]:
     if kind == "FULLY_CONNECTED":
         in_features = p.infos[ins[1]].shape[-1]
         return 2 * out * in_features + (out if len(ins) > 2 else 0), True
+    if kind == "BATCH_MATMUL":
+        opts = op.builtinOptions
+        k = p.infos[ins[0]].shape[-2 if opts is not None and opts.adjX else -1]
+        return 2 * out * k, True
     if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         _, kh, kw, cin = p.infos[ins[1]].shape
         per_out = kh * kw * (cin if kind == "CONV_2D" else 1)
@@ -422,7 +445,12 @@ def _boundaries(
         small_int = info.dtype.startswith(("int", "uint")) and int(np.prod(info.shape)) <= 16
         return t not in outputs and not small_int
 
-    cuts = [k for k in range(last) if sum(1 for t in crossings[k] if counts(t)) <= 1]
+    # Never cut right after a PAD: the padded tensor is larger than the one the cut before it sends.
+    cuts = [
+        k
+        for k in range(last)
+        if p.op_types[k] not in ("PAD", "PADV2") and sum(1 for t in crossings[k] if counts(t)) <= 1
+    ]
     segments, start = [], 0
     for end in [*cuts, last]:
         segments.append(list(range(start, end + 1)))
@@ -488,7 +516,7 @@ def _extract(p: _Parsed, ops: list[int], inputs: list[int], outputs: list[int], 
     buffers = [_AlignedBufferT()]
     new_tensors = []
     for old in sorted(used):
-        t = sg.tensors[old]
+        t = copy.copy(sg.tensors[old])  # the parsed model stays intact for the next slice
         t.name = p.names[old]
         if p.const[old]:
             buffers.append(_AlignedBufferT(model.buffers[t.buffer].data))
@@ -499,7 +527,7 @@ def _extract(p: _Parsed, ops: list[int], inputs: list[int], outputs: list[int], 
     code_map: dict[int, int] = {}
     new_ops = []
     for k in ops:
-        op = sg.operators[k]
+        op = copy.copy(sg.operators[k])
         op.opcodeIndex = code_map.setdefault(op.opcodeIndex, len(code_map))
         op.inputs = [tensor_map[t] if t >= 0 else -1 for t in op.inputs]
         op.outputs = [tensor_map[t] if t >= 0 else -1 for t in op.outputs]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleetpipe.models import zoo
+from fleetpipe.models.build_tflite import build_zoo
 from fleetpipe.models.onnx_graph import load_onnx
-from fleetpipe.models.profile import _profile_by_slices, profile_layers, random_feeds
+from fleetpipe.models.profile import _profile_by_slices, profile_layers, profile_tflite_layers, random_feeds
+from fleetpipe.models.tflite import load_tflite
 
 from ._helpers import tiny
 
@@ -37,3 +41,30 @@ def test_slice_timing_fallback() -> None:
     prof = _profile_by_slices(model, g, random_feeds(g), 3, ("CPUExecutionProvider",), 1, 1)
     assert prof.method == "slices" and len(prof.per_layer_ms) == len(g.layers)
     assert all(ms > 0 for ms in prof.per_layer_ms) and prof.whole_ms > 0
+
+
+def test_tflite_profile_sums_to_whole_model() -> None:
+    tfl = build_zoo("resnet18", width=0.5, resolution=96)
+    g = load_tflite(tfl)
+    best = None
+    for _ in range(3):  # the machine is shared: retry a noisy measurement
+        prof = profile_tflite_layers(tfl, g, runs=15)
+        best = prof if best is None or abs(prof.sum_ratio - 1) < abs(best.sum_ratio - 1) else best
+        if 0.9 <= best.sum_ratio <= 1.1:
+            break
+    assert best is not None and 0.9 <= best.sum_ratio <= 1.1, best
+    assert best.method == "slices" and len(best.per_layer_ms) == len(g.layers)
+    assert all(ms > 0 for ms in best.per_layer_ms)
+    assert best.sum_ratio == pytest.approx(sum(best.per_layer_ms) / best.whole_ms)
+
+
+def test_tflite_profile_of_a_transformer_and_bad_runs() -> None:
+    from ._helpers import TINY
+
+    tfl = build_zoo("vit", **TINY["vit"])
+    g = load_tflite(tfl)
+    prof = profile_tflite_layers(tfl, g, runs=3, warmup=1)
+    assert len(prof.per_layer_ms) == len(g.layers) and prof.whole_ms > 0
+    assert all(ms >= 0 for ms in prof.per_layer_ms)
+    with pytest.raises(ValueError, match="runs"):
+        profile_tflite_layers(tfl, g, runs=0)
