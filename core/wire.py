@@ -351,7 +351,7 @@ class SplitAssign(_Msg):
         _nonneg(self, "part_timeout_ms")
         if not self.units:
             raise ValueError("a split stage needs at least one unit")
-        for a, b in zip(self.units, self.units[1:]):
+        for a, b in zip(self.units, self.units[1:], strict=False):
             if b.first_layer != a.last_layer + 1:
                 raise ValueError(f"unit at layer {b.first_layer} does not follow unit ending at {a.last_layer}")
         for u in self.units:

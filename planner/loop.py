@@ -10,6 +10,12 @@ loaded the new epoch, so a client never sends a frame to a stage nobody has subs
 left out of the plan get their retained assignment cleared. On start the retained plan (if any)
 is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
 when the same nodes are alive.
+
+With ``intra="latency"`` a re-plan solves ``fleetpipe.planner.intra.solve_intra`` instead (stages may be
+replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
+split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
+Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
+when membership changes.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ class PlannerService:
         self._published_epoch = -1
         self.calibration = _load_calibration(config, model)
         self.last_result: Any = None
+        self._split_info: list[Any] | None = None
 
     @property
     def min_bits(self) -> Any:
@@ -313,6 +320,10 @@ class PlannerService:
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits)
+            if self.config.intra:
+                plan, ip = await asyncio.to_thread(self._solve_intra, problem)
+                await self._adopt_intra(problem, ip, plan, command.epoch, membership)
+                return
             result = await asyncio.to_thread(self._solve, problem)
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
@@ -358,6 +369,61 @@ class PlannerService:
         from fleetpipe.planner.partition import solve
 
         return solve(problem, time_limit_s=self.config.time_limit_s)
+
+    def _solve_intra(self, problem: Any) -> tuple[Any, Any]:
+        """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
+        from fleetpipe.planner import split_deploy
+        from fleetpipe.planner.intra import solve_intra
+
+        assert self.model is not None
+        if self._split_info is None:
+            self._split_info = split_deploy.split_info(self.model.proto, self.model.graph)
+        ip = split_deploy.intra_problem(problem, self._split_info, self.config.bits)
+        return solve_intra(ip), ip
+
+    async def _adopt_intra(self, problem: Any, ip: Any, plan: Any, epoch: int, membership: int) -> None:
+        """Publish the slices and (split) assignments of an intra plan, then the plan once all have loaded."""
+        from fleetpipe.planner import split_deploy
+
+        assert self.model is not None
+        names = problem.device_names
+        deployed = await asyncio.to_thread(split_deploy.deploy, self.model.proto, self.model.graph, plan, ip, names)
+        stages = []
+        for k, dep in enumerate(deployed):
+            for digest, data in dep.blobs.items():
+                await self._publish_slice(digest, data)
+            stages.append(wire.PlanStage(
+                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes, bits=self.config.bits,
+                slice_hash=dep.slice_hash, input_names=tuple(self.model.graph.inputs_of(dep.first)),
+                output_names=tuple(self.model.graph.crossing(dep.last)), predicted_ms=float(dep.predicted_ms)))
+        for s, dep in zip(stages, deployed, strict=True):
+            for node_id in s.nodes:
+                assign = wire.StageAssign(
+                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
+                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
+                    slice_size=dep.slice_size, model_id=self.model.model_id, input_names=s.input_names,
+                    output_names=s.output_names, bits=s.bits,
+                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(), split=dep.split)
+                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
+        assigned = {n for s in stages for n in s.nodes}
+        for node_id in self._assigned - assigned:
+            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
+        self._assigned = assigned
+        msg = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
+                        bottleneck_ms=float(plan.period_ms), latency_ms=float(plan.latency_ms), ts=time.time())
+        if not await self._wait_loaded(assigned, epoch):
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            return
+        self._published_epoch = epoch
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(msg))
+        self.last_result = plan
+        self.current = self.monitor = None  # intra plans are re-solved on membership changes, not fine-tuned
+        self.state = state.apply(self.state, state.PlanPublished(msg, membership, time.monotonic()))
+        log.info("planner: epoch %d published (intra, predicted latency %.1f ms): %s", epoch, plan.latency_ms,
+                 " | ".join(f"s{d.first}-{d.last} {d.mode} {'+'.join(d.nodes)}"
+                            + (" units " + ",".join(f"{u.first_layer}-{u.last_layer}:{u.kind or 'lead'}"
+                                                    for u in d.split.units) if d.split else "")
+                            for d in deployed))
 
     def _slices(self, result: Any) -> list[tuple[bytes, str]]:
         from fleetpipe.models.slicing import slice_bytes
