@@ -110,15 +110,16 @@ class PlannerConfig:
     interfaces: tuple[str, ...] = ()
     announce: bool = True
     # Parallelism inside stages (fleetpipe.planner.intra): "" = pipeline stages only (the default),
-    # "latency" = minimise one frame's latency with single, replicated and split stages.
+    # "latency" = minimise one frame's latency with single, replicated and split stages; "pipeline" = the
+    # same objective and cost model with single-device stages only (the baseline split stages are measured against).
     intra: str = ""
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)
         if self.bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
             raise ConfigError(f"bits must be 2..8, 16 or 32, not {self.bits}")
-        if self.intra not in ("", "latency"):
-            raise ConfigError(f"intra must be '' or 'latency', not {self.intra!r}")
+        if self.intra not in ("", "latency", "pipeline"):
+            raise ConfigError(f"intra must be '', 'latency' or 'pipeline', not {self.intra!r}")
 
 
 T = TypeVar("T")

@@ -612,7 +612,8 @@ class NodeDaemon:
         """Part node of a split stage: run our part of a unit and answer the lead (an error reply on failure)."""
         slot = self.slots.get(req.epoch)
         role = slot.split if slot is not None else None
-        error, tensors, compute_ms = "", (), 0.0
+        error, compute_ms = "", 0.0
+        tensors: tuple[tuple[str, Any], ...] = ()
         try:
             if slot is None or role is None:
                 raise StaleEpoch(f"part request of frame {req.frame_id} for epoch {req.epoch}; node holds "

@@ -11,7 +11,7 @@ left out of the plan get their retained assignment cleared. On start the retaine
 is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
 when the same nodes are alive.
 
-With ``intra="latency"`` a re-plan solves ``fleetpipe.planner.intra.solve_intra`` instead (stages may be
+With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves ``fleetpipe.planner.intra.solve_intra`` instead (stages may be
 replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
 split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
 Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
@@ -379,7 +379,8 @@ class PlannerService:
         if self._split_info is None:
             self._split_info = split_deploy.split_info(self.model.proto, self.model.graph)
         ip = split_deploy.intra_problem(problem, self._split_info, self.config.bits)
-        return solve_intra(ip), ip
+        modes = ("single",) if self.config.intra == "pipeline" else ("single", "replicate", "split")
+        return solve_intra(ip, modes=modes), ip
 
     async def _adopt_intra(self, problem: Any, ip: Any, plan: Any, epoch: int, membership: int) -> None:
         """Publish the slices and (split) assignments of an intra plan, then the plan once all have loaded."""

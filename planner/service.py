@@ -25,9 +25,9 @@ def register(subparsers: Any) -> None:
                    help="never fine-tune a running plan (re-plan only when nodes join or leave)")
     p.add_argument("--no-early-exit", dest="early_exit", action="store_false", default=None,
                    help="do not ship the calibration's exit caches (every frame runs through every stage)")
-    p.add_argument("--intra", choices=["latency"],
-                   help="parallelism inside stages: 'latency' plans single, replicated and split stages for the "
-                        "lowest one-frame latency (default: pipeline stages only)")
+    p.add_argument("--intra", choices=["latency", "pipeline"],
+                   help="plan for the lowest one-frame latency: 'latency' with single, replicated and split stages, "
+                        "'pipeline' with single-device stages only (default: the throughput planner)")
     p.add_argument("--min-nodes", dest="min_nodes", type=int)
     p.add_argument("--expect-nodes", dest="expect_nodes", type=int,
                    help="wait (up to 10 s) for this many nodes before the first plan")
