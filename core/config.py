@@ -113,6 +113,8 @@ class PlannerConfig:
     # "latency" = minimise one frame's latency with single, replicated and split stages; "pipeline" = the
     # same objective and cost model with single-device stages only (the baseline split stages are measured against).
     intra: str = ""
+    # JSON file of per-layer host times: read when it matches the model, else profiled and written.
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)

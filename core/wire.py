@@ -161,12 +161,14 @@ class NodeHealth(_Msg):
     idle_ms_avg: float = 0.0
     bits: int = 32
     bandwidth_mbps_est: float | None = None
+    # Lead of a split stage: measured fixed cost of one part message (ms), beyond compute and link time.
+    msg_ms_est: float | None = None
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
         _nonneg(self, "seq", "ts", "load", "mem_used_bytes", "queue_depth", "frames_in", "frames_out",
                 "errors", "stage", "epoch", "compute_ms_avg", "transfer_ms_avg", "idle_ms_avg",
-                "bandwidth_mbps_est")
+                "bandwidth_mbps_est", "msg_ms_est")
         _bits(self.bits)
 
 

@@ -103,6 +103,7 @@ class _Stats:
     bytes_out: int = 0
     last_done: float | None = None
     early_exits: int = 0
+    msg_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
 
 
 class NodeDaemon:
@@ -387,6 +388,7 @@ class NodeDaemon:
         # Timings of the previous slice say nothing about this one (the planner compares them to the plan).
         self.stats.compute_ms.clear()
         self.stats.idle_ms.clear()
+        self.stats.msg_ms.clear()
         for t in slot.topics:
             await self.bus.subscribe(t, qos=1)
         with contextlib.suppress(FleetpipeError):
@@ -564,6 +566,8 @@ class NodeDaemon:
         loop = asyncio.get_running_loop()
         waiting: dict[int, asyncio.Future[Any]] = {}
         mine = role.part_index[u]
+        t0 = time.monotonic()
+        sent_bytes = 0
         try:
             for i, part in enumerate(unit.parts):
                 if i == mine:
@@ -574,10 +578,12 @@ class NodeDaemon:
                 req = wire.PartRequest(fleet=self.fleet, epoch=assign.epoch, stage=assign.stage, frame_id=frame_id,
                                        unit=u, part=i, lead=self.name, tensors=tensors, sent_ts=time.time())
                 waiting[i] = self._part_waiters[(assign.epoch, frame_id, u, i)] = loop.create_future()
+                payload = wire.encode(req)
+                sent_bytes += len(payload)
                 await self._outbox.put((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id),
-                                        wire.encode(req), None))
-            own, _ = await slot.executor.run(scatter_part(feeds, unit.parts[mine], unit.input_names),
-                                             role.part_runtimes[u])
+                                        payload, None))
+            own, own_ms = await slot.executor.run(scatter_part(feeds, unit.parts[mine], unit.input_names),
+                                                  role.part_runtimes[u])
             timeout = role.split.part_timeout_ms / 1000 or timing.SPLIT_PART_TIMEOUT_S
             done, _pending = await asyncio.wait(waiting.values(), timeout=timeout)
             failure: StageError | None = None
@@ -596,6 +602,7 @@ class NodeDaemon:
                 else:
                     outs[i] = {n: codec.decode_tensor(t) for n, t in fut.result().tensors}
             if failure is None:
+                self._observe_exchange(t0, own_ms, sent_bytes, [f.result() for f in waiting.values()])
                 try:
                     return merge_parts(unit, outs)
                 except (StageError, ValueError) as exc:
@@ -607,6 +614,22 @@ class NodeDaemon:
         await self._report(failure, frame_id)
         whole, _ = await slot.executor.run(feeds, role.unit_runtimes[u])
         return whole
+
+    def _observe_exchange(self, t0: float, own_ms: float, sent_bytes: int, replies: list[Any]) -> None:
+        """Fixed cost per part message of one split unit: elapsed minus compute and link time, per message.
+
+        The planner costs a unit as scatter + max part compute + gather + ``msg_ms`` per message; this is
+        the ``msg_ms`` that makes the model match what the unit really took (its health reports the median).
+        """
+        elapsed = (time.monotonic() - t0) * 1000
+        got = sum(_reply_bytes(r) for r in replies)
+        mbps = self.device.bandwidth_mbps or 1000.0
+        link_ms = (sent_bytes + got) * 8 / (mbps * 1000)
+        cmax = max([own_ms, *(r.compute_ms for r in replies)])
+        per_msg = max(elapsed - cmax - link_ms, 0.0) / max(2 * len(replies), 1)
+        self.stats.msg_ms.append(per_msg)
+        log.debug("node %s: split unit %.1f ms: own %.1f, parts %s, link %.1f -> %.2f ms per message", self.name,
+                  elapsed, own_ms, [round(r.compute_ms, 1) for r in replies], link_ms, per_msg)
 
     async def _process_part(self, req: Any, recv_ts: float) -> None:
         """Part node of a split stage: run our part of a unit and answer the lead (an error reply on failure)."""
@@ -804,7 +827,8 @@ class NodeDaemon:
             stage=slot.assign.stage if slot else None, epoch=max(self.epoch, 0),
             compute_ms_avg=_mean(self.stats.compute_ms), transfer_ms_avg=_mean(self.stats.transfer_ms),
             idle_ms_avg=_mean(self.stats.idle_ms), bits=_bits_in_use(slot),
-            bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps))
+            bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps),
+            msg_ms_est=round(float(np.median(self.stats.msg_ms)), 3) if len(self.stats.msg_ms) >= 5 else None)
 
 
 def tune_malloc() -> bool:
@@ -819,6 +843,11 @@ def tune_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
+
+
+def _reply_bytes(reply: Any) -> int:
+    """Payload bytes of a part reply's tensors (what crossed the link, give or take the header)."""
+    return sum(memoryview(t.data).nbytes for _, t in reply.tensors)
 
 
 def _as_array(value: Any) -> np.ndarray:

@@ -80,6 +80,10 @@ def deploy(proto: Any, graph: Any, plan: IntraPlan, p: IntraProblem, names: Sequ
         blobs: dict[str, bytes] = {}
         units = [_unit(proto, graph, st, u, p, names, blobs) for u in st.units]
         lead = names[st.lead]
+        if not any(u.kind for u in units):  # every split was refused: the lead runs the stage alone
+            out.append(StageDeploy(st.first, st.last, "single", (lead,), digest, len(data), {digest: data}, None,
+                                   st.latency_ms))
+            continue
         nodes = (lead, *(names[d] for d in st.devices if d != st.lead))
         split = wire.SplitAssign(lead=lead, units=tuple(units), part_timeout_ms=part_timeout_ms)
         out.append(StageDeploy(st.first, st.last, "split", nodes, digest, len(data), blobs, split, st.latency_ms))

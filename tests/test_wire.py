@@ -124,7 +124,7 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     NodeDeath: st.builds(NodeDeath, names, names, nat, ts, text),
     NodeHealth: st.builds(NodeHealth, names, names, nat, ts, pos_float, nat, small, nat, nat, nat,
                           st.none() | small, nat, pos_float, pos_float, pos_float, bits,
-                          st.none() | pos_float),
+                          st.none() | pos_float, st.none() | pos_float),
     Plan: plans(),
     StageAssign: assigns(),
     Activation: st.builds(Activation, names, nat, frame_ids, names, small, tensor_lists,

@@ -91,6 +91,28 @@ def _errors(url: str, fleet_name: str, act: object, want: int, timeout: float) -
     return asyncio.run(watch())
 
 
+def _bad_part_request(url: str, plan: wire.Plan, stage: wire.PlanStage) -> wire.PartReply:
+    """A part request the part node does not serve (wrong part index) gets an error reply, not silence."""
+    from fleetpipe import codec
+    from fleetpipe.transport.mqtt import MqttBus
+
+    async def ask() -> wire.PartReply:
+        async with MqttBus(url, client_id="forger") as bus:
+            await bus.subscribe(topics.part_gather(plan.fleet, plan.epoch, stage.index, stage.nodes[0]), qos=1)
+            req = wire.PartRequest(fleet=plan.fleet, epoch=plan.epoch, stage=stage.index, frame_id="forged", unit=0,
+                                   part=7, lead=stage.nodes[0], sent_ts=time.time(),
+                                   tensors=(("x", codec.encode_tensor(np.zeros(3, np.float32))),))
+            await bus.publish(topics.part_in(plan.fleet, plan.epoch, stage.index, stage.nodes[1]), wire.encode(req),
+                              qos=1)
+            async for message in bus.messages():
+                msg = wire.decode(message.payload)
+                assert isinstance(msg, wire.PartReply)
+                return msg
+        raise AssertionError("no reply")
+
+    return asyncio.run(asyncio.wait_for(ask(), 20))
+
+
 def test_spatial_split_cnn_matches_local_model_and_survives_a_frozen_part(mosquitto, tmp_path):
     model, shape = _model(tmp_path, "vgg16", width=0.25, resolution=64, fc=64, num_classes=10)
     rng = np.random.default_rng(3)
@@ -112,6 +134,8 @@ def test_spatial_split_cnn_matches_local_model_and_survives_a_frozen_part(mosqui
                 _close(result.output, ref)
             split = next(s for s in plan.stages if len(s.nodes) > 1)
             part_node = split.nodes[1]  # the lead is listed first
+            reply = _bad_part_request(mosquitto.url, plan, split)
+            assert reply.node_id == part_node and "not ours" in reply.error and not reply.tensors, reply
             f.signal(part_node, signal.SIGSTOP)  # alive for the broker, silent for the lead
             try:
                 got: list[np.ndarray] = []
