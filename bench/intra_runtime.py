@@ -12,12 +12,15 @@ Both planners read one per-layer host profile (``--profile``, measured by this s
 fleet runs), so their predictions are comparable.
 
 - ``pipeline``: the min-latency plan with single-device stages only (same planner, same cost model);
-- ``latency``: the min-latency plan with single, replicated and split stages (units scattered over
-  MQTT by the stage's lead, parts computed by the group, 8-bit exchanges).
+- ``split@1ms``: the min-latency plan with single, replicated and split stages (units scattered over
+  MQTT by the stage's lead, parts computed by the group, 8-bit exchanges), messages costed 1 ms;
+- ``split@learned``: the same, but the planner raises the message cost to what the split leads
+  measure and re-plans (frames are sent until no plan changed for 10 s before measuring).
 
 Printed: the planner's predicted latency (``Plan.latency_ms``: stages + transfers between and inside
 stages; the client's input and result messages are not in it), the measured latency, measured /
-predicted, and pipeline / split as a ratio measured in the same run; plus the largest relative error
+predicted, "in fleet" (first stage's receive to last stage's send, from the result's hops), and
+pipeline / split as a ratio measured in the same run; plus the largest relative error
 of the outputs vs the local unsplit model (8-bit activations).
 """
 
@@ -45,7 +48,13 @@ from fleetpipe.planner.loop import load_model_info
 __all__ = ["main"]
 
 DEVICES = ("2.5:bw=940", "3:bw=940", "5:bw=940", "5:bw=940")
-MODES = ("pipeline", "latency")
+# (label, planner flags): pipeline-only; splits costed with the a-priori 1 ms per message; splits with the
+# message cost the planner learns from the split leads (re-plans until it stops changing).
+MODES: dict[str, tuple[str, ...]] = {
+    "pipeline": ("--intra", "pipeline"),
+    "split@1ms": ("--intra", "latency", "--msg-ms", "1"),
+    "split@learned": ("--intra", "latency"),
+}
 CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # name: (zoo model, full kwargs, --quick kwargs)
     "resnet50": ("resnet50", {"width": 1.0, "resolution": 160}, {"width": 0.5, "resolution": 96}),
@@ -69,7 +78,7 @@ def run_case(model: Path, shape: tuple[int, ...], frames: int, tmp: Path, tag: s
     with LocalBroker() as broker, _processes() as procs, contextlib.ExitStack() as stack:
         clients = {}
         for mode in MODES:
-            fleet = f"bench-{tag}-{mode}"
+            fleet = f"bench-{tag}-{mode.replace('@', '-')}"
             logs = tmp / fleet
             logs.mkdir(parents=True, exist_ok=True)
             for i, dev in enumerate(DEVICES):
@@ -77,27 +86,49 @@ def run_case(model: Path, shape: tuple[int, ...], frames: int, tmp: Path, tag: s
                                      "--emulate", dev, "--no-announce", "--cache-dir", str(logs / f"cache{i}")],
                                     logs / f"d{i}.log", env))
             procs.append(_spawn([*base, "planner", "--broker", broker.url, "--model", str(model), "--fleet", fleet,
-                                 "--expect-nodes", "4", "--bits", "8", "--intra", mode, "--no-adapt",
+                                 "--expect-nodes", "4", "--bits", "8", *MODES[mode], "--no-adapt",
                                  "--no-announce", "--profile", str(model.with_suffix(".profile.json"))],
                                 logs / "planner.log", env))
             clients[mode] = stack.enter_context(FleetClient(broker.url, fleet=fleet, window=1))
-        plans = {mode: c.wait_plan(900) for mode, c in clients.items()}
+        for c in clients.values():
+            c.wait_plan(900)
+        _settle(clients, xs[0])
+        plans = {mode: c.plan for mode, c in clients.items()}
+        epochs = {mode: int(p.epoch) for mode, p in plans.items()}
         times: dict[str, list[float]] = {m: [] for m in MODES}
+        inside: dict[str, list[float]] = {m: [] for m in MODES}  # first stage's receive to last stage's send
         errs = dict.fromkeys(MODES, 0.0)
+        order = list(MODES)
         for k, (x, ref) in enumerate(zip(xs, refs, strict=True)):
-            for mode in (MODES if k % 2 else MODES[::-1]):
+            for mode in order[k % len(order):] + order[:k % len(order)]:
                 t0 = time.perf_counter()
-                y = clients[mode].infer(x, timeout_s=120)
+                r = clients[mode].infer_result(x, timeout_s=120)
                 ms = (time.perf_counter() - t0) * 1000
+                y = r.output
                 errs[mode] = max(errs[mode], float(np.linalg.norm(y - ref) / np.linalg.norm(ref)))
                 if k >= 2:
                     times[mode].append(ms)
+                    inside[mode].append((r.hops[-1].send_ts - r.hops[0].recv_ts) * 1000)
     for mode in MODES:
         ts = sorted(times[mode])
         out[mode] = {"predicted_ms": float(plans[mode].latency_ms), "median_ms": statistics.median(ts),
                      "p90_ms": ts[min(len(ts) - 1, int(0.9 * len(ts)))], "rel_err": errs[mode],
-                     "plan": _plan_text(tmp / f"bench-{tag}-{mode}" / "planner.log")}
+                     "inside_ms": statistics.median(inside[mode]),
+                     "plan": _plan_text(tmp / f"bench-{tag}-{mode.replace('@', '-')}" / "planner.log"),
+                     "epochs": epochs[mode]}
     return out
+
+
+def _settle(clients: dict[str, Any], x: np.ndarray, quiet_s: float = 10.0, limit_s: float = 300.0) -> None:
+    """Send frames until no planner has changed its plan for ``quiet_s`` (the learning planner re-plans)."""
+    last = {m: c.plan.epoch for m, c in clients.items()}
+    changed = start = time.monotonic()
+    while time.monotonic() - changed < quiet_s and time.monotonic() - start < limit_s:
+        for c in clients.values():
+            c.infer(x, timeout_s=120)
+        now = {m: c.plan.epoch for m, c in clients.items()}
+        if now != last:
+            last, changed = now, time.monotonic()
 
 
 def _plan_text(log: Path) -> str:
@@ -137,17 +168,19 @@ def _print(rows: list[Any], header: bool) -> None:
     if header:
         print("\n== one-frame latency end to end over MQTT, 4 emulated devices (x2.5, x3, x5, x5 compute; 940 Mbit/s"
               " out), 8-bit activations")
-        print(f"{'model':9} {'planner':9} {'predicted':>9} {'measured':>9} {'p90':>7} {'meas/pred':>9} "
-              f"{'pipe/this':>9} {'rel err':>8}  plan")
+        print(f"{'model':9} {'planner':13} {'predicted':>9} {'measured':>9} {'p90':>7} {'meas/pred':>9} "
+              f"{'pipe/this':>9} {'in fleet':>8} {'rel err':>8} {'epoch':>5}  plan")
     for name, kw, res in rows:
         base = res["pipeline"]["median_ms"]
         for mode, r in res.items():
-            print(f"{name:9} {mode:9} {r['predicted_ms']:9.1f} {r['median_ms']:9.1f} {r['p90_ms']:7.1f} "
-                  f"{r['median_ms'] / r['predicted_ms']:9.2f} {base / r['median_ms']:8.2f}x {r['rel_err']:8.1e}  "
-                  f"{r['plan']}")
-        pred = res["pipeline"]["predicted_ms"] / res["latency"]["predicted_ms"]
-        print(f"  {name} {kw}: split vs pipeline-only {base / res['latency']['median_ms']:.2f}x measured, "
-              f"{pred:.2f}x predicted")
+            print(f"{name:9} {mode:13} {r['predicted_ms']:9.1f} {r['median_ms']:9.1f} {r['p90_ms']:7.1f} "
+                  f"{r['median_ms'] / r['predicted_ms']:9.2f} {base / r['median_ms']:8.2f}x {r['inside_ms']:8.1f} "
+                  f"{r['rel_err']:8.1e} "
+                  f"{r['epochs']:5d}  {r['plan']}")
+        for mode in list(MODES)[1:]:
+            pred = res["pipeline"]["predicted_ms"] / res[mode]["predicted_ms"]
+            print(f"  {name} {kw}: {mode} vs pipeline-only {base / res[mode]['median_ms']:.2f}x measured, "
+                  f"{pred:.2f}x predicted")
     sys.stdout.flush()
 
 

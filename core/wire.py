@@ -161,7 +161,7 @@ class NodeHealth(_Msg):
     idle_ms_avg: float = 0.0
     bits: int = 32
     bandwidth_mbps_est: float | None = None
-    # Lead of a split stage: measured fixed cost of one part message (ms), beyond compute and link time.
+    # Lead of a split stage: the cost of one part message (ms) that makes its units' predictions match.
     msg_ms_est: float | None = None
 
     def _validate(self) -> None:
@@ -347,10 +347,12 @@ class SplitAssign(_Msg):
     lead: str
     units: tuple[SplitUnit, ...]
     part_timeout_ms: float = 0.0
+    # The fixed cost of one message the plan's unit predictions assume (the lead reports what it measures).
+    msg_ms: float = 0.0
 
     def _validate(self) -> None:
         _names(self, "lead")
-        _nonneg(self, "part_timeout_ms")
+        _nonneg(self, "part_timeout_ms", "msg_ms")
         if not self.units:
             raise ValueError("a split stage needs at least one unit")
         for a, b in zip(self.units, self.units[1:], strict=False):

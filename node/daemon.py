@@ -104,6 +104,7 @@ class _Stats:
     last_done: float | None = None
     early_exits: int = 0
     msg_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    lead_units: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=50))  # (measured, predicted)
 
 
 class NodeDaemon:
@@ -389,6 +390,7 @@ class NodeDaemon:
         self.stats.compute_ms.clear()
         self.stats.idle_ms.clear()
         self.stats.msg_ms.clear()
+        self.stats.lead_units.clear()
         for t in slot.topics:
             await self.bus.subscribe(t, qos=1)
         with contextlib.suppress(FleetpipeError):
@@ -554,7 +556,9 @@ class NodeDaemon:
             if unit.kind and role.available(u, time.monotonic()):
                 outs = await self._scatter_gather(slot, frame_id, u, feeds)
             else:
-                outs, _ = await slot.executor.run(feeds, role.unit_runtimes[u])
+                outs, ms = await slot.executor.run(feeds, role.unit_runtimes[u])
+                if not unit.kind and unit.predicted_ms > 0:
+                    self.stats.lead_units.append((ms, unit.predicted_ms))
             env.update(outs)
         return {n: env[n] for n in assign.output_names}, (time.monotonic() - start) * 1000
 
@@ -602,7 +606,8 @@ class NodeDaemon:
                 else:
                     outs[i] = {n: codec.decode_tensor(t) for n, t in fut.result().tensors}
             if failure is None:
-                self._observe_exchange(t0, own_ms, sent_bytes, [f.result() for f in waiting.values()])
+                self._observe_exchange(unit, role.split.msg_ms, t0, own_ms, sent_bytes,
+                                       [f.result() for f in waiting.values()])
                 try:
                     return merge_parts(unit, outs)
                 except (StageError, ValueError) as exc:
@@ -615,21 +620,27 @@ class NodeDaemon:
         whole, _ = await slot.executor.run(feeds, role.unit_runtimes[u])
         return whole
 
-    def _observe_exchange(self, t0: float, own_ms: float, sent_bytes: int, replies: list[Any]) -> None:
-        """Fixed cost per part message of one split unit: elapsed minus compute and link time, per message.
+    def _observe_exchange(self, unit: Any, planned_msg_ms: float, t0: float, own_ms: float, sent_bytes: int,
+                          replies: list[Any]) -> None:
+        """The per-message cost that makes this split unit's prediction match what it took.
 
-        The planner costs a unit as scatter + max part compute + gather + ``msg_ms`` per message; this is
-        the ``msg_ms`` that makes the model match what the unit really took (its health reports the median).
+        The plan predicted ``unit.predicted_ms`` with ``planned_msg_ms`` per message; compute predictions
+        are first corrected by how this lead's lead-only units ran against theirs (profiles drift), and what
+        is left over is charged to the unit's ``2 (k - 1)`` messages. The health reports the median.
         """
         elapsed = (time.monotonic() - t0) * 1000
-        got = sum(_reply_bytes(r) for r in replies)
-        mbps = self.device.bandwidth_mbps or 1000.0
-        link_ms = (sent_bytes + got) * 8 / (mbps * 1000)
-        cmax = max([own_ms, *(r.compute_ms for r in replies)])
-        per_msg = max(elapsed - cmax - link_ms, 0.0) / max(2 * len(replies), 1)
+        lead_units = self.stats.lead_units
+        ratio = sum(m for m, _ in lead_units) / sum(p for _, p in lead_units) if lead_units else 1.0
+        msgs = max(2 * len(replies), 1)
+        compute_pred = max(unit.predicted_ms - msgs * planned_msg_ms, 0.0)
+        per_msg = max(planned_msg_ms + (elapsed - msgs * planned_msg_ms - ratio * compute_pred) / msgs, 0.0)
         self.stats.msg_ms.append(per_msg)
-        log.debug("node %s: split unit %.1f ms: own %.1f, parts %s, link %.1f -> %.2f ms per message", self.name,
-                  elapsed, own_ms, [round(r.compute_ms, 1) for r in replies], link_ms, per_msg)
+        if log.isEnabledFor(logging.DEBUG):
+            got = sum(_reply_bytes(r) for r in replies)
+            log.debug("node %s: split unit %d..%d %.1f ms (predicted %.1f, compute x%.2f): own %.1f, parts %s, "
+                      "%d bytes -> %.2f ms per message", self.name, unit.first_layer, unit.last_layer, elapsed,
+                      unit.predicted_ms, ratio, own_ms, [round(r.compute_ms, 1) for r in replies], sent_bytes + got,
+                      per_msg)
 
     async def _process_part(self, req: Any, recv_ts: float) -> None:
         """Part node of a split stage: run our part of a unit and answer the lead (an error reply on failure)."""

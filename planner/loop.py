@@ -184,7 +184,7 @@ class PlannerService:
         self.last_result: Any = None
         self._split_info: list[Any] | None = None
         # Intra plans: the fixed cost of one message the plan assumes, raised to what split leads measure.
-        self._msg_ms = MSG_MS_START
+        self._msg_ms = MSG_MS_START if config.intra_msg_ms is None else config.intra_msg_ms
         self._msg_est: dict[str, float] = {}
 
     @property
@@ -359,7 +359,7 @@ class PlannerService:
         The cost only goes up (the largest lead estimate), so this converges: once splits no longer pay, no
         split stage is left to measure, and the plan stays.
         """
-        if not self._msg_est or self.state.plan is None:
+        if not self._msg_est or self.state.plan is None or self.config.intra_msg_ms is not None:
             return None
         measured = max(self._msg_est.values())
         if measured <= self._msg_ms * RECALIBRATE_RATIO + 0.2:

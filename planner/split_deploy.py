@@ -85,7 +85,7 @@ def deploy(proto: Any, graph: Any, plan: IntraPlan, p: IntraProblem, names: Sequ
                                    st.latency_ms))
             continue
         nodes = (lead, *(names[d] for d in st.devices if d != st.lead))
-        split = wire.SplitAssign(lead=lead, units=tuple(units), part_timeout_ms=part_timeout_ms)
+        split = wire.SplitAssign(lead=lead, units=tuple(units), part_timeout_ms=part_timeout_ms, msg_ms=p.msg_ms)
         out.append(StageDeploy(st.first, st.last, "split", nodes, digest, len(data), blobs, split, st.latency_ms))
     return out
 

@@ -99,7 +99,7 @@ def splits(draw: st.DrawFn, first: int, last: int, lead: str) -> SplitAssign:
                 for n in [lead, *others])
             merges = (("y", draw(st.sampled_from(["concat", "sum", "first"])), draw(st.integers(0, 3))),)
         units.append(SplitUnit(a, b, kind, draw(hashes), draw(nat), ("x",), ("y",), parts, merges, draw(pos_float)))
-    return SplitAssign(lead, tuple(units), draw(pos_float))
+    return SplitAssign(lead, tuple(units), draw(pos_float), draw(pos_float))
 
 
 @st.composite

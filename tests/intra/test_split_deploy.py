@@ -94,3 +94,26 @@ def test_deployed_parts_reproduce_every_unit(name: str, kw: dict[str, object], f
                 np.testing.assert_allclose(got[k], ref, rtol=1e-4, atol=1e-4)
             assert all(u in roles[p.node_id].part_index for p in unit.parts)
         env.update(whole)
+
+
+def test_planner_raises_the_message_cost_to_what_split_leads_measure() -> None:
+    import dataclasses
+
+    from fleetpipe.config import PlannerConfig
+    from fleetpipe.planner.loop import MSG_MS_START, PlannerService
+
+    svc = PlannerService(PlannerConfig(model="zoo:x", intra="latency"), model=_info("vit", 1.0, resolution=32,
+                         patch=4, dim=32, depth=1, heads=2, num_classes=10))
+    svc.state = dataclasses.replace(svc.state, plan=object(), epoch=3)
+    assert svc._exchange_recalibration() is None  # nothing measured
+    svc._msg_est = {"lead": MSG_MS_START * 1.2}
+    assert svc._exchange_recalibration() is None  # within tolerance of the assumption
+    svc._msg_est = {"lead": 7.5, "other": 2.0}
+    cmd = svc._exchange_recalibration()
+    assert cmd is not None and cmd.epoch == 4 and "7.5 ms" in cmd.reason
+    assert svc._msg_ms == 7.5 and not svc._msg_est
+    svc._msg_est = {"lead": 9.0}  # only 1.2x the new cost: the plan stays
+    assert svc._exchange_recalibration() is None
+    fixed = PlannerService(PlannerConfig(model="zoo:x", intra="latency", intra_msg_ms=1.0), model=svc.model)
+    fixed.state, fixed._msg_est = svc.state, {"lead": 50.0}
+    assert fixed._exchange_recalibration() is None and fixed._msg_ms == 1.0
