@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--models", default="resnet50,vit")
     parser.add_argument("--keep", help="keep models and logs in this directory")
+    parser.add_argument("--slow", type=float, default=1.0,
+                        help="multiply every device's compute factor (slower devices: compute outweighs messages)")
     args = parser.parse_args(argv)
+    global DEVICES
+    if args.slow != 1.0:
+        DEVICES = tuple(f"{float(d.split(':')[0]) * args.slow:g}:{d.split(':', 1)[1]}" for d in DEVICES)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fp-intra-rt-") as d:
         tmp = Path(args.keep or d)
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(rows: list[Any], header: bool) -> None:
     if header:
-        print("\n== one-frame latency end to end over MQTT, 4 emulated devices (x2.5, x3, x5, x5 compute; 940 Mbit/s"
+        factors = ", ".join("x" + d.split(":")[0] for d in DEVICES)
+        print(f"\n== one-frame latency end to end over MQTT, 4 emulated devices ({factors} compute; 940 Mbit/s"
               " out), 8-bit activations")
         print(f"{'model':9} {'planner':13} {'predicted':>9} {'measured':>9} {'p90':>7} {'meas/pred':>9} "
               f"{'pipe/this':>9} {'in fleet':>8} {'rel err':>8} {'epoch':>5}  plan")

@@ -17,7 +17,8 @@ split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan ent
 Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
 when membership changes, and when the leads of split stages measure that a part message costs more
 than the plan assumed (``NodeHealth.msg_ms_est``; the assumed cost starts at ``MSG_MS_START`` and only
-goes up), so a split that does not pay on the real fleet is dropped.
+goes up), so a split that does not pay on the real fleet is dropped; and splits are used only when
+they promise ``SPLIT_MIN_GAIN`` (10 %) over the best plan without them (the model's error margin).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ LOAD_TIMEOUT_S = 60.0
 # Intra plans: first guess of one message's fixed cost (ms); re-plan when leads measure this much more.
 MSG_MS_START = 1.0
 RECALIBRATE_RATIO = 1.5
+# Intra plans: split stages only when they promise at least this relative latency gain over no splits.
+SPLIT_MIN_GAIN = 0.1
 DEFAULT_BANDWIDTH_MBPS = 1000.0
 
 
@@ -449,8 +452,16 @@ class PlannerService:
         if self._split_info is None:
             self._split_info = split_deploy.split_info(self.model.proto, self.model.graph)
         ip = split_deploy.intra_problem(problem, self._split_info, self.config.bits, self._msg_ms)
-        modes = ("single",) if self.config.intra == "pipeline" else ("single", "replicate", "split")
-        return solve_intra(ip, modes=modes), ip
+        plain = solve_intra(ip, modes=("single",) if self.config.intra == "pipeline" else ("single", "replicate"))
+        if self.config.intra == "pipeline":
+            return plain, ip
+        split = solve_intra(ip)
+        # The cost model is good to some 10-20 % on a busy host: a split must promise a clear gain.
+        if split.n_split_units and split.latency_ms > (1.0 - SPLIT_MIN_GAIN) * plain.latency_ms:
+            log.info("planner: splits would gain %.1f%% (< %.0f%%); planning without them",
+                     100 * (1 - split.latency_ms / plain.latency_ms), 100 * SPLIT_MIN_GAIN)
+            return plain, ip
+        return split, ip
 
     async def _adopt_intra(self, problem: Any, ip: Any, plan: Any, epoch: int, membership: int) -> None:
         """Publish the slices and (split) assignments of an intra plan, then the plan once all have loaded."""

@@ -1,7 +1,7 @@
 """Split stages on a real fleet: mosquitto on 127.0.0.1, ``planner --intra latency``, node processes.
 
-The devices are emulated slow enough (compute x20-x40) that splitting a stage pays in the planner's
-cost model, so the plan has a split stage; the outputs must match the local unsplit model within
+The devices are emulated slow enough (compute x40-x100) that splitting a stage pays in the planner's
+cost model (2 ms per message, fixed: no re-plan while the test runs), so the plan has a split stage; the outputs must match the local unsplit model within
 the 8-bit activation quantization. A frozen part node must not lose or hang a frame.
 """
 
@@ -120,9 +120,9 @@ def test_spatial_split_cnn_matches_local_model_and_survives_a_frozen_part(mosqui
     refs = _reference(model, xs)
     env = {"FLEETPIPE_TIMING_SPLIT_PART_TIMEOUT_S": "1.5"}
     with fleet(mosquitto.url, "isplit", tmp_path) as f:
-        f.planner(model, "--expect-nodes", "2", "--bits", "8", "--intra", "latency", "--no-adapt")
-        f.node("a", "20", env=env)
-        f.node("b", "20", env=env)
+        f.planner(model, "--expect-nodes", "2", "--bits", "8", "--intra", "latency", "--msg-ms", "2", "--no-adapt")
+        f.node("a", "40", env=env)
+        f.node("b", "40", env=env)
         with FleetClient(mosquitto.url, fleet="isplit", window=2) as client:
             try:
                 plan = client.wait_plan(120)
@@ -154,9 +154,9 @@ def test_tensor_split_vit_matches_local_model(mosquitto, tmp_path):
     xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
     refs = _reference(model, xs)
     with fleet(mosquitto.url, "ivsplit", tmp_path) as f:
-        f.planner(model, "--expect-nodes", "2", "--bits", "8", "--intra", "latency", "--no-adapt")
-        f.node("a", "40")
-        f.node("b", "40")
+        f.planner(model, "--expect-nodes", "2", "--bits", "8", "--intra", "latency", "--msg-ms", "2", "--no-adapt")
+        f.node("a", "100")
+        f.node("b", "100")
         with FleetClient(mosquitto.url, fleet="ivsplit", window=2) as client:
             try:
                 plan = client.wait_plan(120)
