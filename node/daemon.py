@@ -633,7 +633,7 @@ class NodeDaemon:
         ratio = sum(m for m, _ in lead_units) / sum(p for _, p in lead_units) if lead_units else 1.0
         msgs = max(2 * len(replies), 1)
         compute_pred = max(unit.predicted_ms - msgs * planned_msg_ms, 0.0)
-        per_msg = max(planned_msg_ms + (elapsed - msgs * planned_msg_ms - ratio * compute_pred) / msgs, 0.0)
+        per_msg = max((elapsed - ratio * compute_pred) / msgs, 0.0)
         self.stats.msg_ms.append(per_msg)
         if log.isEnabledFor(logging.DEBUG):
             got = sum(_reply_bytes(r) for r in replies)

@@ -1,8 +1,10 @@
 """Split stages on a real fleet: mosquitto on 127.0.0.1, ``planner --intra latency``, node processes.
 
 The devices are emulated slow enough (compute x40-x100) that splitting a stage pays in the planner's
-cost model (2 ms per message, fixed: no re-plan while the test runs), so the plan has a split stage; the outputs must match the local unsplit model within
-the 8-bit activation quantization. A frozen part node must not lose or hang a frame.
+cost model (2 ms per message, fixed: no re-plan while the test runs), so the plan has a split stage;
+the outputs must match the local unsplit model within the 8-bit activation quantization. A part
+request a part node does not serve gets an error reply, and a frozen part node must not lose or hang
+a frame.
 """
 
 from __future__ import annotations
