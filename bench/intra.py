@@ -9,8 +9,9 @@ pipeline-only and with intra-layer splits. Each plan is then *re-costed from mea
 unit that runs on one device is timed as its own slice, every split unit is materialised with
 ``fleetpipe.models.split`` (verified against the unsplit slice), each part is timed with onnxruntime
 (one thread) and scaled by its device's factor, and the critical path is scatter + max part + gather
-at the emulated bandwidth. This is computed from measured part times; it is NOT an end-to-end
-measurement over MQTT (the runtime does not run split stages yet).
+at the emulated bandwidth, with activations at ``--bits`` (default 8, what the runtime sends). This
+is computed from measured part times; ``bench/intra_runtime.py`` measures split stages end to end
+over MQTT.
 
 Part 2 (estimator). Zoo models at several widths/resolutions are profiled layer by layer at 1, 2
 and 4 onnxruntime threads (cached in bench/out/intra_profiles.json); gradient-boosted trees are
@@ -60,7 +61,7 @@ def _time_ms(model: Any, feeds: dict[str, np.ndarray], reps: int) -> float:
 
 
 def _measured_latency(model: Any, graph: Any, plan: IntraPlan, acts: dict[str, np.ndarray],
-                      factors: list[float], reps: int) -> tuple[float, float]:
+                      factors: list[float], reps: int, scale: float = 1.0) -> tuple[float, float]:
     """The plan's latency with every split unit's model cost replaced by its re-costed measured cost.
 
     Unsplit work is already costed from measured per-layer slice times, so only split units differ:
@@ -80,8 +81,8 @@ def _measured_latency(model: Any, graph: Any, plan: IntraPlan, acts: dict[str, n
             for d, part, pf in zip(st.devices, sp.parts, sp.scatter(feeds), strict=True):
                 cmax = max(cmax, _time_ms(part.model, pf, reps) * factors[d])
                 if d != st.lead:
-                    scatter += transfer_ms(part.input_bytes, BW_MBPS) + MSG_MS
-                    gather += transfer_ms(part.output_bytes, BW_MBPS) + MSG_MS
+                    scatter += transfer_ms(part.input_bytes * scale, BW_MBPS) + MSG_MS
+                    gather += transfer_ms(part.output_bytes * scale, BW_MBPS) + MSG_MS
             total += scatter + cmax + gather - u.latency_ms
     return total, worst
 
@@ -95,7 +96,7 @@ def _describe(plan: IntraPlan, names: list[str]) -> str:
     return " ".join(out)
 
 
-def latency_table(quick: bool, reps: int) -> None:
+def latency_table(quick: bool, reps: int, bits: int = 32) -> None:
     """Part 1: pipeline-only vs intra-layer splits, cost model and re-costed from measured part times."""
     cases = [
         ("resnet50", {"width": 0.5 if quick else 1.0, "resolution": 96 if quick else 160}),
@@ -104,7 +105,9 @@ def latency_table(quick: bool, reps: int) -> None:
     ]
     names = [d for d, _ in DEVICES]
     factors = [f for _, f in DEVICES]
-    print("\n== one-frame latency, 4 emulated devices (rpi5 x2.5, jetson x3, 2 x rpi4 x5; 940 Mbit/s; 1 ms/msg)")
+    scale = bits / 32.0
+    print(f"\n== one-frame latency, 4 emulated devices (rpi5 x2.5, jetson x3, 2 x rpi4 x5; 940 Mbit/s; 1 ms/msg;"
+          f" activations exchanged at {bits} bits)")
     print("   'measured' = re-costed from onnxruntime times of the actual slices/split parts on this host x device")
     print("   factor + exchange bytes at 940 Mbit/s; NOT end-to-end over MQTT.\n")
     header = f"{'model':9} {'plan':34} {'model ms':>9} {'measured ms':>11} {'vs pipe':>8} {'split err':>9}"
@@ -124,7 +127,7 @@ def latency_table(quick: bool, reps: int) -> None:
         in_b = [graph.tensor_bytes[graph.inputs_of(i)[0]] for i in range(len(graph))]
         p = IntraProblem(
             compute_ms=host[:, None] * np.array(factors)[None, :],
-            in_bytes=in_b, out_bytes=[la.out_bytes for la in graph.layers],
+            in_bytes=np.array(in_b, float) * scale, out_bytes=np.array([la.out_bytes for la in graph.layers]) * scale,
             bw_mbps=np.full((4, 4), BW_MBPS), kinds=tuple(i.kinds for i in info),
             halo_rows=[i.halo_rows for i in info], in_rows=[i.in_rows for i in info],
             out_rows=[i.out_rows for i in info], msg_ms=MSG_MS,
@@ -142,7 +145,7 @@ def latency_table(quick: bool, reps: int) -> None:
             if "overlap" in label:
                 print(f"{name:9} {label:34} {plan.latency_ms:9.1f} {'-':>11} {'':>8} {'':>9}")
                 continue
-            meas, err = _measured_latency(model, graph, plan, env, factors, reps)
+            meas, err = _measured_latency(model, graph, plan, env, factors, reps, scale)
             if base_measured is None:
                 base_measured = meas
             print(f"{name:9} {label:34} {plan.latency_ms:9.1f} {meas:11.1f} {base_measured / meas:7.2f}x "
@@ -212,13 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smaller models, fewer reps")
     parser.add_argument("--reps", type=int, default=0)
+    parser.add_argument("--bits", type=int, default=8,
+                        help="bit-width of exchanged activations (8: what the runtime sends; 32: float bytes)")
     parser.add_argument("--skip-estimator", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--refresh", action="store_true", help="re-profile the estimator data set")
     args = parser.parse_args(argv)
     reps = args.reps or (5 if args.quick else 15)
     if not args.skip_latency:
-        latency_table(args.quick, reps)
+        latency_table(args.quick, reps, args.bits)
     if not args.skip_estimator:
         estimator_table(args.refresh)
     return 0

@@ -109,11 +109,23 @@ class PlannerConfig:
     early_exit: bool = True
     interfaces: tuple[str, ...] = ()
     announce: bool = True
+    # Parallelism inside stages (fleetpipe.planner.intra): "" = pipeline stages only (the default),
+    # "latency" = minimise one frame's latency with single, replicated and split stages; "pipeline" = the
+    # same objective and cost model with single-device stages only (the baseline split stages are measured against).
+    intra: str = ""
+    # Intra plans: fixed cost of one message in ms; None = start at 1 ms and raise it to what split leads measure.
+    intra_msg_ms: float | None = None
+    # JSON file of per-layer host times: read when it matches the model, else profiled and written.
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)
         if self.bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
             raise ConfigError(f"bits must be 2..8, 16 or 32, not {self.bits}")
+        if self.intra_msg_ms is not None and not (self.intra_msg_ms >= 0 and self.intra_msg_ms < 1e6):
+            raise ConfigError(f"intra_msg_ms must be >= 0, not {self.intra_msg_ms}")
+        if self.intra not in ("", "latency", "pipeline"):
+            raise ConfigError(f"intra must be '', 'latency' or 'pipeline', not {self.intra!r}")
 
 
 T = TypeVar("T")

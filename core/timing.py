@@ -16,6 +16,8 @@ __all__ = [
     "RECONNECT_MAX_S",
     "RECONNECT_MIN_S",
     "REPLAN_DEBOUNCE_S",
+    "SPLIT_PART_TIMEOUT_S",
+    "SPLIT_RETRY_S",
     "override_from_env",
 ]
 
@@ -30,6 +32,10 @@ ACK_TIMEOUT_S = 10.0
 FRAME_RESEND_S = 5.0
 # Wait this long after a membership change before re-planning, to batch joins.
 REPLAN_DEBOUNCE_S = 0.5
+# The lead of a split stage waits this long for a unit's part replies (when the assignment names no
+# timeout), then computes the unit itself; a node that missed is not asked again for SPLIT_RETRY_S.
+SPLIT_PART_TIMEOUT_S = 2.0
+SPLIT_RETRY_S = 5.0
 # Graceful drain on SIGTERM; systemd TimeoutStopSec must be longer.
 DRAIN_TIMEOUT_S = 10.0
 

@@ -7,7 +7,9 @@ Layout (all under ``fleetpipe/v1/<fleet>/``)::
     node/<node_id>/assign    StageAssign             qos1 retained
     node/<node_id>/metrics   Metrics                 qos0
     plan                     Plan                    qos1 retained
-    stage/<k>/in             Activation              qos1  (replicas: $share/<fleet>-stage<k>/...)
+    epoch/<e>/stage/<k>/in   Activation              qos1  (replicas: $share/<fleet>-e<e>-s<k>/...)
+    epoch/<e>/stage/<k>/part/<node_id>    PartRequest   qos1  (split stage: lead -> part node)
+    epoch/<e>/stage/<k>/gather/<node_id>  PartReply     qos1  (split stage: part node -> lead)
     result/<client_id>       Result                  qos1
     error                    ErrorReport             qos1
     slice/<hash>/<index>     SliceChunk              qos1 retained
@@ -34,6 +36,8 @@ from fleetpipe.wire import (
     NodeBirth,
     NodeDeath,
     NodeHealth,
+    PartReply,
+    PartRequest,
     Plan,
     Result,
     SliceChunk,
@@ -54,6 +58,8 @@ __all__ = [
     "node_metrics",
     "node_state",
     "parse",
+    "part_gather",
+    "part_in",
     "plan",
     "result",
     "shared",
@@ -129,6 +135,8 @@ NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metric
 NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (EmulationControl,), 1, False)
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
 STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in", (Activation,), 1, False)
+PART_IN = TopicSpec("part_in", _P + "/epoch/{epoch}/stage/{stage}/part/{node_id}", (PartRequest,), 1, False)
+PART_GATHER = TopicSpec("part_gather", _P + "/epoch/{epoch}/stage/{stage}/gather/{node_id}", (PartReply,), 1, False)
 RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False)
 ERROR = TopicSpec("error", _P + "/error", (ErrorReport,), 1, False)
 SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True)
@@ -137,7 +145,7 @@ SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,
 #: Every topic, by name.
 SPECS: Mapping[str, TopicSpec] = MappingProxyType(
     {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, NODE_CONTROL, PLAN, STAGE_IN,
-                         RESULT, ERROR, SLICE_CHUNK, SLICE_REQUEST)}
+                         PART_IN, PART_GATHER, RESULT, ERROR, SLICE_CHUNK, SLICE_REQUEST)}
 )
 
 
@@ -183,6 +191,16 @@ def stage_in(fleet: str, epoch: int, stage: int) -> str:
 def stage_group(fleet: str, epoch: int, stage: int) -> str:
     """Shared-subscription group name of the replicas of ``stage`` in ``epoch``."""
     return f"{_format('fleet', fleet)}-e{_format('epoch', epoch)}-s{_format('stage', stage)}"
+
+
+def part_in(fleet: str, epoch: int, stage: int, node_id: str) -> str:
+    """Part requests of split stage ``stage`` (epoch ``epoch``) for the part node ``node_id``."""
+    return PART_IN.topic(fleet=fleet, epoch=epoch, stage=stage, node_id=node_id)
+
+
+def part_gather(fleet: str, epoch: int, stage: int, node_id: str) -> str:
+    """Part replies of split stage ``stage`` (epoch ``epoch``) for its lead ``node_id``."""
+    return PART_GATHER.topic(fleet=fleet, epoch=epoch, stage=stage, node_id=node_id)
 
 
 def result(fleet: str, client_id: str) -> str:

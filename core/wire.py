@@ -4,7 +4,8 @@ Theory of operation. Each message is a frozen dataclass with a ``TAG`` and valid
 ``__post_init__`` (``TypeError`` for a wrong type, ``ValueError`` for a bad value; ints given for float
 fields become floats, lists become tuples, mappings become read-only). ``encode`` writes an envelope
 ``{"v": WIRE_VERSION, "type": TAG, ...fields}``: control messages as compact JSON (readable with
-``mosquitto_sub``), data messages (:class:`Activation`, :class:`Result`, :class:`SliceChunk`) as msgpack
+``mosquitto_sub``), data messages (:class:`Activation`, :class:`Result`, :class:`SliceChunk`,
+:class:`PartRequest`, :class:`PartReply`) as msgpack
 with raw tensor bytes (:mod:`fleetpipe.codec`). ``decode`` tells the two apart by the first byte (``{`` is
 JSON; a msgpack map never starts with it), checks size, version, tag and every field's type, and raises
 :class:`~fleetpipe.errors.DecodeError` naming the offending field, or
@@ -52,11 +53,16 @@ __all__ = [
     "NodeBirth",
     "NodeDeath",
     "NodeHealth",
+    "PartReply",
+    "PartRequest",
     "Plan",
     "PlanStage",
     "Result",
     "SliceChunk",
     "SliceRequest",
+    "SplitAssign",
+    "SplitPart",
+    "SplitUnit",
     "StageAssign",
     "decode",
     "encode",
@@ -169,12 +175,14 @@ class NodeHealth(_Msg):
     idle_ms_avg: float = 0.0
     bits: int = 32
     bandwidth_mbps_est: float | None = None
+    # Lead of a split stage: the cost of one part message (ms) that makes its units' predictions match.
+    msg_ms_est: float | None = None
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
         _nonneg(self, "seq", "ts", "load", "mem_used_bytes", "queue_depth", "frames_in", "frames_out",
                 "errors", "stage", "epoch", "compute_ms_avg", "transfer_ms_avg", "idle_ms_avg",
-                "bandwidth_mbps_est")
+                "bandwidth_mbps_est", "msg_ms_est")
         _bits(self.bits)
 
 
@@ -251,10 +259,18 @@ class StageAssign(_Msg):
     bits: int = 32
     next_stage: int | None = None
     exit_cache: ExitCache | None = None
+    split: SplitAssign | None = None
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
         _nonneg(self, "epoch", "stage", "first_layer", "last_layer", "slice_size", "ts", "next_stage")
+        if self.split is not None:
+            units = self.split.units
+            if units[0].first_layer != self.first_layer or units[-1].last_layer != self.last_layer:
+                raise ValueError("split units must cover the stage's layers")
+            members = {self.split.lead} | {p.node_id for u in self.split.units for p in u.parts}
+            if self.node_id not in members:
+                raise ValueError(f"node {self.node_id} has no role in the split of stage {self.stage}")
         _positive(self, "n_stages")
         if self.stage >= self.n_stages:
             raise ValueError(f"stage {self.stage} >= n_stages {self.n_stages}")
@@ -264,6 +280,101 @@ class StageAssign(_Msg):
         _text(self.model_id, "model_id")
         _slice_hash(self.slice_hash, allow_empty=True)
         _bits(self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPart(_Msg):
+    """One part of a split unit: the node computing it, its part slice and the row ranges it reads.
+
+    ``inputs`` holds ``(tensor, axis, start, stop)`` per input read in part (spatial splits); inputs not
+    listed are sent whole.
+    """
+
+    TAG: ClassVar[str] = "split_part"
+    node_id: str
+    slice_hash: str
+    slice_size: int
+    inputs: tuple[tuple[str, int, int, int], ...] = ()
+
+    def _validate(self) -> None:
+        _names(self, "node_id")
+        _slice_hash(self.slice_hash, allow_empty=False)
+        _nonneg(self, "slice_size")
+        for name, axis, start, stop in self.inputs:
+            _text(name, "part input name")
+            if axis < 0 or not 0 <= start < stop:
+                raise ValueError(f"part input {name!r}: bad range axis {axis} {start}:{stop}")
+
+
+# How a split unit's outputs are rebuilt from its parts (``fleetpipe.models.split.MergeSpec``).
+_MERGE_KINDS = frozenset({"concat", "sum", "first"})
+# Split kinds of a unit; "" runs the unit on the lead alone.
+_SPLIT_KINDS = frozenset({"", "spatial", "channel", "tensor"})
+
+
+@dataclass(frozen=True, slots=True)
+class SplitUnit(_Msg):
+    """Layers ``first_layer..last_layer`` of a split stage: on the lead alone (``kind=""``) or split in parts.
+
+    ``slice_hash`` is the whole unit (the lead runs it for lead-only units and as the fallback when a
+    part does not answer); ``merges`` holds ``(output, kind, axis)`` per output of a split unit.
+    """
+
+    TAG: ClassVar[str] = "split_unit"
+    first_layer: int
+    last_layer: int
+    kind: str
+    slice_hash: str
+    slice_size: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    parts: tuple[SplitPart, ...] = ()
+    merges: tuple[tuple[str, str, int], ...] = ()
+    predicted_ms: float = 0.0
+
+    def _validate(self) -> None:
+        _nonneg(self, "first_layer", "last_layer", "slice_size", "predicted_ms")
+        _layers(self.first_layer, self.last_layer)
+        _slice_hash(self.slice_hash, allow_empty=False)
+        if self.kind not in _SPLIT_KINDS:
+            raise ValueError(f"split kind must be one of {sorted(_SPLIT_KINDS)}, got {self.kind!r}")
+        if not self.input_names or not self.output_names:
+            raise ValueError("a unit needs input and output names")
+        if self.kind and len(self.parts) < 2:
+            raise ValueError("a split unit needs >= 2 parts")
+        if not self.kind and (self.parts or self.merges):
+            raise ValueError("a lead-only unit has no parts or merges")
+        if len({p.node_id for p in self.parts}) != len(self.parts):
+            raise ValueError("a node computes at most one part of a unit")
+        if self.kind and sorted(m[0] for m in self.merges) != sorted(self.output_names):
+            raise ValueError("a split unit needs one merge per output")
+        for _, kind, axis in self.merges:
+            if kind not in _MERGE_KINDS or axis < 0:
+                raise ValueError(f"bad merge {kind!r} on axis {axis}")
+
+
+@dataclass(frozen=True, slots=True)
+class SplitAssign(_Msg):
+    """Intra-stage parallelism of a stage: the lead receives frames, scatters split units, gathers parts."""
+
+    TAG: ClassVar[str] = "split_assign"
+    lead: str
+    units: tuple[SplitUnit, ...]
+    part_timeout_ms: float = 0.0
+    # The fixed cost of one message the plan's unit predictions assume (the lead reports what it measures).
+    msg_ms: float = 0.0
+
+    def _validate(self) -> None:
+        _names(self, "lead")
+        _nonneg(self, "part_timeout_ms", "msg_ms")
+        if not self.units:
+            raise ValueError("a split stage needs at least one unit")
+        for a, b in zip(self.units, self.units[1:], strict=False):
+            if b.first_layer != a.last_layer + 1:
+                raise ValueError(f"unit at layer {b.first_layer} does not follow unit ending at {a.last_layer}")
+        for u in self.units:
+            if u.parts and self.lead not in {p.node_id for p in u.parts}:
+                raise ValueError("the lead computes one part of every split unit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +435,56 @@ class Activation(_Msg):
         _frame_id(self.frame_id)
         _tensors(self.tensors)
         _reply_topic(self.reply_to)
+
+
+@dataclass(frozen=True, slots=True)
+class PartRequest(_Msg):
+    """The lead of a split stage sends part ``part`` of unit ``unit`` of a frame to the part's node (msgpack)."""
+
+    TAG: ClassVar[str] = "part_request"
+    BINARY: ClassVar[bool] = True
+    fleet: str
+    epoch: int
+    stage: int
+    frame_id: str
+    unit: int
+    part: int
+    lead: str
+    tensors: tuple[tuple[str, EncodedTensor], ...]
+    sent_ts: float
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "lead")
+        _nonneg(self, "epoch", "stage", "unit", "part", "sent_ts")
+        _frame_id(self.frame_id)
+        _tensors(self.tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class PartReply(_Msg):
+    """A part node's outputs for one part request, back to the lead (msgpack); ``error`` set on failure."""
+
+    TAG: ClassVar[str] = "part_reply"
+    BINARY: ClassVar[bool] = True
+    fleet: str
+    epoch: int
+    stage: int
+    frame_id: str
+    unit: int
+    part: int
+    node_id: str
+    tensors: tuple[tuple[str, EncodedTensor], ...]
+    compute_ms: float
+    sent_ts: float
+    error: str = ""
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "epoch", "stage", "unit", "part", "compute_ms", "sent_ts")
+        _frame_id(self.frame_id)
+        _tensors(self.tensors)
+        if len(self.error) > 500:
+            raise ValueError("error text longer than 500 characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +603,7 @@ class EmulationControl(_Msg):
 
 Message = Union[  # noqa: UP007  (a runtime alias that isinstance and match understand)
     NodeBirth, NodeDeath, NodeHealth, Plan, StageAssign, Activation, Result, ErrorReport, SliceChunk,
-    SliceRequest, Metrics, EmulationControl,
+    SliceRequest, Metrics, EmulationControl, PartRequest, PartReply,
 ]
 #: Tag -> class of every top-level message type.
 MESSAGE_TYPES: Mapping[str, type[Any]] = types.MappingProxyType(

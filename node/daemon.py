@@ -20,6 +20,11 @@ The node keeps the previous epoch's slice for a grace period after a switch, so 
 flight under the old plan still complete; a frame whose epoch it no longer holds is reported on
 the error topic (``StaleEpoch``) and the client re-sends it under the new plan. Nothing bad from
 the network crashes the daemon: each frame's failure becomes one error report.
+
+A split stage (the assignment carries a ``SplitAssign``) runs on a group: the lead takes the stage's
+frames as above and scatters/gathers its split units over the ``part_in``/``part_gather`` topics; the
+other members only serve part requests (``fleetpipe.node.split`` has the protocol and the rule for a
+part node that does not answer).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
 from fleetpipe.node.profile import measure_speed, probe_capability
 from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
+from fleetpipe.node.split import PartFailed, PartTimeout, SplitRole, merge_parts, scatter_part
 from fleetpipe.slices import content_hash
 from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
@@ -85,6 +91,14 @@ class _Slot:
     adaptive: Any = None
     # COACH: semantic cache for early exit when the assignment carries one (fleetpipe.context.SemanticCache).
     exit_cache: Any = None
+    # Split stage: this node's role (lead or part) with the unit/part runtimes; None for an ordinary stage.
+    split: SplitRole | None = None
+    # Topics subscribed for this slot besides ``topic`` (a lead's part replies).
+    extra_topics: tuple[str, ...] = ()
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (self.topic, *self.extra_topics) if self.topic else self.extra_topics
 
 
 @dataclass(slots=True)
@@ -98,6 +112,8 @@ class _Stats:
     bytes_out: int = 0
     last_done: float | None = None
     early_exits: int = 0
+    msg_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    lead_units: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=50))  # (measured, predicted)
 
 
 class NodeDaemon:
@@ -119,7 +135,10 @@ class NodeDaemon:
         self.bus: MqttBus | None = None
         self.bucket = TokenBucket(self.device.bandwidth_mbps) if self.device.bandwidth_mbps else None
         self.cache_dir = Path(os.path.expanduser(config.cache_dir))
-        self._inbox: asyncio.Queue[tuple[wire.Activation, float]] = asyncio.Queue(maxsize=config.queue_limit)
+        self._inbox: asyncio.Queue[tuple[wire.Activation | wire.PartRequest, float]] = asyncio.Queue(
+            maxsize=config.queue_limit)
+        # Lead of a split stage: (epoch, frame_id, unit, part) -> future of the part's reply.
+        self._part_waiters: dict[tuple[int, str, int, int], asyncio.Future[Any]] = {}
         self._outbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue(maxsize=4)
         self._ready: asyncio.Queue[tuple[Any, float, _Slot, dict[str, np.ndarray]]] = asyncio.Queue(maxsize=1)
         self._computed: asyncio.Queue[tuple[Any, float, _Slot, dict[str, Any], float]] = asyncio.Queue(maxsize=1)
@@ -233,8 +252,9 @@ class NodeDaemon:
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("drain")
         for slot in self.slots.values():
-            with contextlib.suppress(FleetpipeError):
-                await self.bus.unsubscribe(slot.topic)
+            for topic in slot.topics:
+                with contextlib.suppress(FleetpipeError):
+                    await self.bus.unsubscribe(topic)
         deadline = time.monotonic() + self.config.drain_timeout_s
         while (self._inbox.qsize() or self._outbox.qsize() or self._in_hand) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -278,6 +298,21 @@ class NodeDaemon:
                 raise DecodeError(f"expected Activation on {message.topic}, got {type(msg).__name__}")
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
+        elif spec is topics.PART_IN:
+            msg = wire.decode(message.payload)
+            if not isinstance(msg, wire.PartRequest) or msg.fleet != self.fleet:
+                raise DecodeError(f"expected a PartRequest of fleet {self.fleet} on {message.topic}, "
+                                  f"got {_describe(msg)}")
+            self.stats.frames_in += 1
+            await self._inbox.put((msg, time.time()))
+        elif spec is topics.PART_GATHER:
+            msg = wire.decode(message.payload)
+            if not isinstance(msg, wire.PartReply) or msg.fleet != self.fleet:
+                raise DecodeError(f"expected a PartReply of fleet {self.fleet} on {message.topic}, "
+                                  f"got {_describe(msg)}")
+            waiter = self._part_waiters.get((msg.epoch, msg.frame_id, msg.unit, msg.part))
+            if waiter is not None and not waiter.done():  # else late (the lead already computed it) or forged
+                waiter.set_result(msg)
         elif spec is topics.NODE_CONTROL:
             msg = wire.decode(message.payload)
             if not isinstance(msg, wire.EmulationControl) or (msg.fleet, msg.node_id) != (self.fleet, self.name):
@@ -334,11 +369,15 @@ class NodeDaemon:
         assert self.bus is not None
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("assign")
+        role = None
         try:
-            data = await self._fetch_slice(assign.slice_hash, assign.slice_size)
-            kind = detect_kind(data)
-            runtime = create_runtime(kind, threads=self.config.threads)
-            await asyncio.to_thread(runtime.load, data)
+            if assign.split is not None:
+                role, runtime, kind, size = await self._load_split(assign)
+            else:
+                data = await self._fetch_slice(assign.slice_hash, assign.slice_size)
+                kind, size = detect_kind(data), len(data)
+                runtime = create_runtime(kind, threads=self.config.threads)
+                await asyncio.to_thread(runtime.load, data)
             executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)
         except Exception as exc:  # whatever the slice or the assignment holds, the old slot keeps serving
             with contextlib.suppress(FleetpipeError):
@@ -348,21 +387,49 @@ class NodeDaemon:
             return
         topic = topics.stage_in(self.fleet, assign.epoch, assign.stage)
         group = topics.shared(topics.stage_group(self.fleet, assign.epoch, assign.stage), topic)
+        extra: tuple[str, ...] = ()
+        if role is not None and role.lead:
+            extra = (topics.part_gather(self.fleet, assign.epoch, assign.stage, self.name),)
+        elif role is not None:  # a part node never takes the stage's frames, only part requests
+            group, extra = "", (topics.part_in(self.fleet, assign.epoch, assign.stage, self.name),)
         now = time.monotonic()
         for old in self.slots.values():
             if old.retired_at is None:
                 old.retired_at = now
-        self.slots[assign.epoch] = _Slot(assign, runtime, executor, group, exit_cache=_exit_cache(assign.exit_cache))
+        slot = _Slot(assign, runtime, executor, group, exit_cache=_exit_cache(assign.exit_cache), split=role,
+                     extra_topics=extra)
+        self.slots[assign.epoch] = slot
         self.epoch = assign.epoch
         # Timings of the previous slice say nothing about this one (the planner compares them to the plan).
         self.stats.compute_ms.clear()
         self.stats.idle_ms.clear()
-        await self.bus.subscribe(group, qos=1)
+        self.stats.msg_ms.clear()
+        self.stats.lead_units.clear()
+        for t in slot.topics:
+            await self.bus.subscribe(t, qos=1)
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("loaded")
         await self._publish_health()  # tells the planner this epoch is loaded
         log.info("node %s: epoch %d stage %d layers %d..%d loaded (%s, %d bytes)", self.name, assign.epoch,
-                 assign.stage, assign.first_layer, assign.last_layer, kind, len(data))
+                 assign.stage, assign.first_layer, assign.last_layer, kind, size)
+        if role is not None:
+            log.info("node %s: split stage %d as %s (%d units)", self.name, assign.stage,
+                     "lead" if role.lead else f"part of units {sorted(role.part_index)}", len(assign.split.units))
+
+    async def _load_split(self, assign: Any) -> tuple[SplitRole, Any, str, int]:
+        """Load every unit/part slice this node's role in a split stage needs (one runtime per slice)."""
+        role = SplitRole.for_node(assign.split, self.name)
+        first, kind, size = None, "", 0
+        for what, unit, digest, nbytes in role.slices_needed():
+            data = await self._fetch_slice(digest, nbytes)
+            kind, size = detect_kind(data), size + len(data)
+            runtime = create_runtime(kind, threads=self.config.threads)
+            await asyncio.to_thread(runtime.load, data)
+            (role.unit_runtimes if what == "unit" else role.part_runtimes)[unit] = runtime
+            first = first or runtime
+        if first is None:
+            raise RuntimeLoadError(f"node {self.name} has nothing to run in split stage {assign.stage}")
+        return role, first, kind, size
 
     async def _unassign(self) -> None:
         now = time.monotonic()
@@ -433,6 +500,12 @@ class NodeDaemon:
         while True:
             frame, recv_ts = await self._inbox.get()
             self._in_hand += 1
+            if isinstance(frame, wire.PartRequest):  # a part node of a split stage: answer it here, in order
+                try:
+                    await self._process_part(frame, recv_ts)
+                finally:
+                    self._in_hand -= 1
+                continue
             try:
                 slot, inputs = self._prepare(frame)
             except (FleetpipeError, ValueError, TypeError) as exc:
@@ -448,7 +521,10 @@ class NodeDaemon:
             frame, recv_ts, slot, inputs = await self._ready.get()
             self.stats.idle_ms.append((time.monotonic() - idle_from) * 1000)
             try:
-                outputs, compute_ms = await slot.executor.run(inputs)
+                if slot.split is not None:  # the lead of a split stage: scatter, compute its part, gather
+                    outputs, compute_ms = await self._run_split(slot, frame.frame_id, inputs)
+                else:
+                    outputs, compute_ms = await slot.executor.run(inputs)
             except (FleetpipeError, ValueError, TypeError) as exc:
                 self._in_hand -= 1
                 await self._report(exc, frame.frame_id)
@@ -486,6 +562,8 @@ class NodeDaemon:
         if assign.input_names and names != sorted(assign.input_names):
             raise InferenceError(f"frame {frame.frame_id} has tensors {names}; stage {assign.stage} takes "
                                  f"{sorted(assign.input_names)}")
+        if slot.split is not None and not slot.split.lead:
+            raise StageError(f"frame {frame.frame_id}: node {self.name} is a part node of stage {assign.stage}")
         return slot, {name: codec.decode_tensor(t) for name, t in frame.tensors}
 
     async def _finish(self, frame: Any, recv_ts: float, slot: _Slot, outputs: dict[str, Any],
@@ -515,6 +593,134 @@ class NodeDaemon:
                                   reply_to=frame.reply_to, sent_ts=time.time(), hops=hops)
             topic = topics.stage_in(self.fleet, frame.epoch, assign.next_stage)
             await self._outbox.put((topic, wire.encode(nxt), slot.adaptive))
+        self.stats.frames_out += 1
+
+    async def _run_split(self, slot: _Slot, frame_id: str, inputs: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Lead of a split stage: run the units in order, scattering and gathering the split ones."""
+        role, assign = slot.split, slot.assign
+        assert role is not None
+        start = time.monotonic()
+        env = dict(inputs)
+        for u, unit in enumerate(role.split.units):
+            feeds = {n: env[n] for n in unit.input_names}
+            if unit.kind and role.available(u, time.monotonic()):
+                outs = await self._scatter_gather(slot, frame_id, u, feeds)
+            else:
+                outs, ms = await slot.executor.run(feeds, role.unit_runtimes[u])
+                if not unit.kind and unit.predicted_ms > 0:
+                    self.stats.lead_units.append((ms, unit.predicted_ms))
+            env.update(outs)
+        return {n: env[n] for n in assign.output_names}, (time.monotonic() - start) * 1000
+
+    async def _scatter_gather(self, slot: _Slot, frame_id: str, u: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        """One split unit: send the parts, compute ours, gather; a missing part falls back to the whole unit."""
+        role, assign = slot.split, slot.assign
+        assert role is not None
+        unit = role.split.units[u]
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        mine = role.part_index[u]
+        t0 = time.monotonic()
+        sent_bytes = 0
+        try:
+            for i, part in enumerate(unit.parts):
+                if i == mine:
+                    continue
+                pf = scatter_part(feeds, part, unit.input_names)
+                tensors = tuple((n, codec.encode_tensor(_as_array(a), bits=_bits_for(a, assign.bits)))
+                                for n, a in pf.items())
+                req = wire.PartRequest(fleet=self.fleet, epoch=assign.epoch, stage=assign.stage, frame_id=frame_id,
+                                       unit=u, part=i, lead=self.name, tensors=tensors, sent_ts=time.time())
+                waiting[i] = self._part_waiters[(assign.epoch, frame_id, u, i)] = loop.create_future()
+                payload = wire.encode(req)
+                sent_bytes += len(payload)
+                await self._outbox.put((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id),
+                                        payload, None))
+            own, own_ms = await slot.executor.run(scatter_part(feeds, unit.parts[mine], unit.input_names),
+                                                  role.part_runtimes[u])
+            timeout = role.split.part_timeout_ms / 1000 or timing.SPLIT_PART_TIMEOUT_S
+            done, _pending = await asyncio.wait(waiting.values(), timeout=timeout)
+            failure: StageError | None = None
+            outs: list[Any] = [None] * len(unit.parts)
+            outs[mine] = own
+            for i, fut in waiting.items():
+                node = unit.parts[i].node_id
+                if fut not in done:
+                    role.down_until[node] = time.monotonic() + timing.SPLIT_RETRY_S
+                    failure = PartTimeout(f"frame {frame_id}: part {i} of unit {u} (layers {unit.first_layer}.."
+                                          f"{unit.last_layer}) on {node} did not answer within {timeout:.2f} s; "
+                                          f"the lead computes the unit itself")
+                elif fut.result().error or fut.result().node_id != node:
+                    failure = PartFailed(f"frame {frame_id}: part {i} of unit {u} on {node} failed: "
+                                         f"{fut.result().error or 'reply from ' + fut.result().node_id}")
+                else:
+                    outs[i] = {n: codec.decode_tensor(t) for n, t in fut.result().tensors}
+            if failure is None:
+                self._observe_exchange(unit, role.split.msg_ms, t0, own_ms, sent_bytes,
+                                       [f.result() for f in waiting.values()])
+                try:
+                    return merge_parts(unit, outs)
+                except (StageError, ValueError) as exc:
+                    failure = PartFailed(f"frame {frame_id}: unit {u} parts do not merge: {exc}")
+        finally:
+            for i in waiting:
+                self._part_waiters.pop((assign.epoch, frame_id, u, i), None)
+        assert failure is not None
+        await self._report(failure, frame_id)
+        whole, _ = await slot.executor.run(feeds, role.unit_runtimes[u])
+        return whole
+
+    def _observe_exchange(self, unit: Any, planned_msg_ms: float, t0: float, own_ms: float, sent_bytes: int,
+                          replies: list[Any]) -> None:
+        """The per-message cost that makes this split unit's prediction match what it took.
+
+        The plan predicted ``unit.predicted_ms`` with ``planned_msg_ms`` per message; compute predictions
+        are first corrected by how this lead's lead-only units ran against theirs (profiles drift), and what
+        is left over is charged to the unit's ``2 (k - 1)`` messages. The health reports the median.
+        """
+        elapsed = (time.monotonic() - t0) * 1000
+        lead_units = self.stats.lead_units
+        ratio = sum(m for m, _ in lead_units) / sum(p for _, p in lead_units) if lead_units else 1.0
+        msgs = max(2 * len(replies), 1)
+        compute_pred = max(unit.predicted_ms - msgs * planned_msg_ms, 0.0)
+        per_msg = max((elapsed - ratio * compute_pred) / msgs, 0.0)
+        self.stats.msg_ms.append(per_msg)
+        if log.isEnabledFor(logging.DEBUG):
+            got = sum(_reply_bytes(r) for r in replies)
+            log.debug("node %s: split unit %d..%d %.1f ms (predicted %.1f, compute x%.2f): own %.1f, parts %s, "
+                      "%d bytes -> %.2f ms per message", self.name, unit.first_layer, unit.last_layer, elapsed,
+                      unit.predicted_ms, ratio, own_ms, [round(r.compute_ms, 1) for r in replies], sent_bytes + got,
+                      per_msg)
+
+    async def _process_part(self, req: Any, recv_ts: float) -> None:
+        """Part node of a split stage: run our part of a unit and answer the lead (an error reply on failure)."""
+        slot = self.slots.get(req.epoch)
+        role = slot.split if slot is not None else None
+        error, compute_ms = "", 0.0
+        tensors: tuple[tuple[str, Any], ...] = ()
+        try:
+            if slot is None or role is None:
+                raise StaleEpoch(f"part request of frame {req.frame_id} for epoch {req.epoch}; node holds "
+                                 f"{sorted(self.slots)}")
+            ours = req.stage == slot.assign.stage and req.lead == role.split.lead
+            if not ours or role.part_index.get(req.unit) != req.part:
+                raise StageError(f"part request of frame {req.frame_id}: stage {req.stage} unit {req.unit} part "
+                                 f"{req.part} from {req.lead} is not ours")
+            inputs = {name: codec.decode_tensor(t) for name, t in req.tensors}
+            outputs, compute_ms = await slot.executor.run(inputs, role.part_runtimes[req.unit])
+            self.stats.compute_ms.append(compute_ms)
+            unit = role.split.units[req.unit]
+            bits = slot.assign.bits
+            tensors = tuple((n, codec.encode_tensor(_as_array(outputs[n]), bits=_bits_for(outputs[n], bits)))
+                            for n in unit.output_names)
+        except (FleetpipeError, ValueError, TypeError, KeyError) as exc:
+            await self._report(exc, req.frame_id)
+            error = f"{type(exc).__name__}: {exc}"[:500]  # the lead falls back at once instead of timing out
+        reply = wire.PartReply(fleet=self.fleet, epoch=req.epoch, stage=req.stage, frame_id=req.frame_id,
+                               unit=req.unit, part=req.part, node_id=self.name, tensors=tensors,
+                               compute_ms=round(compute_ms, 3), sent_ts=time.time(), error=error)
+        await self._outbox.put((topics.part_gather(self.fleet, req.epoch, req.stage, req.lead), wire.encode(reply),
+                                None))
         self.stats.frames_out += 1
 
     async def _early_exit(self, slot: _Slot, frame: Any, outputs: dict[str, Any], recv_ts: float,
@@ -613,8 +819,8 @@ class NodeDaemon:
             if slot.retired_at is not None and now - slot.retired_at > EPOCH_GRACE_S:
                 del self.slots[epoch]
                 slot.executor.shutdown()
-                if self.bus is not None:
-                    task = asyncio.create_task(self._quiet_unsubscribe(slot.topic))
+                for topic in slot.topics if self.bus is not None else ():
+                    task = asyncio.create_task(self._quiet_unsubscribe(topic))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
 
@@ -682,7 +888,8 @@ class NodeDaemon:
             stage=slot.assign.stage if slot else None, epoch=max(self.epoch, 0),
             compute_ms_avg=_mean(self.stats.compute_ms), transfer_ms_avg=_mean(self.stats.transfer_ms),
             idle_ms_avg=_mean(self.stats.idle_ms), bits=_bits_in_use(slot),
-            bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps))
+            bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps),
+            msg_ms_est=round(float(np.median(self.stats.msg_ms)), 3) if len(self.stats.msg_ms) >= 5 else None)
 
 
 def tune_malloc() -> bool:
@@ -697,6 +904,11 @@ def tune_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
+
+
+def _reply_bytes(reply: Any) -> int:
+    """Payload bytes of a part reply's tensors (what crossed the link, give or take the header)."""
+    return sum(memoryview(t.data).nbytes for _, t in reply.tensors)
 
 
 def _as_array(value: Any) -> np.ndarray:

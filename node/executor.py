@@ -50,26 +50,27 @@ class InferenceExecutor:
         self._pending = 0
         self._closed = False
         self.last_real_ms = 0.0
-        # Single-threaded CPU runtimes run on this worker thread, so its CPU time is the work done.
-        self._cpu_clock = getattr(runtime, "threads", 0) == 1
 
     @property
     def pending(self) -> int:
         """Frames submitted and not yet finished (queue depth including the running one)."""
         return self._pending
 
-    async def run(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    async def run(
+        self, inputs: Mapping[str, np.ndarray], runtime: Runtime | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
         """Run the slice off the loop; returns (outputs, compute_ms) where compute_ms includes the stretch.
 
         ``compute_ms`` is the time the (emulated) device was busy; the real compute time of the
-        same call is in ``last_real_ms``. Raises InferenceError (or another StageError).
+        same call is in ``last_real_ms``. ``runtime`` runs another loaded slice on the same worker
+        thread (the units and parts of a split stage). Raises InferenceError (or another StageError).
         """
         if self._closed:
             raise InferenceError("inference executor is shut down")
         loop = asyncio.get_running_loop()
         self._pending += 1
         try:
-            return await loop.run_in_executor(self._pool, self._run_in_worker, inputs)
+            return await loop.run_in_executor(self._pool, self._run_in_worker, inputs, runtime or self.runtime)
         except RuntimeError as exc:  # submit after shutdown raced with us
             raise InferenceError(f"inference executor unavailable: {exc}") from exc
         except asyncio.CancelledError:
@@ -92,12 +93,14 @@ class InferenceExecutor:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
-    def _run_in_worker(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    def _run_in_worker(
+        self, inputs: Mapping[str, np.ndarray], runtime: Runtime
+    ) -> tuple[dict[str, np.ndarray], float]:
         """Worker-thread body: real compute, then the emulation stretch."""
         start = time.perf_counter()
         cpu_start = time.thread_time()
         try:
-            outputs = self.runtime.run(inputs)
+            outputs = runtime.run(inputs)
         except StageError:
             raise
         except Exception as exc:  # a backend that forgot to translate: still a typed error for the loop
@@ -106,7 +109,8 @@ class InferenceExecutor:
         self.last_real_ms = real_ms
         if self.compute_factor <= 1.0:
             extra_ms = 0.0
-        elif self._cpu_clock:
+        elif getattr(runtime, "threads", 0) == 1:
+            # A single-threaded CPU runtime runs on this worker thread, so its CPU time is the work done.
             # Emulate "this much CPU work on a device `factor` times slower": stretch the thread's CPU time,
             # so other processes competing for the host's cores do not inflate the emulated device's time.
             cpu_ms = (time.thread_time() - cpu_start) * 1e3

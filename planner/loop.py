@@ -10,6 +10,15 @@ loaded the new epoch, so a client never sends a frame to a stage nobody has subs
 left out of the plan get their retained assignment cleared. On start the retained plan (if any)
 is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
 when the same nodes are alive.
+
+With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves ``fleetpipe.planner.intra.solve_intra`` instead (stages may be
+replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
+split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
+Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
+when membership changes, and when the leads of split stages measure that a part message costs more
+than the plan assumed (``NodeHealth.msg_ms_est``; the assumed cost starts at ``MSG_MS_START`` and only
+goes up), so a split that does not pay on the real fleet is dropped; and splits are used only when
+they promise ``SPLIT_MIN_GAIN`` (10 %) over the best plan without them (the model's error margin).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +49,11 @@ __all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
 log = logging.getLogger("fleetpipe.planner")
 
 LOAD_TIMEOUT_S = 60.0
+# Intra plans: first guess of one message's fixed cost (ms); re-plan when leads measure this much more.
+MSG_MS_START = 1.0
+RECALIBRATE_RATIO = 1.5
+# Intra plans: split stages only when they promise at least this relative latency gain over no splits.
+SPLIT_MIN_GAIN = 0.1
 DEFAULT_BANDWIDTH_MBPS = 1000.0
 
 
@@ -53,8 +68,13 @@ class ModelInfo:
     host_speed: float
 
 
-def load_model_info(path: str, input_shape: tuple[int, ...] | None = None) -> ModelInfo:
-    """Load the model, group its layers and profile them on this host."""
+def load_model_info(path: str, input_shape: tuple[int, ...] | None = None, profile: str | None = None) -> ModelInfo:
+    """Load the model, group its layers and profile them on this host.
+
+    With ``profile`` (a JSON file), per-layer host times and the host speed are read from it when it
+    holds this model's layers, else measured and written there: plans made from the same file are
+    comparable run to run (a 2-core host's profile varies by up to 2x under load).
+    """
     from fleetpipe.models.onnx_graph import load_onnx, read_model
     from fleetpipe.models.profile import profile_layers
     from fleetpipe.node.profile import measure_speed
@@ -67,10 +87,35 @@ def load_model_info(path: str, input_shape: tuple[int, ...] | None = None) -> Mo
         proto = read_model(path)
     shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None
     graph = load_onnx(proto, input_shapes=shapes)
+    model_id = slices.content_hash(proto.SerializeToString())[:12]
+    cached = _read_profile(profile, model_id, len(graph.layers)) if profile else None
+    if cached is not None:
+        return ModelInfo(model_id, proto, graph, cached[0], cached[1])
     prof = profile_layers(proto, graph, runs=5)
     host_ms = np.asarray(prof.per_layer_ms, dtype=np.float64)
-    model_id = slices.content_hash(proto.SerializeToString())[:12]
-    return ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2))
+    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2))
+    if profile:
+        import json
+
+        with contextlib.suppress(OSError):
+            Path(profile).write_text(json.dumps({"model_id": model_id, "host_ms": host_ms.tolist(),
+                                                 "host_speed": info.host_speed}))
+    return info
+
+
+def _read_profile(path: str, model_id: str, n_layers: int) -> tuple[np.ndarray, float] | None:
+    """``(host_ms, host_speed)`` from a profile file written for this model, or None."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        host_ms = np.asarray(doc["host_ms"], dtype=np.float64)
+        speed = float(doc["host_speed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if doc.get("model_id") != model_id or host_ms.shape != (n_layers,) or not np.all(host_ms >= 0):
+        return None
+    return host_ms, speed
 
 
 def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: Any = None) -> Any:
@@ -140,6 +185,10 @@ class PlannerService:
         self._published_epoch = -1
         self.calibration = _load_calibration(config, model)
         self.last_result: Any = None
+        self._split_info: list[Any] | None = None
+        # Intra plans: the fixed cost of one message the plan assumes, raised to what split leads measure.
+        self._msg_ms = MSG_MS_START if config.intra_msg_ms is None else config.intra_msg_ms
+        self._msg_est: dict[str, float] = {}
 
     @property
     def min_bits(self) -> Any:
@@ -160,7 +209,8 @@ class PlannerService:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
         if self.model is None:
-            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape)
+            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
+                                                 self.config.profile)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
         broker = self.config.broker
@@ -243,6 +293,8 @@ class PlannerService:
             if msg.stage is not None:
                 self._loaded[msg.node_id] = int(msg.epoch)
                 self._observe_stage_time(msg, now)
+            if msg.msg_ms_est is not None and self.config.intra and msg.epoch == self._published_epoch:
+                self._msg_est[msg.node_id] = float(msg.msg_ms_est)
         elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
                 self.state.plan is None or msg.epoch > self.state.plan.epoch):
             # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
@@ -294,10 +346,32 @@ class PlannerService:
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
                 return
+        recal = self._exchange_recalibration()
+        if recal is not None:
+            log.info("planner: re-planning epoch %d (%s)", recal.epoch, recal.reason)
+            self._replanning = asyncio.create_task(self._replan(recal))
+            return
         if self.config.adapt and self.monitor is not None and self.current is not None and now >= self._cooldown_until:
             deviations = [d for d in self.monitor.deviating(now) if self._hurts(d)]
             if deviations:
                 self._replanning = asyncio.create_task(self._fine_tune(deviations))
+
+    def _exchange_recalibration(self) -> control.Replan | None:
+        """Split stages whose leads measure a dearer message than planned: re-plan with the measured cost.
+
+        The cost only goes up (the largest lead estimate), so this converges: once splits no longer pay, no
+        split stage is left to measure, and the plan stays.
+        """
+        if not self._msg_est or self.state.plan is None or self.config.intra_msg_ms is not None:
+            return None
+        measured = max(self._msg_est.values())
+        if measured <= self._msg_ms * RECALIBRATE_RATIO + 0.2:
+            return None
+        old, self._msg_ms = self._msg_ms, measured
+        self._msg_est.clear()
+        alive = tuple(self.state.alive())
+        return control.Replan(f"split exchanges cost {measured:.1f} ms per message, planned {old:.1f} ms", alive,
+                              self.state.epoch + 1)
 
     def _hurts(self, deviation: Any) -> bool:
         """A stage running slower than predicted only matters once it is slower than the plan's bottleneck."""
@@ -313,6 +387,16 @@ class PlannerService:
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits)
+            if self.config.intra:
+                try:
+                    plan, ip = await asyncio.to_thread(self._solve_intra, problem)
+                    await self._adopt_intra(problem, ip, plan, command.epoch, membership)
+                    return
+                except (FleetpipeError, ValueError) as exc:  # a bug or an unsplittable model: say so, plan pipeline
+                    if isinstance(exc, InfeasiblePlan):
+                        raise
+                    log.error("planner: intra plan failed (%s: %s); planning pipeline stages", type(exc).__name__, exc)
+                    await self._publish_error(type(exc).__name__, f"intra plan failed: {exc}")
             result = await asyncio.to_thread(self._solve, problem)
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
@@ -356,6 +440,70 @@ class PlannerService:
         from fleetpipe.planner.partition import solve
 
         return solve(problem, time_limit_s=self.config.time_limit_s)
+
+    def _solve_intra(self, problem: Any) -> tuple[Any, Any]:
+        """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
+        from fleetpipe.planner import split_deploy
+        from fleetpipe.planner.intra import solve_intra
+
+        assert self.model is not None
+        if self._split_info is None:
+            self._split_info = split_deploy.split_info(self.model.proto, self.model.graph)
+        ip = split_deploy.intra_problem(problem, self._split_info, self.config.bits, self._msg_ms)
+        plain = solve_intra(ip, modes=("single",) if self.config.intra == "pipeline" else ("single", "replicate"))
+        if self.config.intra == "pipeline":
+            return plain, ip
+        split = solve_intra(ip)
+        # The cost model is good to some 10-20 % on a busy host: a split must promise a clear gain.
+        if split.n_split_units and split.latency_ms > (1.0 - SPLIT_MIN_GAIN) * plain.latency_ms:
+            log.info("planner: splits would gain %.1f%% (< %.0f%%); planning without them",
+                     100 * (1 - split.latency_ms / plain.latency_ms), 100 * SPLIT_MIN_GAIN)
+            return plain, ip
+        return split, ip
+
+    async def _adopt_intra(self, problem: Any, ip: Any, plan: Any, epoch: int, membership: int) -> None:
+        """Publish the slices and (split) assignments of an intra plan, then the plan once all have loaded."""
+        from fleetpipe.planner import split_deploy
+
+        assert self.model is not None
+        names = problem.device_names
+        deployed = await asyncio.to_thread(split_deploy.deploy, self.model.proto, self.model.graph, plan, ip, names)
+        stages = []
+        for k, dep in enumerate(deployed):
+            for digest, data in dep.blobs.items():
+                await self._publish_slice(digest, data)
+            stages.append(wire.PlanStage(
+                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes, bits=self.config.bits,
+                slice_hash=dep.slice_hash, input_names=tuple(self.model.graph.inputs_of(dep.first)),
+                output_names=tuple(self.model.graph.crossing(dep.last)), predicted_ms=float(dep.predicted_ms)))
+        for s, dep in zip(stages, deployed, strict=True):
+            for node_id in s.nodes:
+                assign = wire.StageAssign(
+                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
+                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
+                    slice_size=dep.slice_size, model_id=self.model.model_id, input_names=s.input_names,
+                    output_names=s.output_names, bits=s.bits,
+                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(), split=dep.split)
+                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
+        assigned = {n for s in stages for n in s.nodes}
+        for node_id in self._assigned - assigned:
+            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
+        self._assigned = assigned
+        msg = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
+                        bottleneck_ms=float(plan.period_ms), latency_ms=float(plan.latency_ms), ts=time.time())
+        if not await self._wait_loaded(assigned, epoch):
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            return
+        self._published_epoch = epoch
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(msg))
+        self.last_result = plan
+        self.current = self.monitor = None  # intra plans are re-solved on membership changes, not fine-tuned
+        self.state = state.apply(self.state, state.PlanPublished(msg, membership, time.monotonic()))
+        log.info("planner: epoch %d published (intra, predicted latency %.1f ms): %s", epoch, plan.latency_ms,
+                 " | ".join(f"s{d.first}-{d.last} {d.mode} {'+'.join(d.nodes)}"
+                            + (" units " + ",".join(f"{u.first_layer}-{u.last_layer}:{u.kind or 'lead'}"
+                                                    for u in d.split.units) if d.split else "")
+                            for d in deployed))
 
     def _slices(self, result: Any) -> list[tuple[bytes, str]]:
         from fleetpipe.models.slicing import slice_bytes

@@ -25,6 +25,14 @@ def register(subparsers: Any) -> None:
                    help="never fine-tune a running plan (re-plan only when nodes join or leave)")
     p.add_argument("--no-early-exit", dest="early_exit", action="store_false", default=None,
                    help="do not ship the calibration's exit caches (every frame runs through every stage)")
+    p.add_argument("--intra", choices=["latency", "pipeline"],
+                   help="plan for the lowest one-frame latency: 'latency' with single, replicated and split stages, "
+                        "'pipeline' with single-device stages only (default: the throughput planner)")
+    p.add_argument("--msg-ms", dest="intra_msg_ms", type=float,
+                   help="--intra: fixed cost of one message in ms (default: start at 1 ms and learn it from the "
+                        "split stages' leads)")
+    p.add_argument("--profile", help="JSON file of per-layer host times: reused when it matches the model, else "
+                                     "measured and written (comparable plans run to run)")
     p.add_argument("--min-nodes", dest="min_nodes", type=int)
     p.add_argument("--expect-nodes", dest="expect_nodes", type=int,
                    help="wait (up to 10 s) for this many nodes before the first plan")
@@ -46,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
                                                   "expect_nodes", "broker_username", "broker_password_file",
                                                   "calibration", "replan_threshold", "adapt", "early_exit",
-                                                  "announce")}
+                                                  "announce", "intra", "profile", "intra_msg_ms")}
     flags["broker_url"] = args.broker
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:

@@ -18,6 +18,8 @@ EXPECTED = {
     "node_control": ("fleetpipe/v1/{fleet}/node/{node_id}/control", 1, False),
     "plan": ("fleetpipe/v1/{fleet}/plan", 1, True),
     "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in", 1, False),
+    "part_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/part/{node_id}", 1, False),
+    "part_gather": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/gather/{node_id}", 1, False),
     "result": ("fleetpipe/v1/{fleet}/result/{client_id}", 1, False),
     "error": ("fleetpipe/v1/{fleet}/error", 1, False),
     "slice_chunk": ("fleetpipe/v1/{fleet}/slice/{slice_hash}/{index}", 1, True),
@@ -193,3 +195,14 @@ def test_matches_properties(levels: list[str], data: st.DataObject) -> None:
     assert matches("/".join(hash_), topic) is not (dollar and i == 0)
     assert matches(shared("g", "/".join(plus)), topic) is not (dollar and i == 0)
     assert not matches(topic + "/extra", topic)
+
+
+def test_split_stage_topics_round_trip() -> None:
+    req = topics.part_in("lab", 3, 1, "pi-2")
+    rep = topics.part_gather("lab", 3, 1, "pi-1")
+    assert req == "fleetpipe/v1/lab/epoch/3/stage/1/part/pi-2"
+    assert parse(req) == (SPECS["part_in"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-2"})
+    assert parse(rep) == (SPECS["part_gather"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-1"})
+    assert matches(SPECS["part_in"].filter(fleet="lab", node_id="pi-2"), req)
+    assert not matches(SPECS["part_in"].filter(fleet="lab", node_id="pi-3"), req)
+    assert not matches(topics.stage_in("lab", 3, 1), req)

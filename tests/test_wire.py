@@ -25,11 +25,16 @@ from fleetpipe.wire import (
     NodeBirth,
     NodeDeath,
     NodeHealth,
+    PartReply,
+    PartRequest,
     Plan,
     PlanStage,
     Result,
     SliceChunk,
     SliceRequest,
+    SplitAssign,
+    SplitPart,
+    SplitUnit,
     StageAssign,
     decode,
     encode,
@@ -79,14 +84,36 @@ def plans(draw: st.DrawFn) -> Plan:
 
 
 @st.composite
+def splits(draw: st.DrawFn, first: int, last: int, lead: str) -> SplitAssign:
+    """A split of layers ``first..last`` led by ``lead``: lead-only and split units in sequence."""
+    bounds = sorted(set(draw(st.lists(st.integers(first + 1, last), max_size=3)))) if last > first else []
+    units = []
+    for a, b in zip([first, *bounds], [*[x - 1 for x in bounds], last], strict=True):
+        kind = draw(st.sampled_from(["", "spatial", "channel", "tensor"]))
+        parts: tuple[SplitPart, ...] = ()
+        merges: tuple[tuple[str, str, int], ...] = ()
+        if kind:
+            others = draw(st.lists(names.filter(lambda n: n != lead), min_size=1, max_size=3, unique=True))
+            parts = tuple(SplitPart(n, draw(hashes), draw(nat), tuple(draw(st.lists(
+                st.tuples(label_text, st.integers(0, 4), st.integers(0, 10), st.integers(11, 99)), max_size=2))))
+                for n in [lead, *others])
+            merges = (("y", draw(st.sampled_from(["concat", "sum", "first"])), draw(st.integers(0, 3))),)
+        units.append(SplitUnit(a, b, kind, draw(hashes), draw(nat), ("x",), ("y",), parts, merges, draw(pos_float)))
+    return SplitAssign(lead, tuple(units), draw(pos_float), draw(pos_float))
+
+
+@st.composite
 def assigns(draw: st.DrawFn) -> StageAssign:
     n = draw(st.integers(1, 8))
     stage = draw(st.integers(0, n - 1))
     first = draw(small)
+    last = first + draw(small)
     nxt = stage + 1 if stage + 1 < n else None
-    return StageAssign(draw(names), draw(names), draw(nat), stage, n, first, first + draw(small),
+    node = draw(names)
+    split = draw(st.none() | splits(first, last, node))
+    return StageAssign(draw(names), node, draw(nat), stage, n, first, last,
                        draw(label_text), draw(hashes), draw(nat), draw(ts), ("a",), ("b", "c"), draw(bits),
-                       nxt)
+                       nxt, None, split)
 
 
 MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
@@ -97,7 +124,7 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     NodeDeath: st.builds(NodeDeath, names, names, nat, ts, text),
     NodeHealth: st.builds(NodeHealth, names, names, nat, ts, pos_float, nat, small, nat, nat, nat,
                           st.none() | small, nat, pos_float, pos_float, pos_float, bits,
-                          st.none() | pos_float),
+                          st.none() | pos_float, st.none() | pos_float),
     Plan: plans(),
     StageAssign: assigns(),
     Activation: st.builds(Activation, names, nat, frame_ids, names, small, tensor_lists,
@@ -112,6 +139,9 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     Metrics: st.builds(Metrics, names, names, ts, float_maps),
     EmulationControl: st.builds(EmulationControl, names, names, ts,
                                 st.none() | st.floats(1.0, 100.0), st.none() | st.floats(0.001, 1e5)),
+    PartRequest: st.builds(PartRequest, names, nat, small, frame_ids, small, small, names, tensor_lists, ts),
+    PartReply: st.builds(PartReply, names, nat, small, frame_ids, small, small, names, tensor_lists, pos_float,
+                         ts, st.text(max_size=40)),
 }
 any_message = st.one_of(*MESSAGES.values())
 
@@ -400,3 +430,30 @@ def test_framed_garbage_raises_decode_error_only() -> None:
     other = msgpack.packb({"v": 1, "type": "slice_chunk", "x": msgpack.ExtType(7, b"\0" * 16)})
     with pytest.raises(DecodeError, match="unknown ext type"):
         decode(data[:env_at] + other)
+
+
+def _unit(kind: str = "spatial", parts: tuple[str, ...] = ("a", "b")) -> SplitUnit:
+    return SplitUnit(0, 2, kind, "ab12", 10, ("x",), ("y",), tuple(SplitPart(n, "cd34", 5) for n in parts),
+                     (("y", "concat", 2),) if kind else ())
+
+
+def test_split_assign_validation() -> None:
+    split = SplitAssign("a", (_unit(),))
+    assign = StageAssign("lab", "b", 1, 0, 1, 0, 2, "m", "ab12", 10, 0.0, split=split)
+    assert decode(encode(assign)) == assign
+    with pytest.raises(ValueError, match="no role"):
+        StageAssign("lab", "c", 1, 0, 1, 0, 2, "m", "ab12", 10, 0.0, split=split)
+    with pytest.raises(ValueError, match="cover"):
+        StageAssign("lab", "a", 1, 0, 1, 0, 3, "m", "ab12", 10, 0.0, split=split)
+    with pytest.raises(ValueError, match="lead computes"):
+        SplitAssign("z", (_unit(),))
+    with pytest.raises(ValueError, match=">= 2 parts"):
+        _unit(parts=("a",))
+    with pytest.raises(ValueError, match="one merge per output"):
+        SplitUnit(0, 2, "tensor", "ab12", 10, ("x",), ("y",), (SplitPart("a", "cd", 1), SplitPart("b", "cd", 1)))
+    with pytest.raises(ValueError, match="does not follow"):
+        SplitAssign("a", (_unit(), _unit()))
+    with pytest.raises(ValueError, match="bad range"):
+        SplitPart("a", "cd34", 5, (("x", 2, 4, 4),))
+    with pytest.raises(TypeError):
+        SplitAssign("a", (_unit(),), part_timeout_ms="soon")  # type: ignore[arg-type]

@@ -189,3 +189,20 @@ def test_run_coro_threadsafe_result_and_timeout() -> None:
     assert got == 42
     assert isinstance(blocked, EventLoopBlocked)
     assert isinstance(inner, TimeoutError) and str(inner) == "inner"
+
+
+def test_other_runtimes_run_on_the_same_single_worker_thread() -> None:
+    """A split stage's unit and part slices share the node's one inference thread."""
+    first, second = _Recording(_fake()), _Recording(_fake())
+
+    async def main() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        with InferenceExecutor(first) as ex:
+            a, _ = await ex.run({"x": X})
+            b, _ = await ex.run({"x": X}, second)
+            return a, b
+
+    a, b = asyncio.run(main())
+    assert len(first.threads) == len(second.threads) == 1
+    assert first.threads == second.threads and first.threads[0] != threading.current_thread().name
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
