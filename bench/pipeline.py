@@ -12,7 +12,7 @@ onnxruntime slices, emulated device classes):
   receiving (from the frame's hop timestamps; the least-queued frame, minus the emulated link's pacing
   time), vs a raw TCP loopback ping for the same payload size.
 
-Usage: .venv/bin/python bench/pipeline.py [--model resnet50] [--frames 40] [--json]
+Usage: .venv/bin/python bench/pipeline.py [--model resnet50] [--frames 80] [--json]
 Absolute times on a shared 2-core machine are noise; read the ratios.
 """
 
@@ -43,7 +43,7 @@ def _raw_tcp_oneway_ms(size: int, rounds: int = 20) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
