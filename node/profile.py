@@ -50,28 +50,54 @@ def probe_capability(
 def measure_speed(seconds: float = 0.3, *, factor: float = 1.0, cpu_time: bool = False) -> float:
     """GFLOP/s of a fixed float32 matmul loop run for about ``seconds``, divided by the emulation factor.
 
-    ``cpu_time``: time the loop by this process's CPU time instead of the wall clock. Emulated nodes use it:
+    The loop is an onnxruntime MatMul on one intra-op thread, i.e. the way a node runs its slices (and the
+    planner profiles layers). numpy's matmul would measure the BLAS instead: it uses every core unless the
+    environment pins it (``OMP_NUM_THREADS``), so a node started without that pin reported its cores' sum
+    by wall clock, and by CPU time (summed over BLAS threads that spin while they wait) a figure 30x low.
+
+    ``cpu_time``: time the loop by this thread's CPU time instead of the wall clock. Emulated nodes use it:
     their compute is stretched by CPU time too, so the figure stays that of the emulated device when several
     node processes start together on one host and steal cycles from each other.
     """
-    clock = time.process_time if cpu_time else time.perf_counter
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((_MATMUL_N, _MATMUL_N)).astype(np.float32)
-    b = rng.standard_normal((_MATMUL_N, _MATMUL_N)).astype(np.float32)
-    out = np.empty_like(a)
-    np.matmul(a, b, out=out)  # warm-up: page in, pick the BLAS kernel
+    session, feeds = _matmul_session()
+    clock = time.thread_time if cpu_time else time.perf_counter
+    session.run(None, feeds)  # warm-up: page in, pick the kernel
     flops_per_call = 2.0 * _MATMUL_N**3
     calls = 0
     start = clock()
     deadline = start + seconds
     while True:
         for _ in range(8):
-            np.matmul(a, b, out=out)
+            session.run(None, feeds)
         calls += 8
         now = clock()
         if now >= deadline:
             break
     return flops_per_call * calls / (now - start) / 1e9 / max(factor, 1.0)
+
+
+def _matmul_session() -> tuple[Any, dict[str, np.ndarray]]:
+    """A one-thread onnxruntime session of ``Y = A @ B`` (B constant) and its feed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((_MATMUL_N, _MATMUL_N)).astype(np.float32)
+    b = rng.standard_normal((_MATMUL_N, _MATMUL_N)).astype(np.float32)
+    shape = [_MATMUL_N, _MATMUL_N]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])], "speed",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)],
+        initializer=[numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session, {"A": a}
 
 
 def host_cores() -> int:

@@ -11,8 +11,8 @@ left out of the plan get their retained assignment cleared. On start the retaine
 is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
 when the same nodes are alive.
 
-With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves ``fleetpipe.planner.intra.solve_intra`` instead (stages may be
-replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
+With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves
+``fleetpipe.planner.intra.solve_intra`` instead (stages may be replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
 split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
 Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
 when membership changes, and when the leads of split stages measure that a part message costs more
@@ -93,7 +93,9 @@ def load_model_info(path: str, input_shape: tuple[int, ...] | None = None, profi
         return ModelInfo(model_id, proto, graph, cached[0], cached[1])
     prof = profile_layers(proto, graph, runs=5)
     host_ms = np.asarray(prof.per_layer_ms, dtype=np.float64)
-    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2))
+    # By CPU time, like an emulated node's own figure: nodes starting up beside the planner (a test fleet, the
+    # demo) would otherwise slow the host's figure, and with it every emulated device's predicted time.
+    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2, cpu_time=True))
     if profile:
         import json
 
