@@ -12,8 +12,9 @@ is read back, so a restarted planner resumes the epoch count and leaves a runnin
 when the same nodes are alive.
 
 With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves
-``fleetpipe.planner.intra.solve_intra`` instead (stages may be replicated or split across a device group, bytes costed as sent at the plan's bit-width) and publishes
-split assignments (``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
+``fleetpipe.planner.intra.solve_intra`` instead (stages may be replicated or split across a device
+group, bytes costed as sent at the plan's bit-width) and publishes split assignments
+(``fleetpipe.planner.split_deploy``); a split stage's plan entry lists its lead first.
 Intra plans are not fine-tuned at run time (ScalPipe applies to pipeline plans): they are re-solved
 when membership changes, and when the leads of split stages measure that a part message costs more
 than the plan assumed (``NodeHealth.msg_ms_est``; the assumed cost starts at ``MSG_MS_START`` and only
