@@ -107,6 +107,7 @@ class InferenceExecutor:
             raise InferenceError(f"runtime failed: {exc!r}") from exc
         real_ms = (time.perf_counter() - start) * 1e3
         self.last_real_ms = real_ms
+        busy_ms = None  # the emulated device's busy time, when it is defined by CPU work
         if self.compute_factor <= 1.0:
             extra_ms = 0.0
         elif getattr(runtime, "threads", 0) == 1:
@@ -114,15 +115,18 @@ class InferenceExecutor:
             # Emulate "this much CPU work on a device `factor` times slower": stretch the thread's CPU time,
             # so other processes competing for the host's cores do not inflate the emulated device's time.
             cpu_ms = (time.thread_time() - cpu_start) * 1e3
-            extra_ms = max(self.compute_factor * cpu_ms - real_ms, 0.0)
+            busy_ms = self.compute_factor * cpu_ms
+            extra_ms = max(busy_ms - real_ms, 0.0)
         else:
             extra_ms = stretch(real_ms, self.compute_factor)
         if extra_ms > 0:
             time.sleep(extra_ms / 1e3)
-            # The emulated device was busy for the real compute plus the stretch; how late this thread wakes
-            # up and gets the GIL back is the host's scheduling, not the device's, so it is not counted.
-            return outputs, real_ms + extra_ms
-        return outputs, (time.perf_counter() - start) * 1e3
+        if busy_ms is not None:
+            # The emulated device's time is its CPU work x factor. When the host preempts this thread (more
+            # node processes than cores) the wall time can run past it; that, and how late the thread wakes
+            # from the stretch, is the host's scheduling, not the device's, so it is not reported.
+            return outputs, busy_ms
+        return outputs, real_ms + extra_ms if extra_ms > 0 else (time.perf_counter() - start) * 1e3
 
 
 def run_coro_threadsafe(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop, timeout: float) -> T:
