@@ -65,7 +65,6 @@ SUPPORTED_DTYPES = frozenset(
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 # dtype -> name for the native-order dtypes: ``dtype.name`` is a Python property costing ~2.5 us a call.
 _DT_NAME = {np.dtype(n): n for n in SUPPORTED_DTYPES}
-_DT = {n: np.dtype(n) for n in SUPPORTED_DTYPES}
 _LITTLE = sys.byteorder == "little"
 
 Scale = float | tuple[float, ...]
