@@ -640,10 +640,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
         if binary and data[0] == 0x92 and size >= _BLOB_HEAD and data[1] == 0xC6:
             body = _unpack_framed(memoryview(data).cast("B"), max_bytes)
         elif binary:
-            body = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
-                max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, max_ext_len=0,
-            )
+            body = _unpackb(data, max_bytes, max_ext_len=0)
         else:
             body = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
     except Exception as exc:  # every parser failure is the peer's fault
@@ -716,9 +713,14 @@ def _unpack_framed(mv: memoryview, max_bytes: int) -> Any:
             raise DecodeError(f"blob reference {off}+{n} outside a blob of {blob_len} bytes")
         return blob[off : off + n]
 
+    return _unpackb(mv[end:], max_bytes, max_ext_len=16, ext_hook=ref)
+
+
+def _unpackb(data: Any, max_bytes: int, **ext: Any) -> Any:
+    """msgpack with this module's limits on every container and string (``ext``: the ext-type settings)."""
     return msgpack.unpackb(
-        mv[end:], raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
-        max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, max_ext_len=16, ext_hook=ref,
+        data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=_STR_MAX,
+        max_array_len=max(_SEQ_MAX, 1024), max_map_len=_SEQ_MAX, **ext,
     )
 
 
