@@ -288,28 +288,17 @@ class NodeDaemon:
             if not message.payload:
                 await self._unassign()
                 return
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.StageAssign):
-                raise DecodeError(f"expected StageAssign on {message.topic}, got {type(msg).__name__}")
-            self._start_load(msg)
+            self._start_load(self._decode_as(message, wire.StageAssign))
         elif spec is topics.STAGE_IN:
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.Activation):
-                raise DecodeError(f"expected Activation on {message.topic}, got {type(msg).__name__}")
+            msg = self._decode_as(message, wire.Activation)
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
         elif spec is topics.PART_IN:
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.PartRequest) or msg.fleet != self.fleet:
-                raise DecodeError(f"expected a PartRequest of fleet {self.fleet} on {message.topic}, "
-                                  f"got {_describe(msg)}")
+            msg = self._decode_as(message, wire.PartRequest, of_fleet=True)
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
         elif spec is topics.PART_GATHER:
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.PartReply) or msg.fleet != self.fleet:
-                raise DecodeError(f"expected a PartReply of fleet {self.fleet} on {message.topic}, "
-                                  f"got {_describe(msg)}")
+            msg = self._decode_as(message, wire.PartReply, of_fleet=True)
             waiter = self._part_waiters.get((msg.epoch, msg.frame_id, msg.unit, msg.part))
             if waiter is not None and not waiter.done():  # else late (the lead already computed it) or forged
                 waiter.set_result(msg)
@@ -320,20 +309,24 @@ class NodeDaemon:
                                   f"got {_describe(msg)}")
             self._emulation_control(msg)
         elif spec is topics.PLAN:
-            msg = wire.decode(message.payload) if message.payload else None
-            if msg is not None and (not isinstance(msg, wire.Plan) or msg.fleet != self.fleet):
-                raise DecodeError(f"expected a Plan of fleet {self.fleet} on {message.topic}, got {_describe(msg)}")
-            if msg is not None:
+            if message.payload:
+                msg = self._decode_as(message, wire.Plan, of_fleet=True)
                 self.plans[msg.epoch] = msg
                 for old in sorted(self.plans)[:-3]:  # the newest three, however the epochs arrive
                     del self.plans[old]
         elif spec is topics.SLICE_CHUNK:
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.SliceChunk):
-                raise DecodeError(f"expected SliceChunk on {message.topic}, got {type(msg).__name__}")
+            msg = self._decode_as(message, wire.SliceChunk)
             if (msg.slice_hash, msg.index) != (_params["slice_hash"], _params["index"]):
                 raise DecodeError(f"chunk {msg.slice_hash}/{msg.index} arrived on {message.topic}")
             self._on_chunk(msg)
+
+    def _decode_as(self, message: Message, cls: type[Any], *, of_fleet: bool = False) -> Any:
+        """The message's payload decoded, if it is a ``cls`` (of this node's fleet); else DecodeError."""
+        msg = wire.decode(message.payload)
+        if not isinstance(msg, cls) or (of_fleet and msg.fleet != self.fleet):
+            fleet = f" of fleet {self.fleet}" if of_fleet else ""
+            raise DecodeError(f"expected a {cls.__name__}{fleet} on {message.topic}, got {_describe(msg)}")
+        return msg
 
     def _emulation_control(self, msg: Any) -> None:
         """Scripted change of the emulated device: slower compute and/or a different link bandwidth."""
