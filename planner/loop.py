@@ -479,26 +479,11 @@ class PlannerService:
                 index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes, bits=self.config.bits,
                 slice_hash=dep.slice_hash, input_names=tuple(self.model.graph.inputs_of(dep.first)),
                 output_names=tuple(self.model.graph.crossing(dep.last)), predicted_ms=float(dep.predicted_ms)))
-        for s, dep in zip(stages, deployed, strict=True):
-            for node_id in s.nodes:
-                assign = wire.StageAssign(
-                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
-                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
-                    slice_size=dep.slice_size, model_id=self.model.model_id, input_names=s.input_names,
-                    output_names=s.output_names, bits=s.bits,
-                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(), split=dep.split)
-                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
-        assigned = {n for s in stages for n in s.nodes}
-        for node_id in self._assigned - assigned:
-            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
-        self._assigned = assigned
-        msg = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
-                        bottleneck_ms=float(plan.period_ms), latency_ms=float(plan.latency_ms), ts=time.time())
-        if not await self._wait_loaded(assigned, epoch):
-            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+        msg = await self._publish_epoch(stages, [d.slice_size for d in deployed],
+                                        [{"split": d.split} for d in deployed], epoch, float(plan.period_ms),
+                                        float(plan.latency_ms))
+        if msg is None:
             return
-        self._published_epoch = epoch
-        await self._publish_retained(topics.plan(self.fleet), wire.encode(msg))
         self.last_result = plan
         self.current = self.monitor = None  # intra plans are re-solved on membership changes, not fine-tuned
         self.state = state.apply(self.state, state.PlanPublished(msg, membership, time.monotonic()))
@@ -534,30 +519,11 @@ class PlannerService:
                 bits=int(stage.bits), slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
                 output_names=tuple(self.model.graph.crossing(stage.last)),
                 predicted_ms=float(max(report.compute_ms, report.transfer_ms))))
-        for s in stages:
-            for node_id in s.nodes:
-                assign = wire.StageAssign(
-                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
-                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
-                    slice_size=len(stage_slices[s.index][0]), model_id=self.model.model_id,
-                    input_names=s.input_names, output_names=s.output_names, bits=s.bits,
-                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
-                    exit_cache=self._exit_cache(s, len(stages)))
-                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
-        assigned = {n for s in stages for n in s.nodes}
-        for node_id in self._assigned - assigned:
-            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
-        self._assigned = assigned
-        plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
-                         bottleneck_ms=float(result.report.bottleneck_ms),
-                         latency_ms=float(result.report.latency_ms), ts=time.time())
-        if not await self._wait_loaded(assigned, epoch):
-            # An assigned node died or stopped answering while loading: this epoch can never run. Skip its
-            # number (nodes may already hold it) and let the next step re-plan for the members still alive.
-            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+        exits = [{"exit_cache": self._exit_cache(s, len(stages))} for s in stages]
+        plan = await self._publish_epoch(stages, [len(data) for data, _ in stage_slices], exits, epoch,
+                                         float(result.report.bottleneck_ms), float(result.report.latency_ms))
+        if plan is None:
             return
-        self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
-        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
         self.last_result = result
         self.current = (problem, result)
         predicted = [max(sr.compute_ms, 1e-9) for sr in result.report.stages]
@@ -569,6 +535,39 @@ class PlannerService:
         self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
         log.info("planner: epoch %d published: %s", epoch,
                  " | ".join(f"s{s.index} {'+'.join(s.nodes)} L{s.first_layer}-{s.last_layer}" for s in stages))
+
+    async def _publish_epoch(self, stages: list[Any], sizes: list[int], extra: list[dict[str, Any]], epoch: int,
+                             bottleneck_ms: float, latency_ms: float) -> Any:
+        """Assign every stage's nodes, clear the nodes left out, and publish the plan once all have loaded.
+
+        ``sizes[k]`` is stage ``k``'s slice size, ``extra[k]`` its further ``StageAssign`` fields (a split, or
+        an exit cache). Returns the published ``Plan``, or None when an assigned node died while loading.
+        """
+        assert self.model is not None
+        for s in stages:
+            for node_id in s.nodes:
+                assign = wire.StageAssign(
+                    fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
+                    first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
+                    slice_size=sizes[s.index], model_id=self.model.model_id, input_names=s.input_names,
+                    output_names=s.output_names, bits=s.bits,
+                    next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
+                    **extra[s.index])
+                await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
+        assigned = {n for s in stages for n in s.nodes}
+        for node_id in self._assigned - assigned:
+            await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
+        self._assigned = assigned
+        plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
+                         bottleneck_ms=bottleneck_ms, latency_ms=latency_ms, ts=time.time())
+        if not await self._wait_loaded(assigned, epoch):
+            # An assigned node died or stopped answering while loading: this epoch can never run. Skip its
+            # number (nodes may already hold it) and let the next step re-plan for the members still alive.
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            return None
+        self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        return plan
 
     def _exit_cache(self, stage: Any, n_stages: int) -> Any:
         """COACH early exit for a stage that ends at a calibrated cut (never the last stage), or None."""
