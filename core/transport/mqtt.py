@@ -704,3 +704,9 @@ async def _stop_network_thread(client: paho.Client) -> None:
             break
         await asyncio.sleep(0.01)
     client.loop_stop()  # joins; immediate unless the thread was mid-reconnect
+    # loop_start() opened a loopback TCP socket pair to wake the thread, and loop_stop() leaves it open: it is
+    # closed only when the Client is finalised, which in a reference cycle may come after the sockets' own
+    # finaliser (a ResourceWarning, an error under the test suite's warning filter). Close them now.
+    reset = getattr(client, "_reset_sockets", None)
+    if reset is not None:
+        reset()
