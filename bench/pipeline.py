@@ -7,10 +7,14 @@ onnxruntime slices, emulated device classes):
   throughput is the steady state (results per second from the first result to the last), which is what the
   planner predicts; the whole-stream rate with the pipeline fill is reported as ``fleet_wall_fps``;
 - best single node: a 1-node fleet of the fastest class streaming the same frames (same MQTT path);
-- prediction: the planner's bottleneck for the 4-node plan;
+- prediction: the planner's bottleneck for the 4-node plan, and the same plan re-scored with the compute
+  each node measured (``calibrated``). On one shared host every emulated device runs 10-30 % off the
+  planner's profile (the host's speed drifts run to run and the nodes contend for its two cores), so
+  measured/predicted carries that profile error; measured/calibrated is what the runtime itself loses
+  (codec, MQTT, flow control, bubbles), and the target (>= 85 %) is read on both;
 - per-hop overhead: for each stage boundary, the time between a node publishing and the next node
-  receiving (from the frame's hop timestamps; the least-queued frame, minus the emulated link's pacing
-  time), vs a raw TCP loopback ping for the same payload size.
+  receiving (from the frame's hop timestamps; the least-queued frame, minus the least pacing the emulated
+  link can add), vs a raw TCP loopback ping for the same payload size.
 
 Usage: .venv/bin/python bench/pipeline.py [--model resnet50] [--frames 80] [--json]
 Absolute times on a shared 2-core machine are noise; read the ratios.
@@ -54,7 +58,8 @@ def main() -> int:
     best_class = min(classes, key=lambda c: _factor(c))
     single = run_demo(model=args.model, nodes=1, classes=[best_class], frames=max(args.frames // 2, 8),
                       bits=args.bits, console=console, fleet="bench1")
-    hops = _hop_overheads(fleet.results, {st["stage"]: st["wire_bytes"] for st in fleet.stages}, fleet.stages)
+    hops = _hop_overheads(fleet.results, {st["stage"]: st["wire_bytes"] for st in fleet.stages}, fleet.stages,
+                          fleet.node_classes)
     rows = []
     for size, ms, link in hops:
         raw = _raw_tcp_oneway_ms(max(size, 1))
@@ -70,6 +75,8 @@ def main() -> int:
         "single_node_class": best_class,
         "fleet_vs_single": fleet.fleet_fps / single.fleet_fps,
         "measured_vs_predicted": fleet.fleet_fps / fleet.predicted_fps,
+        "calibrated_fps": fleet.calibrated_fps,
+        "measured_vs_calibrated": fleet.fleet_fps / fleet.calibrated_fps if fleet.calibrated_fps else 0.0,
         "fleet_latency_ms": fleet.fleet_latency_ms,
         "single_latency_ms": single.fleet_latency_ms,
         "stages": fleet.stages,
@@ -88,6 +95,8 @@ def main() -> int:
               f"{report['fleet_latency_ms'] / report['single_latency_ms']:.2f}x")
     t.add_row("planner prediction frames/s", f"{report['predicted_fps']:.2f}", "",
               f"measured/predicted {report['measured_vs_predicted']:.2f}")
+    t.add_row("plan re-scored with measured compute frames/s", f"{report['calibrated_fps']:.2f}", "",
+              f"measured/calibrated {report['measured_vs_calibrated']:.2f}")
     out.print(t)
     h = Table(title="per-hop overhead: MQTT path (publish -> next node's loop, emulated link time taken off) "
                     "vs raw TCP one-way, same payload")
@@ -112,15 +121,17 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _hop_overheads(results: list, sizes: dict[int, int], stages: list[dict]) -> list[tuple[int, float, float]]:
+def _hop_overheads(results: list, sizes: dict[int, int], stages: list[dict],
+                   classes: dict[str, str]) -> list[tuple[int, float, float]]:
     """(payload bytes, MQTT path ms, emulated link ms) per stage boundary.
 
     A hop is a stage's send stamp to the next stage's receive stamp. While streaming, frames also queue in
     the sender's outbox behind earlier frames, so the least-queued frame (the minimum) measures the path;
-    the sender's emulated link paces the payload (bytes / bandwidth), and that time is taken off, leaving
-    what the MQTT path itself costs (publish, broker, delivery to the next node's loop).
+    the sender's emulated link paces the payload, and the least it can delay a frame is taken off (a full
+    token bucket sends ``BURST_BYTES`` at once, the rest at the class's bandwidth), leaving at most what
+    the MQTT path itself costs (publish, broker, delivery to the next node's loop).
     """
-    from fleetpipe.node.emulate import parse_emulate
+    from fleetpipe.node.emulate import BURST_BYTES, parse_emulate
 
     per: dict[int, list[float]] = {}
     for r in results:
@@ -129,8 +140,8 @@ def _hop_overheads(results: list, sizes: dict[int, int], stages: list[dict]) -> 
     out = []
     for k, v in sorted(per.items()):
         node = stages[k]["device"].split(",")[0].strip()
-        bw = parse_emulate(node.rsplit("-", 1)[0].replace("_", ".")).bandwidth_mbps
-        link = sizes.get(k, 0) * 8 / (bw * 1e3) if bw else 0.0
+        bw = parse_emulate(classes[node]).bandwidth_mbps
+        link = max(sizes.get(k, 0) - BURST_BYTES, 0) * 8 / (bw * 1e3) if bw else 0.0
         out.append((sizes.get(k, 0), max(min(v) - link, 0.0), link))
     return out
 

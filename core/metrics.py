@@ -32,6 +32,7 @@ Keys (:data:`NODE_METRIC_KEYS`, :data:`PIPELINE_METRIC_KEYS`)::
 
     pipeline.throughput_fps, pipeline.latency_ms_p50 / _p90 / _p99, pipeline.bottleneck_stage,
     pipeline.bottleneck_utilisation, pipeline.epoch, pipeline.stages, pipeline.nodes_alive,
+    pipeline.predicted_fps (the plan's), pipeline.calibrated_fps (the plan re-scored with measured compute),
     stage.<k>.utilisation, stage.<k>.fps_out, stage.<k>.compute_ms_avg, stage.<k>.idle_ms_avg,
     stage.<k>.queue_depth, stage.<k>.bits, stage.<k>.predicted_ms, stage.<k>.replicas
 
@@ -68,6 +69,7 @@ __all__ = [
     "RowStats",
     "StageFigures",
     "analyse_hops",
+    "calibrated_period_ms",
     "frames_of",
     "metrics_payload",
     "percentile",
@@ -82,7 +84,7 @@ NODE_METRIC_KEYS: tuple[str, ...] = (
 PIPELINE_METRIC_KEYS: tuple[str, ...] = (
     "pipeline.throughput_fps", "pipeline.latency_ms_p50", "pipeline.latency_ms_p90", "pipeline.latency_ms_p99",
     "pipeline.bottleneck_stage", "pipeline.bottleneck_utilisation", "pipeline.epoch", "pipeline.stages",
-    "pipeline.nodes_alive",
+    "pipeline.nodes_alive", "pipeline.predicted_fps", "pipeline.calibrated_fps",
 )
 _EPS_S = 1e-6  # timestamps closer than this are the same instant (float noise of wall-clock seconds)
 _STAGE_KEYS = ("utilisation", "fps_out", "compute_ms_avg", "idle_ms_avg", "queue_depth", "bits", "predicted_ms",
@@ -152,6 +154,7 @@ class PipelineFigures:
     bottleneck_utilisation: float
     predicted_fps: float | None
     nodes_alive: int
+    calibrated_fps: float | None = None  # the plan re-scored with the compute its nodes measure
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,12 @@ class FleetView:
         lat = sorted(self.latencies_ms)
         bottleneck = max(stages, key=lambda s: s.utilisation, default=None)
         predicted = 1000.0 / self.plan.bottleneck_ms if self.plan and self.plan.bottleneck_ms > 0 else None
+        calibrated = None
+        if self.plan:
+            measured = {st.index: [by_id[n].compute_ms for n in st.nodes if n in by_id and by_id[n].alive
+                                   and by_id[n].stage == st.index] for st in self.plan.stages}
+            period = calibrated_period_ms(self.plan, measured)
+            calibrated = 1000.0 / period if period else None
         pipeline = PipelineFigures(
             epoch=self.plan.epoch if self.plan else None,
             throughput_fps=stages[-1].fps_out if stages else 0.0,
@@ -270,7 +279,7 @@ class FleetView:
             latency_ms_p99=percentile(lat, 99),
             bottleneck_stage=bottleneck.index if bottleneck and bottleneck.utilisation > 0 else None,
             bottleneck_utilisation=bottleneck.utilisation if bottleneck else 0.0,
-            predicted_fps=predicted, nodes_alive=sum(n.alive for n in nodes),
+            predicted_fps=predicted, nodes_alive=sum(n.alive for n in nodes), calibrated_fps=calibrated,
         )
         extra = {k: dict(m.values) for k, m in self.metrics.items() if k not in self._nodes}
         return FleetSnapshot(self.fleet, now, self.plan, nodes, stages, pipeline, tuple(self.errors),
@@ -366,6 +375,9 @@ def pipeline_payload(snapshot: FleetSnapshot) -> dict[str, float]:
         "pipeline.stages": float(len(snapshot.stages)),
         "pipeline.nodes_alive": float(p.nodes_alive),
     }
+    for key, fps in (("predicted_fps", p.predicted_fps), ("calibrated_fps", p.calibrated_fps)):
+        if fps is not None:
+            out[f"pipeline.{key}"] = fps
     for q, v in (("p50", p.latency_ms_p50), ("p90", p.latency_ms_p90), ("p99", p.latency_ms_p99)):
         if v is not None:
             out[f"pipeline.latency_ms_{q}"] = v
@@ -374,6 +386,32 @@ def pipeline_payload(snapshot: FleetSnapshot) -> dict[str, float]:
                 s.predicted_ms, float(len(s.nodes)))
         out.update({f"stage.{s.index}.{k}": v for k, v in zip(_STAGE_KEYS, vals, strict=True)})
     return out
+
+
+def calibrated_period_ms(plan: wire.Plan, compute_ms: Mapping[int, Sequence[float]]) -> float | None:
+    """The plan's bottleneck with each stage's predicted compute replaced by what its replicas measure.
+
+    ``compute_ms``: stage index -> each replica's measured compute per frame (ms; a replica not measured yet
+    is left out, and a stage with none keeps its prediction). Replicas share frames, so a stage's compute
+    per frame is ``1 / sum(1 / c)``, as the planner scores it; its period is the larger of that and the
+    predicted transfer to the next stage. A stage without the split prediction (``compute_ms == 0``: an
+    intra plan, an older planner) counts all of ``predicted_ms`` as compute. None: no stage is measured.
+
+    The ratio of a measured throughput to ``1000 / this`` is what the runtime loses to overheads (codec,
+    MQTT, bubbles), free of the profile's error: on a shared host every emulated device runs some 10-30 %
+    off the planner's profile, as the host's speed drifts and the nodes contend for its cores.
+    """
+    worst, any_measured = 0.0, False
+    for st in plan.stages:
+        measured = [float(c) for c in compute_ms.get(st.index, ()) if c > 0 and math.isfinite(c)]
+        split = st.compute_ms > 0 or st.transfer_ms > 0
+        compute = st.compute_ms if split else st.predicted_ms
+        transfer = st.transfer_ms if split else 0.0
+        if measured:
+            any_measured = True
+            compute = 1.0 / sum(1.0 / c for c in measured)
+        worst = max(worst, compute, transfer)
+    return worst if any_measured and worst > 0 else None
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:

@@ -200,9 +200,13 @@ class PlanStage(_Msg):
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
     predicted_ms: float = 0.0
+    # The two parts of predicted_ms (their max), amortised per frame over the replicas; 0 = not given (an
+    # intra plan, an older planner): a calibration then takes the whole prediction as compute.
+    compute_ms: float = 0.0
+    transfer_ms: float = 0.0
 
     def _validate(self) -> None:
-        _nonneg(self, "index", "first_layer", "last_layer", "predicted_ms")
+        _nonneg(self, "index", "first_layer", "last_layer", "predicted_ms", "compute_ms", "transfer_ms")
         _layers(self.first_layer, self.last_layer)
         if not self.nodes:
             raise ValueError("a stage needs at least one node")

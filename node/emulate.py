@@ -104,6 +104,9 @@ def stretch(compute_ms: float, factor: float) -> float:
     return max(0.0, (factor - 1.0) * compute_ms)
 
 
+BURST_BYTES = 64 * 1024  # what an emulated link sends at once after a pause
+
+
 class TokenBucket:
     """Paces bytes to ``rate_mbps`` (megabits/s) allowing ``burst_bytes`` at once; loop-only for consume.
 
@@ -114,7 +117,7 @@ class TokenBucket:
     def __init__(
         self,
         rate_mbps: float,
-        burst_bytes: int = 64 * 1024,
+        burst_bytes: int = BURST_BYTES,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

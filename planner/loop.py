@@ -518,7 +518,8 @@ class PlannerService:
                 index=k, first_layer=stage.first, last_layer=stage.last, nodes=tuple(names[d] for d in stage.devices),
                 bits=int(stage.bits), slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
                 output_names=tuple(self.model.graph.crossing(stage.last)),
-                predicted_ms=float(max(report.compute_ms, report.transfer_ms))))
+                predicted_ms=float(max(report.compute_ms, report.transfer_ms)), compute_ms=float(report.compute_ms),
+                transfer_ms=float(report.transfer_ms)))
         exits = [{"exit_cache": self._exit_cache(s, len(stages))} for s in stages]
         plan = await self._publish_epoch(stages, [len(data) for data, _ in stage_slices], exits, epoch,
                                          float(result.report.bottleneck_ms), float(result.report.latency_ms))

@@ -34,7 +34,8 @@ def render(snap: FleetSnapshot) -> Any:
     head.append(f" {p.nodes_alive}/{len(snap.nodes)} nodes alive\n")
     head.append(f"throughput {p.throughput_fps:.1f} fps", style="bold green")
     if p.predicted_fps:
-        head.append(f" (predicted {p.predicted_fps:.1f})")
+        head.append(f" (predicted {p.predicted_fps:.1f}" + (
+            f", {p.calibrated_fps:.1f} with measured compute)" if p.calibrated_fps else ")"))
     if p.latency_ms_p50 is not None:
         head.append(f" · latency p50 {p.latency_ms_p50:.1f} / p90 {p.latency_ms_p90:.1f} / "
                     f"p99 {p.latency_ms_p99:.1f} ms")

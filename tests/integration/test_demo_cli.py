@@ -36,6 +36,10 @@ def test_demo_json_matches_local_model(tmp_path):
     assert report["max_rel_error"] < 0.05
     assert report["fleet_fps"] > 0 and report["predicted_fps"] > 0
     assert len(report["stages"]) >= 2
+    # the plan re-scored with the nodes' measured compute: no faster than its slowest measured stage
+    assert report["calibrated_fps"] > 0
+    assert 1000 / report["calibrated_fps"] >= max(s["measured_ms"] for s in report["stages"]) - 1e-6
+    assert report["node_classes"] == {"jetson-nano-0": "jetson-nano", "rpi5-1": "rpi5", "rpi4-2": "rpi4"}
     assert {s["device"] for s in report["stages"]} <= {"jetson-nano-0", "rpi5-1", "rpi4-2"}
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 

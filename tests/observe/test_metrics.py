@@ -158,3 +158,38 @@ def test_analyse_hops_queueing_shows_as_waits() -> None:
     assert st.predicted_utilisation == {}
     with pytest.raises(ValueError):
         analyse_hops([])
+
+
+def test_calibrated_period_replaces_compute_keeps_transfer() -> None:
+    stages = (wire.PlanStage(index=0, first_layer=0, last_layer=1, nodes=("a",), bits=8, predicted_ms=12.0,
+                             compute_ms=10.0, transfer_ms=12.0),
+              wire.PlanStage(index=1, first_layer=2, last_layer=3, nodes=("b", "c"), bits=32, predicted_ms=11.0,
+                             compute_ms=11.0))
+    p = wire.Plan(fleet="f", epoch=1, model_id="m", ts=T, bottleneck_ms=12.0, latency_ms=40.0, stages=stages)
+    assert metrics.calibrated_period_ms(p, {}) is None  # nothing measured yet
+    # stage 0 computes slower than planned but its transfer still dominates; the replicas each take 30 ms a
+    # frame and share the frames: 15 ms per frame, the new bottleneck
+    assert metrics.calibrated_period_ms(p, {0: [11.5], 1: [30.0, 30.0]}) == approx(15.0)
+    # a replica not measured yet (or a nonsense figure) is left out; an unmeasured stage keeps its prediction
+    assert metrics.calibrated_period_ms(p, {1: [20.0, 0.0, float("nan")]}) == approx(20.0)
+    assert metrics.calibrated_period_ms(p, {1: [4.0, 4.0]}) == approx(12.0)
+
+
+def test_calibrated_period_without_split_prediction_counts_all_as_compute() -> None:
+    # plan() has only predicted_ms (10, 20): measuring 25 ms on stage 1 makes it the 25 ms bottleneck, and a
+    # faster stage 1 leaves stage 0's 10 ms prediction
+    assert metrics.calibrated_period_ms(plan(), {1: [25.0]}) == approx(25.0)
+    assert metrics.calibrated_period_ms(plan(), {1: [5.0]}) == approx(10.0)
+
+
+def test_snapshot_calibrates_the_plan_with_health_compute() -> None:
+    snap = _steady_view(replicas=("b", "c")).snapshot(now=T + 2.5)
+    # stage 1's two replicas measure 40 ms each: 20 ms per frame, as predicted; stage 0 measures 10 ms
+    assert snap.pipeline.predicted_fps == approx(50.0) and snap.pipeline.calibrated_fps == approx(50.0)
+    view = FleetView("f", window_s=5.0, lease_s=3.0)
+    view.apply(plan(), now=T)
+    for node in ("a", "b"):
+        view.apply(birth(node), now=T)
+    view.apply(health("b", T, 5, stage=1, compute=25.0), now=T)
+    pay = pipeline_payload(view.snapshot(now=T + 0.5))
+    assert pay["pipeline.predicted_fps"] == approx(50.0) and pay["pipeline.calibrated_fps"] == approx(40.0)
