@@ -1,0 +1,82 @@
+"""Do split parts cost their share? Part slices timed alone vs the unit, against the planner's cost model.
+
+    .venv/bin/python bench/split_parts.py [--model resnet50] [--units 0-4,5-7,8-9,10-11,14-14,15-15]
+
+For each spatial unit (layers first-last of the zoo model) the unit slice and its two part slices
+(``fleetpipe.models.split``, shares for devices of relative speed 1/10 and 1/12, as in
+``bench/intra_runtime.py --slow 4``) run alone on one onnxruntime thread, timed by thread CPU time
+(median of 15). Printed per part: measured ``part / (share x unit)`` and what the intra cost model
+(``fleetpipe.planner.intra.unit_cost_ms``) assumes, ``(share + halo / 2) / share``. No MQTT, no other
+process computing: what is left is the split slices' own overhead (halo rows computed twice, whole rows
+at small feature maps, smaller kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from fleetpipe.models import zoo
+from fleetpipe.models.onnx_graph import load_onnx
+from fleetpipe.models.slicing import slice_model
+from fleetpipe.models.split import split_model
+from fleetpipe.planner.split_deploy import split_info
+
+
+def _session(model: object) -> object:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()  # type: ignore[attr-defined]
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _cpu_ms(session: object, feeds: dict[str, np.ndarray], runs: int = 15) -> float:
+    session.run(None, feeds)  # type: ignore[attr-defined]
+    times = []
+    for _ in range(runs):
+        t = time.thread_time()
+        session.run(None, feeds)  # type: ignore[attr-defined]
+        times.append(time.thread_time() - t)
+    return float(np.median(times)) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--resolution", type=int, default=160)
+    parser.add_argument("--units", default="0-4,5-7,8-9,10-11,14-14,15-15")
+    args = parser.parse_args()
+    proto = zoo.build(args.model, resolution=args.resolution)
+    graph = load_onnx(proto)
+    info = split_info(proto, graph)
+    rng = np.random.default_rng(0)
+    print(f"{args.model} {args.resolution}px: spatial units split in 2 (speeds 1/10, 1/12)")
+    print(f"{'unit':>7} {'unit ms':>8} {'halo':>6}  {'part':>4} {'share':>6} {'measured x':>10} {'model x':>8}")
+    for spec in args.units.split(","):
+        first, last = (int(x) for x in spec.split("-"))
+        unit = slice_model(proto, graph, first, last)
+        sess = _session(unit)
+        feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+                 for i in sess.get_inputs()}  # type: ignore[attr-defined]
+        whole = _cpu_ms(sess, feeds)
+        split = split_model(unit, "spatial", [1 / 10, 1 / 12])
+        rows = 0.0
+        for layer in range(last, first - 1, -1):
+            li = info[layer]
+            rows = rows * (li.in_rows / li.out_rows if li.out_rows else 1.0) + li.halo_rows
+        halo = rows / info[first].in_rows if info[first].in_rows else 0.0
+        for k, (part, pf) in enumerate(zip(split.parts, split.scatter(feeds), strict=True)):
+            ms = _cpu_ms(_session(part.model), {n: np.ascontiguousarray(v) for n, v in pf.items()})
+            model_x = min(1.0, part.share + halo / 2) / part.share
+            print(f"{spec:>7} {whole:8.2f} {halo:6.3f}  {k:>4} {part.share:6.3f} {ms / (part.share * whole):10.2f} "
+                  f"{model_x:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
