@@ -6,7 +6,8 @@ For each spatial unit (layers first-last of the zoo model) the unit slice and it
 (``fleetpipe.models.split``, shares for devices of relative speed 1/10 and 1/12, as in
 ``bench/intra_runtime.py --slow 4``) run alone on one onnxruntime thread, timed by thread CPU time
 (median of 15). Printed per part: measured ``part / (share x unit)`` and what the intra cost model
-(``fleetpipe.planner.intra.unit_cost_ms``) assumes, ``(share + halo / 2) / share``. No MQTT, no other
+(``fleetpipe.planner.intra.unit_cost_ms``) assumes, ``(rows / out_rows + halo / 2) / share`` (whole
+output rows per part, as ``row_ranges`` gives them). No MQTT, no other
 process computing: what is left is the split slices' own overhead (halo rows computed twice, whole rows
 at small feature maps, smaller kernels).
 """
@@ -21,7 +22,7 @@ import numpy as np
 from fleetpipe.models import zoo
 from fleetpipe.models.onnx_graph import load_onnx
 from fleetpipe.models.slicing import slice_model
-from fleetpipe.models.split import split_model
+from fleetpipe.models.split import row_ranges, split_model
 from fleetpipe.planner.split_deploy import split_info
 
 
@@ -70,9 +71,12 @@ def main() -> int:
             li = info[layer]
             rows = rows * (li.in_rows / li.out_rows if li.out_rows else 1.0) + li.halo_rows
         halo = rows / info[first].in_rows if info[first].in_rows else 0.0
+        out_rows = int(info[last].out_rows)
+        rows_of = row_ranges(out_rows, [p.share for p in split.parts])
         for k, (part, pf) in enumerate(zip(split.parts, split.scatter(feeds), strict=True)):
             ms = _cpu_ms(_session(part.model), {n: np.ascontiguousarray(v) for n, v in pf.items()})
-            model_x = min(1.0, part.share + halo / 2) / part.share
+            whole_rows = (rows_of[k][1] - rows_of[k][0]) / out_rows
+            model_x = min(1.0, whole_rows + halo / 2) / part.share
             print(f"{spec:>7} {whole:8.2f} {halo:6.3f}  {k:>4} {part.share:6.3f} {ms / (part.share * whole):10.2f} "
                   f"{model_x:8.2f}")
     return 0

@@ -49,6 +49,7 @@ __all__ = [
     "StageSplit",
     "layer_split_info",
     "merge_model",
+    "row_ranges",
     "split_model",
     "split_stage",
     "verify_split",
@@ -352,8 +353,9 @@ def _vi_bytes(infos: Sequence[Any]) -> int:
     return total
 
 
-def _ranges(n: int, weights: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
-    """Split ``n`` (a multiple of ``unit``) into contiguous ranges proportional to ``weights``."""
+def row_ranges(n: int, weights: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
+    """Split ``n`` (a multiple of ``unit``) into contiguous ranges proportional to ``weights`` (whole units,
+    at least one each): the rows every part of a spatial split computes, which the planner's cost uses too."""
     units = n // unit
     k = len(weights)
     if units < k:
@@ -445,7 +447,7 @@ def _spatial(ctx: _Ctx, weights: list[float]) -> tuple[list[Any], list[MergeSpec
         if len(ctx.shape(name)) != 4:
             raise SplitError(f"spatial split needs 4-D inputs; {name!r} is {ctx.shape(name)}")
     assert out_h is not None
-    rows = _ranges(out_h, weights)
+    rows = row_ranges(out_h, weights)
     parts = [_spatial_part(ctx, a, b, p) for p, (a, b) in enumerate(rows)]
     return parts, [MergeSpec(o, "concat", 2) for o in ctx.outputs]
 
@@ -592,7 +594,7 @@ def _tp_part(ctx: _Ctx, weights: list[float], p: int, allow_partial: bool) -> tu
     nodes: list[Any] = []
 
     def cut(full: int, unit: int = 1) -> tuple[int, int]:
-        return _ranges(full, weights, unit)[p]
+        return row_ranges(full, weights, unit)[p]
 
     def sliced(node: Any, i: int, value: Any, axis: int, lo: int, hi: int) -> str:
         import numpy as np

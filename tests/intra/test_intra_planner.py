@@ -100,3 +100,21 @@ def test_heterogeneous_shares_follow_speed() -> None:
     p = IntraProblem(comp, [0.0], [0.0], np.full((2, 2), 1e9), (("channel",),))
     # speeds 1/10 and 1/40 -> shares 0.8/0.2 -> both parts take 8 ms
     assert unit_cost_ms(p, 0, 0, "channel", (0, 1), 0) == pytest.approx(8.0)
+
+
+def test_spatial_cost_counts_whole_rows_as_the_split_slices_do() -> None:
+    """Two devices of speed 1/10 and 1/12 split a 5-row map 3 + 2 (``row_ranges``): the slowest part is not
+    a 0.545 share of the work but 3/5 of it; on a 64-row map the rounding hardly matters."""
+    from fleetpipe.models.split import row_ranges
+
+    def cost(rows: float) -> float:
+        p = IntraProblem(compute_ms=np.array([[100.0, 120.0]]), in_bytes=np.zeros(1), out_bytes=np.zeros(1),
+                         bw_mbps=np.full((2, 2), 1000.0), kinds=(("spatial",),), halo_rows=np.zeros(1),
+                         in_rows=np.array([rows]), out_rows=np.array([rows]))
+        return unit_cost_ms(p, 0, 0, "spatial", (0, 1), 0)
+
+    shares = [1 / 100 / (1 / 100 + 1 / 120), 1 / 120 / (1 / 100 + 1 / 120)]  # 0.545, 0.455
+    assert row_ranges(5, shares) == [(0, 3), (3, 5)]
+    assert cost(5) == pytest.approx(max(100.0 * 3 / 5, 120.0 * 2 / 5))  # 60 ms, not 54.5
+    assert cost(64) == pytest.approx(max(100.0 * 35 / 64, 120.0 * 29 / 64))
+    assert cost(64) < cost(5)
