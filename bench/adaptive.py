@@ -113,7 +113,6 @@ def run_fleet(mode: str, model: Path, calib: Path, tmp: Path, phase_s: float, co
         with FleetClient(broker.url, fleet=fleet, window=8) as client:
             plan = client.wait_plan(120)
             middle = plan.stages[len(plan.stages) // 2].nodes[0]
-            done: list[tuple[float, int, int]] = []  # (time, frame index, correct count)
             stop = threading.Event()
             sent: list[tuple[object, np.ndarray]] = []
 
@@ -143,7 +142,7 @@ def run_fleet(mode: str, model: Path, calib: Path, tmp: Path, phase_s: float, co
             for fut, labels in sent:
                 try:
                     out = fut.result(timeout=60).output
-                except Exception:  # noqa: BLE001 - counted below
+                except Exception:  # counted below
                     continue
                 correct += int(np.sum(np.argmax(out, axis=1) == labels))
                 total += len(labels)

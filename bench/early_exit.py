@@ -107,7 +107,7 @@ def main() -> int:
             console.print(f"{mode}: {r['fps']:.1f} frames/s, exits {r['exits']:.1%}, accuracy {r['acc']:.4f}")
     base_fps = runs["baseline"]["fps"]
     if args.json:
-        print(json.dumps({"runs": runs, "cuts": cuts, "frames": int(len(shuffled))}, indent=1))
+        print(json.dumps({"runs": runs, "cuts": cuts, "frames": len(shuffled)}, indent=1))
         return 0
     table = Table(title="COACH early exit: digits MLP on 2 emulated nodes, real labels, same frames")
     for col in ("stream", "early exit", "exit ratio", "accuracy (fleet)", "accuracy (whole model)", "loss",

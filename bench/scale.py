@@ -3,9 +3,9 @@
     .venv/bin/python bench/scale.py [--quick] [--json] [--frames N] [--skip-8]
 
 Part 1 (EdgePipe metric, 16 devices). A zoo ViT (ViT-Small-like by default: 64x64 input, patch 8 -> 65 tokens,
-dim 384, depth 12, 6 heads; fleetpipe groups it into 2 + 2 x depth = 26 layers) on an emulated 16-device fleet of
-mixed classes, all much slower than this host (4 x 16x, 6 x 24x, 6 x 32x; links unpaced loopback), so the real compute of the
-whole fleet stays under ~0.7 core of this 2-core machine:
+dim 384, depth 12, 6 heads; fleetpipe groups it into 2 + 2 x depth = 26 layers) on an emulated 16-device fleet
+of mixed classes, all much slower than this host (4 x 16x, 6 x 24x, 6 x 32x; links unpaced loopback), so the
+real compute of the whole fleet stays under ~0.7 core of this 2-core machine:
 
 - PREDICTED: the planner's cost model on a described fleet (``fleetfile.problem_for`` + ``partition.solve``,
   layer times profiled on this host and scaled by each class's factor); one device = the best single device of
@@ -14,10 +14,12 @@ whole fleet stays under ~0.7 core of this 2-core machine:
   slices, 8-bit activations); one device = a 1-node fleet of the best class streaming the same model over the
   same MQTT path (``--quick``: the demo's local single-device figure instead, whole model timed on this host x
   the class factor). The plan is fixed during measured runs (the planner's fine-tuning is off through
-  ``FLEETPIPE_ADAPT=0`` unless ``--adapt``); nodes keep their default adaptive bit-width. CPU (cores used by this process tree) and RSS of the fleet are sampled from /proc.
+  ``FLEETPIPE_ADAPT=0`` unless ``--adapt``); nodes keep their default adaptive bit-width. CPU (cores used by
+  this process tree) and RSS of the fleet are sampled from /proc.
 
 Part 2 (8 devices, skipped with ``--skip-8``; ``--quick`` runs MobileNetV2 only): ResNet-50, VGG16, MobileNetV2
-(the demo's default sizes) on 8 emulated devices (the demo's classes slowed 4x: 12x, 10x, 20x, 20x, twice): measured vs predicted throughput, per-stage utilisation (busy fraction of the measured period:
+(the demo's default sizes) on 8 emulated devices (the demo's classes slowed 4x: 12x, 10x, 20x, 20x, twice):
+measured vs predicted throughput, per-stage utilisation (busy fraction of the measured period:
 stage compute ms x fleet frames/s / 1000, ScalPipe's figure) and bytes per frame between stages at the planned
 8 bits vs float32 (computed from the crossing tensors; measured adaptive-vs-fixed bytes are in bench/adaptive.py).
 

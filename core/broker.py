@@ -54,7 +54,8 @@ class LocalBroker:
         """Start mosquitto and wait until it accepts TCP connections."""
         binary = find_mosquitto()
         if binary is None:
-            raise BrokerUnavailable("mosquitto is not installed (Debian: apt-get install mosquitto; scripts/setup does it)")
+            raise BrokerUnavailable(
+                "mosquitto is not installed (Debian: apt-get install mosquitto; scripts/setup does it)")
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fleetpipe-broker-")
             self.workdir = Path(self._tmp.name)

@@ -135,7 +135,8 @@ class AsyncFleetClient:
         await asyncio.wait_for(self._plan_event.wait(), timeout_s)
         return self.plan
 
-    async def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray], *, frame_id: str | None = None) -> asyncio.Future[FrameResult]:
+    async def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray], *,
+                     frame_id: str | None = None) -> asyncio.Future[FrameResult]:
         """Send one frame (waits for a window slot); returns a future of its result."""
         await self.wait_plan()
         await self._credits.acquire()

@@ -89,10 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from fleetpipe.planner.problem import load_problem
 
     try:
-        if args.problem:
-            problem = load_problem(args.problem)
-        else:
-            problem = _model_problem(args)
+        problem = load_problem(args.problem) if args.problem else _model_problem(args)
     except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

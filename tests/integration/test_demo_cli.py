@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ def test_demo_ctrl_c_leaves_no_processes(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130), out[-2000:]
     time.sleep(0.5)
-    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read()]
+    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in Path(f"/proc/{k}/status").read_text()]
     assert not alive, f"orphans left: {alive}"
 
 

@@ -59,7 +59,7 @@ class Stream:
                 time.sleep(0.03)
             for i, future in enumerate(futures):
                 self.results[i] = future.result(timeout=120).output
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
 
     def done_count(self) -> int:

@@ -39,7 +39,8 @@ def test_fleet_output_equals_local_model(mosquitto, tmp_path):
                 pytest.fail("no plan\n" + f.logs())
             assert len({n for s in plan.stages for n in s.nodes}) >= 2, "a 3-node fleet should use >1 stage"
             results = list(client.stream(xs))
-            assert [r.frame_id for r in results] == sorted({r.frame_id for r in results}, key=[r.frame_id for r in results].index)
+            ids = [r.frame_id for r in results]
+            assert ids == sorted(set(ids), key=ids.index)
             for result, ref in zip(results, refs, strict=True):
                 np.testing.assert_allclose(result.output, ref, rtol=1e-4, atol=1e-4)
                 assert [h.stage for h in result.hops] == list(range(len(plan.stages)))
@@ -111,7 +112,7 @@ def test_sigterm_drains_and_publishes_death(mosquitto, tmp_path):
 
     from fleetpipe.transport.mqtt import MqttBus
 
-    model, _ = tiny_resnet18(tmp_path)
+    tiny_resnet18(tmp_path)
     with fleet(mosquitto.url, "idrain", tmp_path) as f:
         f.node("d1", "1")
         time.sleep(0.5)

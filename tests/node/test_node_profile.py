@@ -24,7 +24,8 @@ def test_probe_capability_when_emulating() -> None:
     assert cap["runtimes"] == ["fake"]
     assert cap["mem_bytes"] == CLASSES["rpi3"].mem_bytes
     assert cap["cores"] == min(host_cores(), 4)
-    assert (cap["emulated"], cap["compute_factor"], cap["bandwidth_mbps"]) == ("rpi3", CLASSES["rpi3"].compute_factor, 94.0)
+    assert (cap["emulated"], cap["compute_factor"], cap["bandwidth_mbps"]) == (
+        "rpi3", CLASSES["rpi3"].compute_factor, 94.0)
     plain = probe_capability(device=parse_emulate("2.5"))
     assert plain["mem_bytes"] == host_mem_bytes()
 

@@ -24,7 +24,8 @@ def test_render_text_from_snapshot() -> None:
     view.add_latency(35.0)
     text = render_text(view.snapshot(now=T + 2.5), width=160)
     for needle in ("fleet f", "plan epoch 4", "2/2 nodes alive", "throughput 50.0 fps",
-                   "(predicted 50.0, 50.0 with measured compute)", "bottleneck stage 1 at 100%", "p50 35.0", "stage 0", "stage 1", "epoch 3 -> 4", "StaleEpoch frame x7", "recent errors (1 seen)"):
+                   "(predicted 50.0, 50.0 with measured compute)", "bottleneck stage 1 at 100%", "p50 35.0",
+                   "stage 0", "stage 1", "epoch 3 -> 4", "StaleEpoch frame x7", "recent errors (1 seen)"):
         assert needle in text, (needle, text)
     node_rows = [line for line in text.splitlines() if line.lstrip("│ ").startswith(("a ", "b "))]
     assert len(node_rows) == 2 and all("up" in r and "pi4" in r for r in node_rows)
