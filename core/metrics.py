@@ -268,8 +268,7 @@ class FleetView:
         predicted = 1000.0 / self.plan.bottleneck_ms if self.plan and self.plan.bottleneck_ms > 0 else None
         calibrated = None
         if self.plan:
-            measured = {st.index: [by_id[n].compute_ms for n in st.nodes if n in by_id and by_id[n].alive
-                                   and by_id[n].stage == st.index] for st in self.plan.stages}
+            measured = {st.index: [r.compute_ms for r in _replicas(st, by_id)] for st in self.plan.stages}
             period = calibrated_period_ms(self.plan, measured)
             calibrated = 1000.0 / period if period else None
         pipeline = PipelineFigures(
@@ -538,8 +537,13 @@ def _append_health(history: deque[wire.NodeHealth], h: wire.NodeHealth, window_s
         history.popleft()
 
 
+def _replicas(st: wire.PlanStage, nodes: Mapping[str, NodeFigures]) -> list[NodeFigures]:
+    """The stage's nodes that are alive and running it."""
+    return [nodes[n] for n in st.nodes if n in nodes and nodes[n].stage == st.index and nodes[n].alive]
+
+
 def _stage_figures(st: wire.PlanStage, nodes: Mapping[str, NodeFigures], plan: wire.Plan | None) -> StageFigures:
-    reps = [nodes[n] for n in st.nodes if n in nodes and nodes[n].stage == st.index and nodes[n].alive]
+    reps = _replicas(st, nodes)
     worst = (plan.bottleneck_ms or max(s.predicted_ms for s in plan.stages)) if plan else 0.0
     bws = [r.bandwidth_mbps for r in reps if r.bandwidth_mbps is not None]
     return StageFigures(

@@ -144,12 +144,11 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         # from stealing cycles from that profile, which every prediction is scaled from.
         with console.status("profiling the model"):
             _wait_profiled(procs[-1], logs / "planner.log")
-        node_classes, class_names = {}, {}
+        node_classes = {}
         for i in range(nodes):
             cls = classes[i % len(classes)]
             name = f"{cls.replace('.', '_')}-{i}"
-            node_classes[name] = parse_emulate(cls)
-            class_names[name] = cls
+            node_classes[name] = cls
             procs.append(_spawn([*base, "node", "--broker", broker.url, "--fleet", fleet, "--name", name,
                                  "--emulate", cls, "--cache-dir", str(tmp / "cache" / name),
                                  "--interface", "127.0.0.1"],
@@ -189,7 +188,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
                         for o, ref in zip(outs, reference, strict=False)))
         stages = _stage_rows(plan, results, _stage_wire_bytes(model_path, input_shape, plan))
         period = calibrated_period_ms(plan, _node_compute_ms(results))
-        factors = {n: c.compute_factor for n, c in node_classes.items()}
+        factors = {n: parse_emulate(c).compute_factor for n, c in node_classes.items()}
         best = min(factors, key=lambda n: factors[n])
         single_ms = whole_ms * factors[best]
         if plot:
@@ -203,7 +202,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             fleet_latency_ms=float(np.median(latencies)), single_latency_ms=single_ms,
             top1_agreement=agree, max_rel_error=rel, resent=client.stats.resent,
             duplicates=client.stats.duplicates, plan_s=plan_s, results=results, wall_fps=len(results) / wall,
-            calibrated_fps=1000.0 / period if period else 0.0, node_classes=class_names)
+            calibrated_fps=1000.0 / period if period else 0.0, node_classes=node_classes)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

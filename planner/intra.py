@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fleetpipe.errors import InfeasiblePlan
+from fleetpipe.models.split import row_ranges
 from fleetpipe.planner.problem import Problem, transfer_ms
 
 __all__ = [
@@ -193,8 +194,6 @@ def unit_cost_ms(
     if rows_out >= k:
         # A part computes whole output rows (``row_ranges``, as the split slices do): on a 5-row feature map
         # a 0.545 share is 3 rows, 0.6 of the work.
-        from fleetpipe.models.split import row_ranges
-
         shares = [(b - a) / rows_out for a, b in row_ranges(rows_out, shares)]
     in_b, out_b = float(p.in_bytes[first]), float(p.out_bytes[last])
     scatter = gather = cmax = 0.0
