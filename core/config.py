@@ -115,6 +115,9 @@ class PlannerConfig:
     intra: str = ""
     # Intra plans: fixed cost of one message in ms; None = start at 1 ms and raise it to what split leads measure.
     intra_msg_ms: float | None = None
+    # Intra plans: at most this many row tiles per device of a spatial split unit (Galaxy+ overlap of its
+    # messages with compute); the planner picks 1, 2, 4, ... per unit where it pays. 1 = no tiling.
+    intra_tiles: int = 4
     # JSON file of per-layer host times: read when it matches the model, else profiled and written.
     profile: str | None = None
 
@@ -126,6 +129,8 @@ class PlannerConfig:
             raise ConfigError(f"intra_msg_ms must be >= 0, not {self.intra_msg_ms}")
         if self.intra not in ("", "latency", "pipeline"):
             raise ConfigError(f"intra must be '', 'latency' or 'pipeline', not {self.intra!r}")
+        if not 1 <= self.intra_tiles <= 16:
+            raise ConfigError(f"intra_tiles must be 1..16, not {self.intra_tiles}")
 
 
 T = TypeVar("T")

@@ -50,8 +50,8 @@ def input_shape(name: str, **kw: Any) -> tuple[int, ...]:
         return (batch, 64)
     if name not in _BUILDERS:
         raise KeyError(f"unknown zoo model {name!r}; known: {names()}")
-    res = int(kw.get("resolution", 32 if name == "vit" else 224))
-    return (batch, 3, res, res)
+    res = int(kw.get("resolution", {"vit": 32, "wideconv": 128}.get(name, 224)))
+    return (batch, int(kw.get("channels", 16)) if name == "wideconv" else 3, res, res)
 
 
 def digits_test_set() -> tuple[np.ndarray, np.ndarray]:
@@ -429,6 +429,19 @@ def vit(
     return net.model((batch, 3, resolution, resolution), out, (batch, num_classes))
 
 
+def wideconv(
+    channels: int = 16, resolution: int = 128, num_classes: int = 10, seed: int = 0, batch: int = 1
+) -> onnx.ModelProto:
+    """One wide 3x3 conv at full resolution, a 1x1 conv, a pooled head: the 3x3 layer's input and output
+    take as long to send as it takes to compute, the case Galaxy+ tiling is for (a split of it pays only
+    when its messages overlap its compute)."""
+    net = _Net("wideconv", seed)
+    x = net.conv_relu("features.0", "input", channels, channels, 3)
+    x = net.conv_relu("features.1", x, channels, channels, 1)
+    out = net.head(x, channels, num_classes)
+    return net.model((batch, channels, resolution, resolution), out, (batch, num_classes))
+
+
 _BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "inception": inception,
     "mobilenetv2": mobilenetv2,
@@ -436,4 +449,5 @@ _BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50,
     "vgg16": vgg16,
     "vit": vit,
+    "wideconv": wideconv,
 }

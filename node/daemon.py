@@ -55,7 +55,7 @@ from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
 from fleetpipe.node.profile import measure_speed, probe_capability
 from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
-from fleetpipe.node.split import PartFailed, PartTimeout, SplitRole, merge_parts, scatter_part
+from fleetpipe.node.split import PartFailed, PartTimeout, SplitRole, merge_parts, scatter_part, send_order
 from fleetpipe.slices import content_hash
 from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
@@ -413,12 +413,15 @@ class NodeDaemon:
         """Load every unit/part slice this node's role in a split stage needs (one runtime per slice)."""
         role = SplitRole.for_node(assign.split, self.name)
         first, kind, size = None, "", 0
-        for what, unit, digest, nbytes in role.slices_needed():
+        for what, key, digest, nbytes in role.slices_needed():
             data = await self._fetch_slice(digest, nbytes)
             kind, size = detect_kind(data), size + len(data)
             runtime = create_runtime(kind, threads=self.config.threads)
             await asyncio.to_thread(runtime.load, data)
-            (role.unit_runtimes if what == "unit" else role.part_runtimes)[unit] = runtime
+            if what == "unit":
+                role.unit_runtimes[key[0]] = runtime
+            else:
+                role.part_runtimes[key] = runtime
             first = first or runtime
         if first is None:
             raise RuntimeLoadError(f"node {self.name} has nothing to run in split stage {assign.stage}")
@@ -606,7 +609,11 @@ class NodeDaemon:
         return {n: env[n] for n in assign.output_names}, (time.monotonic() - start) * 1000
 
     async def _scatter_gather(self, slot: _Slot, frame_id: str, u: int, feeds: dict[str, Any]) -> dict[str, Any]:
-        """One split unit: send the parts, compute ours, gather; a missing part falls back to the whole unit."""
+        """One split unit: send the parts, compute ours, gather; a missing part falls back to the whole unit.
+
+        Remote parts go out in ``send_order`` (first tiles first); the lead's own parts (one, or its row
+        tiles) are computed one after the other while the others compute theirs.
+        """
         role, assign = slot.split, slot.assign
         assert role is not None
         unit = role.split.units[u]
@@ -616,9 +623,8 @@ class NodeDaemon:
         t0 = time.monotonic()
         sent_bytes = 0
         try:
-            for i, part in enumerate(unit.parts):
-                if i == mine:
-                    continue
+            for i in send_order(unit, self.name):
+                part = unit.parts[i]
                 pf = scatter_part(feeds, part, unit.input_names)
                 tensors = tuple((n, codec.encode_tensor(_as_array(a), bits=_bits_for(a, assign.bits)))
                                 for n, a in pf.items())
@@ -629,13 +635,17 @@ class NodeDaemon:
                 sent_bytes += len(payload)
                 await self._outbox.put((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id),
                                         payload, None))
-            own, own_ms = await slot.executor.run(scatter_part(feeds, unit.parts[mine], unit.input_names),
-                                                  role.part_runtimes[u])
+            own, own_ms = {}, 0.0
+            for i in mine:
+                own[i], ms = await slot.executor.run(scatter_part(feeds, unit.parts[i], unit.input_names),
+                                                     role.part_runtimes[(u, i)])
+                own_ms += ms
             timeout = role.split.part_timeout_ms / 1000 or timing.SPLIT_PART_TIMEOUT_S
             done, _pending = await asyncio.wait(waiting.values(), timeout=timeout)
             failure: StageError | None = None
             outs: list[Any] = [None] * len(unit.parts)
-            outs[mine] = own
+            for i, out in own.items():
+                outs[i] = out
             for i, fut in waiting.items():
                 node = unit.parts[i].node_id
                 if fut not in done:
@@ -696,11 +706,11 @@ class NodeDaemon:
                 raise StaleEpoch(f"part request of frame {req.frame_id} for epoch {req.epoch}; node holds "
                                  f"{sorted(self.slots)}")
             ours = req.stage == slot.assign.stage and req.lead == role.split.lead
-            if not ours or role.part_index.get(req.unit) != req.part:
+            if not ours or not role.serves(req.unit, req.part):
                 raise StageError(f"part request of frame {req.frame_id}: stage {req.stage} unit {req.unit} part "
                                  f"{req.part} from {req.lead} is not ours")
             inputs = {name: codec.decode_tensor(t) for name, t in req.tensors}
-            outputs, compute_ms = await slot.executor.run(inputs, role.part_runtimes[req.unit])
+            outputs, compute_ms = await slot.executor.run(inputs, role.part_runtimes[(req.unit, req.part)])
             self.stats.compute_ms.append(compute_ms)
             unit = role.split.units[req.unit]
             bits = slot.assign.bits

@@ -7,10 +7,14 @@ environment (name -> array) and runs the stage's units in order:
 - a lead-only unit (``kind=""``) runs the unit slice on the lead;
 - a split unit is scattered: every part's input (whole tensors, or the row range its ``SplitPart.inputs``
   names for spatial splits) goes in one ``PartRequest`` to ``part_in(..., node)``, quantized with the
-  assignment's bit-width; while the requests are paced out, the lead computes its own part on its
+  assignment's bit-width; while the requests are paced out, the lead computes its own part(s) on its
   inference thread; each part node runs its part slice and answers with a ``PartReply`` on
   ``part_gather(..., lead)``; the lead merges (concat on an axis, sum of partial sums, or the first
   part's copy) in part order and continues with the next unit.
+- a tiled spatial unit (Galaxy+ overlap) gives every node several consecutive row tiles, each a part:
+  the lead sends tile 0 of every node, then tile 1, ... (``send_order``), a part node answers each
+  request as soon as it is computed, so a node computes tile ``t`` while tile ``t + 1`` is still on
+  its link and tile ``t - 1``'s result is on the way back.
 
 Dead or failing parts (the rule). The lead waits for a unit's replies at most ``part_timeout_ms`` of the
 assignment (``timing.SPLIT_PART_TIMEOUT_S`` when 0). A reply carrying an error, or no reply in time,
@@ -34,7 +38,7 @@ import numpy as np
 
 from fleetpipe.errors import StageError
 
-__all__ = ["PartFailed", "PartTimeout", "SplitRole", "merge_parts", "scatter_part"]
+__all__ = ["PartFailed", "PartTimeout", "SplitRole", "merge_parts", "scatter_part", "send_order"]
 
 
 class PartTimeout(StageError):
@@ -49,16 +53,17 @@ class PartFailed(StageError):
 class SplitRole:
     """What one node does in a split stage: lead (runs units, scatters) or part (serves part requests).
 
-    ``unit_runtimes[u]`` (lead only) runs the whole unit ``u``; ``part_runtimes[u]`` runs this node's part
-    of unit ``u``; ``part_index[u]`` is its position among the unit's parts; ``down_until`` maps node ids
-    to the monotonic time until which the lead does not ask them.
+    ``unit_runtimes[u]`` (lead only) runs the whole unit ``u``; ``part_runtimes[(u, i)]`` runs part ``i``
+    of unit ``u``; ``part_index[u]`` lists this node's positions among the unit's parts (several for a
+    tiled spatial unit, in row order); ``down_until`` maps node ids to the monotonic time until which the
+    lead does not ask them.
     """
 
     split: Any
     lead: bool
     unit_runtimes: dict[int, Any] = field(default_factory=dict)
-    part_runtimes: dict[int, Any] = field(default_factory=dict)
-    part_index: dict[int, int] = field(default_factory=dict)
+    part_runtimes: dict[tuple[int, int], Any] = field(default_factory=dict)
+    part_index: dict[int, tuple[int, ...]] = field(default_factory=dict)
     down_until: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -66,25 +71,43 @@ class SplitRole:
         """This node's role (part indices filled in; runtimes are loaded by the daemon)."""
         role = cls(split, split.lead == node_id)
         for u, unit in enumerate(split.units):
-            for i, part in enumerate(unit.parts):
-                if part.node_id == node_id:
-                    role.part_index[u] = i
+            mine = tuple(i for i, part in enumerate(unit.parts) if part.node_id == node_id)
+            if mine:
+                role.part_index[u] = mine
         return role
 
-    def slices_needed(self) -> list[tuple[str, int, str, int]]:
-        """``(what, unit, slice_hash, size)`` for every slice this node must load ("unit" or "part")."""
+    def slices_needed(self) -> list[tuple[str, tuple[int, int], str, int]]:
+        """``(what, key, slice_hash, size)`` for every slice this node must load: ``("unit", (u, -1), ...)``
+        or ``("part", (u, i), ...)``."""
         out = []
         for u, unit in enumerate(self.split.units):
             if self.lead:
-                out.append(("unit", u, unit.slice_hash, unit.slice_size))
-            if u in self.part_index:
-                part = unit.parts[self.part_index[u]]
-                out.append(("part", u, part.slice_hash, part.slice_size))
+                out.append(("unit", (u, -1), unit.slice_hash, unit.slice_size))
+            for i in self.part_index.get(u, ()):
+                part = unit.parts[i]
+                out.append(("part", (u, i), part.slice_hash, part.slice_size))
         return out
+
+    def serves(self, unit: int, part: int) -> bool:
+        """Whether part ``part`` of unit ``unit`` is this node's to compute."""
+        return part in self.part_index.get(unit, ())
 
     def available(self, unit: int, now: float) -> bool:
         """Whether every part node of ``unit`` may be asked now (none is marked down)."""
         return all(self.down_until.get(p.node_id, 0.0) <= now for p in self.split.units[unit].parts)
+
+
+def send_order(unit: Any, lead: str) -> list[int]:
+    """The lead's remote parts in sending order: the first tile of every node, then the second, ..."""
+    seen: dict[str, int] = {}
+    ranked = []
+    for i, part in enumerate(unit.parts):
+        if part.node_id == lead:
+            continue
+        t = seen.get(part.node_id, 0)
+        seen[part.node_id] = t + 1
+        ranked.append((t, i))
+    return [i for _, i in sorted(ranked)]
 
 
 def scatter_part(feeds: Mapping[str, np.ndarray], part: Any, names: Sequence[str]) -> dict[str, np.ndarray]:

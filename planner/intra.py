@@ -17,8 +17,12 @@ a spatial part gets ``share_d + halo`` of the input rows, channel/tensor parts t
 ``C`` = max over parts of the part's compute (``share_d x time on d``, plus the halo rows for
 spatial), ``G`` = gather time (spatial/channel parts return their share of the output, tensor parts
 a whole partial sum). Without overlap a unit costs ``S + C + G``. With Galaxy+ tiling in ``T`` tiles
-the three phases pipeline: ``(S + C + G) / T + (T - 1) x max(S, C, G) / T`` plus ``T`` times the
-per-message overhead per exchanged message, i.e. max(comm, compute) per tile instead of the sum.
+(spatial units: every device's rows in ``T`` row tiles, each with its own halo and one message each
+way, which the runtime sends and answers one by one) the three phases pipeline:
+``(S + C + G) / T + (T - 1) x max(S, C, G) / T`` plus ``T`` times the per-message overhead per
+exchanged message, i.e. max(comm, compute) per tile instead of the sum. With ``overlap`` the DP picks
+per unit the tile count (1, 2, 4, ... up to ``tiles``) that costs least, so tiles appear only where
+communication is worth hiding and messages are cheap enough.
 
 Plan cost: latency = sum of stage latencies + transfers between stages (expected over replicas);
 period = max over stages (a split stage's period is its latency: the group works on one frame at a
@@ -47,6 +51,8 @@ __all__ = [
     "Unit",
     "solve_intra",
     "stage_cost",
+    "tile_options",
+    "tile_shares",
     "unit_cost_ms",
 ]
 
@@ -119,12 +125,17 @@ class IntraProblem:
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """Layers ``first..last`` of a split stage: split by ``kind`` across the group, or on the lead (``""``)."""
+    """Layers ``first..last`` of a split stage: split by ``kind`` across the group, or on the lead (``""``).
+
+    A spatial unit with ``tiles`` > 1 has ``tiles`` parts per device, so each device's first tile computes
+    while the next is still on the way and its result travels back while the next computes.
+    """
 
     first: int
     last: int
     kind: str
     latency_ms: float
+    tiles: int = 1  # row tiles per device of a spatial unit (Galaxy+ overlap); 1 = one part per device
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,49 +184,81 @@ def _halo_frac(p: IntraProblem, first: int, last: int) -> float:
     return r / p.in_rows[first] if p.in_rows[first] > 0 else 0.0
 
 
+def tile_shares(shares: Sequence[float], tiles: int) -> list[float]:
+    """Part shares of a spatial unit cut into ``tiles`` row tiles per device (device ``i`` gets tiles
+    ``i * tiles .. (i + 1) * tiles - 1``, contiguous rows, in order): the parts the runtime sends."""
+    t = max(1, int(tiles))
+    return [w / t for w in shares for _ in range(t)]
+
+
 def unit_cost_ms(
     p: IntraProblem, first: int, last: int, kind: str, group: Sequence[int], lead: int, *,
     overlap: bool = False, tiles: int = 1,
 ) -> float:
-    """Latency of layers ``first..last`` split by ``kind`` across ``group`` (``lead`` scatters and gathers)."""
+    """Latency of layers ``first..last`` split by ``kind`` across ``group`` (``lead`` scatters and gathers).
+
+    With ``overlap`` and ``tiles`` > 1 (spatial only: a channel or tensor part needs the whole input, so
+    tiling it would send the input ``tiles`` times) every device's rows are cut into ``tiles`` row tiles,
+    each one message each way with its own halo, and scatter, compute and gather pipeline over the tiles.
+    """
     if kind not in SPLIT_KINDS:
         raise ValueError(f"unknown split kind {kind!r}")
     if any(kind not in p.kinds[layer] for layer in range(first, last + 1)):
         return math.inf
     if kind != "spatial" and first != last:
         return math.inf
+    t = max(1, int(tiles)) if overlap else 1
+    if t > 1 and kind != "spatial":
+        return math.inf
     comp = [float(p.compute_ms[first : last + 1, d].sum()) for d in group]
     speed = [1.0 / max(c, 1e-12) for c in comp]
     total = sum(speed)
-    shares = [s / total for s in speed]
     k = len(group)
+    shares = tile_shares([s / total for s in speed], t)  # k x t parts, device i owns parts i*t .. i*t+t-1
+    n = len(shares)
     halo = _halo_frac(p, first, last) if kind == "spatial" else 0.0
     rows_out = int(p.out_rows[last]) if kind == "spatial" else 0
-    if rows_out >= k:
+    if kind == "spatial" and t > 1 and 0 < rows_out < n:
+        return math.inf  # fewer rows than tiles: the split slices cannot be built
+    if rows_out >= n:
         # A part computes whole output rows (``row_ranges``, as the split slices do): on a 5-row feature map
         # a 0.545 share is 3 rows, 0.6 of the work.
         shares = [(b - a) / rows_out for a, b in row_ranges(rows_out, shares)]
     in_b, out_b = float(p.in_bytes[first]), float(p.out_bytes[last])
     scatter = gather = cmax = 0.0
-    for i, (d, c, w) in enumerate(zip(group, comp, shares, strict=True)):
-        nb = (i > 0) + (i < k - 1)
-        if kind == "spatial":
-            part_in = in_b * min(1.0, w + nb * halo)
-            part_c = c * min(1.0, w + nb * halo * 0.5)
-            part_out = out_b * w
-        elif kind == "channel":
-            part_in, part_c, part_out = in_b, c * w, out_b * w
-        else:
-            part_in, part_c, part_out = in_b, c * w, out_b
+    for i, (d, c) in enumerate(zip(group, comp, strict=True)):
+        part_in = part_c = part_out = 0.0
+        for j in range(i * t, (i + 1) * t):
+            w = shares[j]
+            nb = (j > 0) + (j < n - 1)
+            if kind == "spatial":
+                part_in += in_b * min(1.0, w + nb * halo)
+                part_c += c * min(1.0, w + nb * halo * 0.5)
+                part_out += out_b * w
+            elif kind == "channel":
+                part_in, part_c, part_out = in_b, c * w, out_b * w
+            else:
+                part_in, part_c, part_out = in_b, c * w, out_b
         cmax = max(cmax, part_c)
         if d != lead:
             scatter += transfer_ms(part_in, p.bw_mbps[lead, d])
             gather += transfer_ms(part_out, p.bw_mbps[d, lead])
-    msgs = 2 * (k - 1)
-    if not overlap or tiles <= 1:
+    msgs = 2 * (k - 1) * t
+    if t == 1:
         return scatter + cmax + gather + msgs * p.msg_ms
-    t = float(tiles)
-    return (scatter + cmax + gather) / t + (t - 1) * max(scatter, cmax, gather) / t + msgs * tiles * p.msg_ms
+    # The three phases pipeline over the tiles: one tile's worth of each, then the slowest phase per tile.
+    return (scatter + cmax + gather) / t + (t - 1) * max(scatter, cmax, gather) / t + msgs * p.msg_ms
+
+
+def tile_options(tiles: int) -> tuple[int, ...]:
+    """The tile counts the DP tries for a spatial unit when overlap is on: 1, 2, 4, ... up to ``tiles``."""
+    out, t = [1], 2
+    while t <= max(1, int(tiles)):
+        out.append(t)
+        t *= 2
+    if out[-1] != max(1, int(tiles)):
+        out.append(int(tiles))
+    return tuple(out)
 
 
 def _split_stage(
@@ -224,26 +267,28 @@ def _split_stage(
 ) -> tuple[float, tuple[Unit, ...]]:
     """Best sequence of units for layers ``first..last`` on ``group`` (interval DP)."""
     best = [0.0] + [math.inf] * (last - first + 1)
-    back: list[tuple[int, str, float]] = [(0, "", 0.0)] * (last - first + 2)
+    back: list[tuple[int, str, float, int]] = [(0, "", 0.0, 1)] * (last - first + 2)
+    tile_counts = tile_options(tiles) if overlap else (1,)
     for j in range(first, last + 1):
         for i in range(first, j + 1):
             base = best[i - first]
             if base == math.inf:
                 continue
-            opts = [("", float(p.compute_ms[j, lead]))] if i == j else []
+            opts = [("", float(p.compute_ms[j, lead]), 1)] if i == j else []
             for kind in SPLIT_KINDS:
-                key = (i, j, kind, group, lead, overlap, tiles)
-                if key not in cache:
-                    cache[key] = unit_cost_ms(p, i, j, kind, group, lead, overlap=overlap, tiles=tiles)
-                opts.append((kind, cache[key]))
-            for kind, cost in opts:
+                for t in tile_counts if kind == "spatial" else (1,):
+                    key = (i, j, kind, group, lead, t)
+                    if key not in cache:
+                        cache[key] = unit_cost_ms(p, i, j, kind, group, lead, overlap=t > 1, tiles=t)
+                    opts.append((kind, cache[key], t))
+            for kind, cost, t in opts:
                 if base + cost < best[j + 1 - first] - 1e-12:
                     best[j + 1 - first] = base + cost
-                    back[j + 1 - first] = (i, kind, cost)
+                    back[j + 1 - first] = (i, kind, cost, t)
     units, j = [], last + 1
     while j > first:
-        i, kind, cost = back[j - first]
-        units.append(Unit(i, j - 1, kind, cost))
+        i, kind, cost, t = back[j - first]
+        units.append(Unit(i, j - 1, kind, cost, t))
         j = i
     return best[-1], tuple(reversed(units))
 

@@ -456,7 +456,8 @@ class PlannerService:
         plain = solve_intra(ip, modes=("single",) if self.config.intra == "pipeline" else ("single", "replicate"))
         if self.config.intra == "pipeline":
             return plain, ip
-        split = solve_intra(ip)
+        tiles = self.config.intra_tiles
+        split = solve_intra(ip, overlap=tiles > 1, tiles=tiles)
         # The cost model is good to some 10-20 % on a busy host: a split must promise a clear gain.
         if split.n_split_units and split.latency_ms > (1.0 - SPLIT_MIN_GAIN) * plain.latency_ms:
             log.info("planner: splits would gain %.1f%% (< %.0f%%); planning without them",

@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--msg-ms", dest="intra_msg_ms", type=float,
                    help="--intra: fixed cost of one message in ms (default: start at 1 ms and learn it from the "
                         "split stages' leads)")
+    p.add_argument("--tiles", dest="intra_tiles", type=int,
+                   help="--intra: at most this many row tiles per device of a spatial split, so its messages "
+                        "overlap compute (Galaxy+); chosen per unit where it pays (default 4; 1 = never)")
     p.add_argument("--profile", help="JSON file of per-layer host times: reused when it matches the model, else "
                                      "measured and written (comparable plans run to run)")
     p.add_argument("--min-nodes", dest="min_nodes", type=int)
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
                                                   "expect_nodes", "broker_username", "broker_password_file",
                                                   "calibration", "replan_threshold", "adapt", "early_exit",
-                                                  "announce", "intra", "profile", "intra_msg_ms")}
+                                                  "announce", "intra", "profile", "intra_msg_ms",
+                                                  "intra_tiles")}
     flags["broker_url"] = args.broker
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:

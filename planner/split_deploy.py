@@ -7,7 +7,8 @@ assignment's bit-width, so float bytes are scaled by ``bits / 32``, and every me
 ``msg_ms``. ``deploy`` materialises a solved ``IntraPlan``: a single or replicated stage gets its slice
 as in pipeline mode; a split stage gets one slice per unit (run by the lead; also the lead's fallback
 when a part does not answer) and, for split units, one part slice per group member from
-``fleetpipe.models.split`` with shares proportional to each member's speed on the unit. A unit that
+``fleetpipe.models.split`` with shares proportional to each member's speed on the unit (a tiled spatial
+unit: ``tiles`` consecutive row tiles per member, each a part of its own). A unit that
 ``split_model`` refuses (a fused spatial unit through an op that mixes rows, a pass-through tensor)
 runs on the lead alone: the deployment is always correct, only slower than the model said.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import slices, wire
-from fleetpipe.planner.intra import IntraPlan, IntraProblem, IntraStage
+from fleetpipe.planner.intra import IntraPlan, IntraProblem, IntraStage, tile_shares
 
 __all__ = ["MSG_MS", "StageDeploy", "deploy", "intra_problem", "split_info"]
 
@@ -102,14 +103,16 @@ def _unit(proto: Any, graph: Any, st: IntraStage, u: Any, p: IntraProblem, names
     if not u.kind:
         return wire.SplitUnit(u.first, u.last, "", digest, len(data), ins, outs, predicted_ms=u.latency_ms)
     speed = [1.0 / max(float(np.sum(p.compute_ms[u.first : u.last + 1, d])), 1e-12) for d in st.devices]
+    tiles = max(1, int(u.tiles)) if u.kind == "spatial" else 1
+    devices = [d for d in st.devices for _ in range(tiles)]  # device i computes tiles i*T .. i*T+T-1
     try:
-        sp = split_model(slice_model(proto, graph, u.first, u.last), u.kind, speed)
+        sp = split_model(slice_model(proto, graph, u.first, u.last), u.kind, tile_shares(speed, tiles))
     except SplitError as exc:
         log.warning("planner: layers %d..%d cannot be split %s (%s); the lead runs them", u.first, u.last,
                     u.kind, exc)
         return wire.SplitUnit(u.first, u.last, "", digest, len(data), ins, outs, predicted_ms=u.latency_ms)
     parts = []
-    for d, part in zip(st.devices, sp.parts, strict=True):
+    for d, part in zip(devices, sp.parts, strict=True):
         h = slices.content_hash(part.model)
         blobs[h] = part.model
         parts.append(wire.SplitPart(names[d], h, len(part.model),

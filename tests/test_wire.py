@@ -447,8 +447,13 @@ def test_split_assign_validation() -> None:
         StageAssign("lab", "a", 1, 0, 1, 0, 3, "m", "ab12", 10, 0.0, split=split)
     with pytest.raises(ValueError, match="lead computes"):
         SplitAssign("z", (_unit(),))
-    with pytest.raises(ValueError, match=">= 2 parts"):
+    with pytest.raises(ValueError, match=">= 2 nodes"):
         _unit(parts=("a",))
+    with pytest.raises(ValueError, match=">= 2 nodes"):
+        _unit(parts=("a", "a"))
+    tiled = SplitAssign("a", (_unit(parts=("a", "a", "b", "b")),))  # two row tiles per node (Galaxy+ overlap)
+    tiled_assign = StageAssign("lab", "b", 1, 0, 1, 0, 2, "m", "ab12", 10, 0.0, split=tiled)
+    assert decode(encode(tiled_assign)) == tiled_assign
     with pytest.raises(ValueError, match="one merge per output"):
         SplitUnit(0, 2, "tensor", "ab12", 10, ("x",), ("y",), (SplitPart("a", "cd", 1), SplitPart("b", "cd", 1)))
     with pytest.raises(ValueError, match="does not follow"):

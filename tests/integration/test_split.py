@@ -62,6 +62,13 @@ def _split_of(url: str, plan: wire.Plan, kind: str) -> wire.SplitAssign:
     return assign.split
 
 
+def _wait_plan(client: FleetClient, f: object) -> wire.Plan:
+    try:
+        return client.wait_plan(120)
+    except TimeoutError:
+        pytest.fail("no plan\n" + f.logs())  # type: ignore[attr-defined]
+
+
 def _close(out: np.ndarray, ref: np.ndarray) -> None:
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel < 0.05, rel
@@ -126,10 +133,7 @@ def test_spatial_split_cnn_matches_local_model_and_survives_a_frozen_part(mosqui
         f.node("a", "40", env=env)
         f.node("b", "40", env=env)
         with FleetClient(mosquitto.url, fleet="isplit", window=2) as client:
-            try:
-                plan = client.wait_plan(120)
-            except TimeoutError:
-                pytest.fail("no plan\n" + f.logs())
+            plan = _wait_plan(client, f)
             _split_of(mosquitto.url, plan, "spatial")
             results = list(client.stream(xs))
             for result, ref in zip(results, refs, strict=True):
@@ -160,10 +164,32 @@ def test_tensor_split_vit_matches_local_model(mosquitto, tmp_path):
         f.node("a", "100")
         f.node("b", "100")
         with FleetClient(mosquitto.url, fleet="ivsplit", window=2) as client:
-            try:
-                plan = client.wait_plan(120)
-            except TimeoutError:
-                pytest.fail("no plan\n" + f.logs())
+            plan = _wait_plan(client, f)
             _split_of(mosquitto.url, plan, "tensor")
+            for result, ref in zip(client.stream(xs), refs, strict=True):
+                _close(result.output, ref)
+
+
+def test_tiled_spatial_split_matches_local_model(mosquitto, tmp_path):
+    """Galaxy+ overlap: on 40 Mbit/s links the wide conv's split pays only tiled, so the planner tiles it
+    (several row tiles per node, sent and answered one by one) and the merged tiles equal the model."""
+    model, shape = _model(tmp_path, "wideconv", channels=16, resolution=128)
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    refs = _reference(model, xs)
+    with fleet(mosquitto.url, "itsplit", tmp_path) as f:
+        f.planner(model, "--expect-nodes", "2", "--bits", "8", "--intra", "latency", "--msg-ms", "1", "--tiles", "4",
+                  "--no-adapt")
+        f.node("a", "150:bw=40")
+        f.node("b", "150:bw=40")
+        with FleetClient(mosquitto.url, fleet="itsplit", window=2) as client:
+            plan = _wait_plan(client, f)
+            split = _split_of(mosquitto.url, plan, "spatial")
+            tiled = [u for u in split.units if len(u.parts) > len({p.node_id for p in u.parts})]
+            assert tiled, f"no tiled unit in {split}"
+            nodes = [p.node_id for p in tiled[0].parts]
+            tiles = {nodes.count(n) for n in nodes}
+            assert nodes == sorted(nodes, key=nodes.index), nodes  # a node's tiles are consecutive rows
+            assert len(tiles) == 1 and min(tiles) >= 2, nodes
             for result, ref in zip(client.stream(xs), refs, strict=True):
                 _close(result.output, ref)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fleetpipe.errors import InfeasiblePlan
-from fleetpipe.planner.intra import IntraProblem, solve_intra, stage_cost, unit_cost_ms
+from fleetpipe.planner.intra import IntraProblem, solve_intra, stage_cost, tile_options, tile_shares, unit_cost_ms
 
 MB = 1_000_000
 
@@ -62,6 +62,34 @@ def test_overlap_lowers_split_cost_and_msg_overhead_limits_tiles() -> None:
     many = unit_cost_ms(p2, 2, 2, "spatial", group, 0, overlap=True, tiles=64)
     few = unit_cost_ms(p2, 2, 2, "spatial", group, 0, overlap=True, tiles=2)
     assert many > few
+
+
+def test_tiles_are_chosen_per_unit_where_messages_are_worth_hiding() -> None:
+    """Galaxy+ overlap: 0.5 MB each way at 20 Mbit/s is 200 ms against 100 ms of compute per device."""
+    p = _problem(bw=20.0, msg_ms=1.0)
+    untiled = solve_intra(p)
+    tiled = solve_intra(p, overlap=True, tiles=8)
+    units = [u for s in tiled.stages for u in s.units if u.kind]
+    assert units and all(u.kind == "spatial" for u in units) and max(u.tiles for u in units) > 1
+    assert tiled.latency_ms < 0.8 * untiled.latency_ms
+    group = tiled.stages[0].devices if len(tiled.stages) == 1 else next(s.devices for s in tiled.stages if s.units
+                                                                        and any(u.kind for u in s.units))
+    u = units[0]
+    assert u.latency_ms == pytest.approx(unit_cost_ms(p, u.first, u.last, "spatial", group, group[0], overlap=True,
+                                                      tiles=u.tiles))
+    # Expensive messages: every tile costs two more of them, so the same DP keeps one part per device.
+    costly = solve_intra(_problem(bw=20.0, msg_ms=60.0), overlap=True, tiles=8)
+    assert all(u.tiles == 1 for s in costly.stages for u in s.units)
+    # Without overlap, or for a channel split (every part needs the whole input), there are no tiles.
+    assert all(u.tiles == 1 for s in untiled.stages for u in s.units)
+    assert math.isinf(unit_cost_ms(p, 2, 2, "channel", (0, 1), 0, overlap=True, tiles=2))
+    assert math.isinf(unit_cost_ms(p, 2, 2, "spatial", (0, 1, 2, 3), 0, overlap=True, tiles=32))  # 128 tiles > 64 rows
+
+
+def test_tile_shares_and_options() -> None:
+    assert tile_shares([0.75, 0.25], 2) == [0.375, 0.375, 0.125, 0.125]
+    assert tile_shares([0.5, 0.5], 1) == [0.5, 0.5]
+    assert tile_options(1) == (1,) and tile_options(4) == (1, 2, 4) and tile_options(6) == (1, 2, 4, 6)
 
 
 def test_unit_cost_components() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import numpy as np
@@ -12,7 +13,7 @@ from fleetpipe.models import zoo
 from fleetpipe.models.onnx_graph import load_onnx
 from fleetpipe.models.profile import random_feeds
 from fleetpipe.models.slicing import make_session, run_model, slice_model
-from fleetpipe.node.split import SplitRole, merge_parts, scatter_part
+from fleetpipe.node.split import SplitRole, merge_parts, scatter_part, send_order
 from fleetpipe.planner import split_deploy
 from fleetpipe.planner.intra import solve_intra
 from fleetpipe.planner.loop import ModelInfo, build_problem
@@ -26,16 +27,17 @@ def _info(name: str, host_ms: float, **kw: object) -> ModelInfo:
     return ModelInfo("m", proto, graph, np.full(len(graph.layers), host_ms), 1.0)
 
 
-def _nodes(factors: list[float]) -> dict[str, object]:
+def _nodes(factors: list[float], bw: float = 940.0) -> dict[str, object]:
     return {f"n{i}": types.SimpleNamespace(birth=types.SimpleNamespace(
-        emulate_factor=f, speed=1.0, bandwidth_mbps=940.0, mem_bytes=1 << 32, device_class="x"))
+        emulate_factor=f, speed=1.0, bandwidth_mbps=bw, mem_bytes=1 << 32, device_class="x"))
         for i, f in enumerate(factors)}
 
 
-def _plan(model: ModelInfo, factors: list[float], bits: int = 8) -> tuple[object, object, object]:
-    problem = build_problem(model, _nodes(factors), bits)
+def _plan(model: ModelInfo, factors: list[float], bits: int = 8, bw: float = 940.0,
+          tiles: int = 1) -> tuple[object, object, object]:
+    problem = build_problem(model, _nodes(factors, bw), bits)
     ip = split_deploy.intra_problem(problem, split_deploy.split_info(model.proto, model.graph), bits)
-    return problem, ip, solve_intra(ip)
+    return problem, ip, solve_intra(ip, overlap=tiles > 1, tiles=tiles)
 
 
 def test_exchanged_bytes_are_costed_as_the_codec_sends_them() -> None:
@@ -94,6 +96,34 @@ def test_deployed_parts_reproduce_every_unit(name: str, kw: dict[str, object], f
                 np.testing.assert_allclose(got[k], ref, rtol=1e-4, atol=1e-4)
             assert all(u in roles[p.node_id].part_index for p in unit.parts)
         env.update(whole)
+
+
+def test_tiled_parts_reproduce_the_unit_and_first_tiles_go_out_first() -> None:
+    """A wide conv on 20 Mbit/s links is split in row tiles, several per node, that merge to the unit."""
+    model = _info("wideconv", 0.7, channels=8, resolution=64)
+    _, ip, plan = _plan(model, [150.0, 150.0, 150.0], bw=20.0, tiles=4)
+    names = ["n0", "n1", "n2"]
+    split = next(d.split for d in split_deploy.deploy(model.proto, model.graph, plan, ip, names)
+                 if d.split is not None)
+    unit = next(u for u in split.units if u.kind)
+    t = next(s for s in plan.stages if s.mode == "split").units[0].tiles
+    assert unit.kind == "spatial" and t > 1 and len(unit.parts) == t * len({p.node_id for p in unit.parts})
+    order = [p.node_id for p in unit.parts]
+    assert order == sorted(order, key=order.index)  # a node's tiles are consecutive rows
+    rows = [p.inputs[0][2:] for p in unit.parts]
+    assert rows[0][0] == 0 and rows[-1][1] == 64 and all(a[0] < b[0] for a, b in itertools.pairwise(rows))
+    remote = send_order(unit, split.lead)
+    assert [unit.parts[i].node_id for i in remote[:2]] != [unit.parts[remote[0]].node_id] * 2  # tile 0 of each first
+    assert sorted(remote) == [i for i, p in enumerate(unit.parts) if p.node_id != split.lead]
+    role = SplitRole.for_node(split, split.lead)
+    assert len(role.part_index[0]) == t and all(role.serves(0, i) for i in role.part_index[0])
+    assert not role.serves(0, remote[0])
+    blobs = {h: b for d in split_deploy.deploy(model.proto, model.graph, plan, ip, names) for h, b in d.blobs.items()}
+    feeds = dict(random_feeds(model.graph))
+    whole = run_model(make_session(blobs[unit.slice_hash]), feeds)
+    outs = [run_model(make_session(blobs[p.slice_hash]), scatter_part(feeds, p, unit.input_names)) for p in unit.parts]
+    for k, ref in merge_parts(unit, outs).items():
+        np.testing.assert_allclose(ref, whole[k], rtol=1e-4, atol=1e-4)
 
 
 def test_planner_raises_the_message_cost_to_what_split_leads_measure() -> None:

@@ -16,6 +16,7 @@ TINY: dict[str, dict[str, Any]] = {
     "mobilenetv2": {"width": 0.25, "resolution": 32},
     "inception": {"width": 0.25, "resolution": 32, "blocks": 3},
     "vit": {"resolution": 16, "patch": 4, "dim": 32, "depth": 2, "heads": 2},
+    "wideconv": {"channels": 8, "resolution": 32},
 }
 
 

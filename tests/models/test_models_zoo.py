@@ -13,7 +13,7 @@ from ._helpers import TINY, feeds, tiny
 
 
 def test_names() -> None:
-    assert zoo.names() == ["digits", "inception", "mobilenetv2", "resnet18", "resnet50", "vgg16", "vit"]
+    assert zoo.names() == ["digits", "inception", "mobilenetv2", "resnet18", "resnet50", "vgg16", "vit", "wideconv"]
     with pytest.raises(KeyError):
         zoo.build("alexnet")
     with pytest.raises(KeyError):
