@@ -1,6 +1,11 @@
 """``fleetpipe plan``: plan a problem file and print the plan (JSON or a table).
 
     fleetpipe plan --problem FILE.json [--json] [--time-limit S] [--method exact|heuristic|...]
+    fleetpipe plan --model M.onnx --fleet FLEET.toml --intra latency [--msg-ms 1] [--tiles 4] [--json]
+
+``--intra`` plans one frame's latency with single, replicated and split stages (FlexPie/Galaxy+,
+``fleetpipe.planner.intra``; ``pipeline``: single-device stages only), and prints the stages with their
+units (layers, split kind, row tiles) next to the pipeline-only latency of the same cost model.
 
 JSON output uses 1-based inclusive layer numbers (the neutral format of planner-problems/README.md).
 Exit codes: 0 plan printed, 1 no feasible plan (InfeasiblePlan), 2 bad input.
@@ -16,7 +21,7 @@ from typing import Any
 
 from fleetpipe.errors import InfeasiblePlan, PlanningError
 
-__all__ = ["METHODS", "plan_problem", "plan_to_json", "register"]
+__all__ = ["METHODS", "intra_to_json", "plan_problem", "plan_to_json", "register"]
 
 METHODS = ("exact", "heuristic", "even", "neurosurgeon", "memory")
 
@@ -38,6 +43,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--time-limit", type=float, default=8.0, help="exact solver time limit (s)")
     parser.add_argument("--method", choices=METHODS, default="exact", help="planner to use")
+    parser.add_argument("--intra", choices=["latency", "pipeline"],
+                        help="--model: minimise one frame's latency with split/replicated stages ('latency') or "
+                             "single-device stages only ('pipeline')")
+    parser.add_argument("--msg-ms", type=float, default=1.0, help="--intra: fixed cost of one message (ms)")
+    parser.add_argument("--tiles", type=int, default=4, help="--intra: at most this many row tiles per device of a "
+                                                             "spatial split (1 = no tiling)")
     parser.set_defaults(func=_run)
 
 
@@ -88,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
     from fleetpipe.errors import FleetpipeError
     from fleetpipe.planner.problem import load_problem
 
+    if args.intra:
+        return _run_intra(args)
     try:
         problem = load_problem(args.problem) if args.problem else _model_problem(args)
     except (FleetpipeError, ValueError) as exc:
@@ -106,17 +119,87 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_problem(args: argparse.Namespace) -> Any:
+def _model_problem(args: argparse.Namespace, info: Any = None) -> Any:
     """Profile the model on this host and build the problem for the described fleet."""
     from fleetpipe.errors import ConfigError
     from fleetpipe.planner.fleetfile import load_fleet, problem_for
-    from fleetpipe.planner.loop import load_model_info
 
     if not args.fleet:
         raise ConfigError("--model needs --fleet FLEET.toml")
     fleet = load_fleet(args.fleet)
+    return problem_for(info or _model_info(args), fleet, args.bits)
+
+
+def _model_info(args: argparse.Namespace) -> Any:
+    from fleetpipe.planner.loop import load_model_info
+
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-    return problem_for(load_model_info(args.model, shape), fleet, args.bits)
+    return load_model_info(args.model, shape)
+
+
+def intra_to_json(problem: Any, plan: Any, pipeline: Any) -> dict[str, Any]:
+    """The JSON document of an intra plan (1-based inclusive layers) with the pipeline-only latency."""
+    names = problem.device_names
+    stages = [{
+        "mode": st.mode, "devices": [names[d] for d in st.devices], "lead": names[st.lead],
+        "first_layer": st.first + 1, "last_layer": st.last + 1, "latency_ms": round(st.latency_ms, 4),
+        "period_ms": round(st.period_ms, 4),
+        "units": [{"first_layer": u.first + 1, "last_layer": u.last + 1, "kind": u.kind or "lead",
+                   "tiles": u.tiles, "latency_ms": round(u.latency_ms, 4)} for u in st.units] if st.mode == "split"
+        else [],
+    } for st in plan.stages]
+    return {"problem": problem.name, "method": "intra", "stages": stages, "latency_ms": round(plan.latency_ms, 4),
+            "period_ms": round(plan.period_ms, 4), "pipeline_latency_ms": round(pipeline.latency_ms, 4),
+            "split_units": plan.n_split_units}
+
+
+def _run_intra(args: argparse.Namespace) -> int:
+    """``--intra``: the min-latency intra plan of a model on a fleet file."""
+    from fleetpipe.errors import ConfigError, FleetpipeError
+    from fleetpipe.planner import split_deploy
+    from fleetpipe.planner.intra import solve_intra
+
+    try:
+        if not args.model:
+            raise ConfigError("--intra needs --model and --fleet (split kinds come from the model's graph)")
+        if args.msg_ms < 0 or not 1 <= args.tiles <= 16:
+            raise ConfigError("--msg-ms must be >= 0 and --tiles 1..16")
+        info = _model_info(args)
+        problem = _model_problem(args, info)
+        ip = split_deploy.intra_problem(problem, split_deploy.split_info(info.proto, info.graph),
+                                        min(args.bits, 32), args.msg_ms)
+    except (FleetpipeError, ValueError) as exc:
+        print(f"fleetpipe plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        pipeline = solve_intra(ip, modes=("single",))
+        plan = pipeline if args.intra == "pipeline" else solve_intra(ip, overlap=args.tiles > 1, tiles=args.tiles)
+    except InfeasiblePlan as exc:
+        print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    doc = intra_to_json(problem, plan, pipeline)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['problem'] or 'plan'} (intra {args.intra}, {args.msg_ms:g} ms per message)")
+    for col in ("#", "mode", "device(s)", "layers", "latency ms", "units (layers kind[xtiles] ms)"):
+        table.add_column(col, justify="left" if col in ("mode", "device(s)", "units (layers kind[xtiles] ms)")
+                         else "right")
+    for i, st in enumerate(doc["stages"]):
+        units = ", ".join(f"{u['first_layer']}-{u['last_layer']} {u['kind']}"
+                          f"{'x' + str(u['tiles']) if u['tiles'] > 1 else ''} {u['latency_ms']:.1f}"
+                          for u in st["units"])
+        table.add_row(str(i + 1), st["mode"], ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
+                      f"{st['latency_ms']:.2f}", units)
+    console = Console()
+    console.print(table)
+    gain = doc["pipeline_latency_ms"] / max(doc["latency_ms"], 1e-9)
+    console.print(f"latency {doc['latency_ms']:.2f} ms (pipeline-only {doc['pipeline_latency_ms']:.2f} ms, "
+                  f"{gain:.2f}x), period {doc['period_ms']:.2f} ms, {doc['split_units']} split units")
+    return EXIT_OK
 
 
 def _print_table(doc: dict[str, Any]) -> None:

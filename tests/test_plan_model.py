@@ -55,3 +55,28 @@ def test_fleet_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="known device names"):
         load_fleet(bad)
     assert main(["plan", "--model", "zoo:resnet18"]) == 2
+
+
+def test_plan_intra_for_fleet(tmp_path, capsys):
+    """``--intra latency`` prints split stages (units with kinds and tiles) against the pipeline-only plan."""
+    from fleetpipe.models import zoo
+
+    model = tmp_path / "v.onnx"
+    onnx.save(zoo.build("vgg16", width=0.25, resolution=64, fc=64, num_classes=10), model)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nname = "a"\nclass = "rpi3"\n[[device]]\nname = "b"\nclass = "rpi3"\n')
+    args = ["plan", "--model", str(model), "--fleet", str(fleet), "--bits", "8", "--intra", "latency"]
+    assert main([*args, "--msg-ms", "0", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    split = [st for st in doc["stages"] if st["mode"] == "split"]
+    assert doc["split_units"] >= 1 and split and set(split[0]["devices"]) == {"a", "b"}
+    assert doc["latency_ms"] < doc["pipeline_latency_ms"]
+    units = split[0]["units"]
+    assert units[0]["first_layer"] == split[0]["first_layer"] and units[-1]["last_layer"] == split[0]["last_layer"]
+    assert {u["kind"] for u in units} <= {"lead", "spatial", "channel", "tensor"} and all(u["tiles"] >= 1 for u in units)
+    assert main([*args, "--msg-ms", "1000", "--json"]) == 0  # messages that cost a second: no split pays
+    assert json.loads(capsys.readouterr().out)["split_units"] == 0
+    assert main([*args[:-1], "pipeline"]) == 0
+    assert "pipeline-only" in capsys.readouterr().out
+    assert main(["plan", "--problem", str(fleet), "--intra", "latency"]) == 2
+    assert main([*args, "--tiles", "0"]) == 2
