@@ -73,7 +73,8 @@ def test_plan_intra_for_fleet(tmp_path, capsys):
     assert doc["latency_ms"] < doc["pipeline_latency_ms"]
     units = split[0]["units"]
     assert units[0]["first_layer"] == split[0]["first_layer"] and units[-1]["last_layer"] == split[0]["last_layer"]
-    assert {u["kind"] for u in units} <= {"lead", "spatial", "channel", "tensor"} and all(u["tiles"] >= 1 for u in units)
+    assert {u["kind"] for u in units} <= {"lead", "spatial", "channel", "tensor"}
+    assert all(u["tiles"] >= 1 for u in units)
     assert main([*args, "--msg-ms", "1000", "--json"]) == 0  # messages that cost a second: no split pays
     assert json.loads(capsys.readouterr().out)["split_units"] == 0
     assert main([*args[:-1], "pipeline"]) == 0
