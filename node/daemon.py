@@ -302,6 +302,9 @@ class NodeDaemon:
             waiter = self._part_waiters.get((msg.epoch, msg.frame_id, msg.unit, msg.part))
             if waiter is not None and not waiter.done():  # else late (the lead already computed it) or forged
                 waiter.set_result(msg)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("node %s: part reply %s u%d p%d back in %.2f ms", self.name, msg.frame_id, msg.unit,
+                              msg.part, (time.time() - msg.sent_ts) * 1000)
         elif spec is topics.NODE_CONTROL:
             msg = wire.decode(message.payload)
             if not isinstance(msg, wire.EmulationControl) or (msg.fleet, msg.node_id) != (self.fleet, self.name):
@@ -709,13 +712,21 @@ class NodeDaemon:
             if not ours or not role.serves(req.unit, req.part):
                 raise StageError(f"part request of frame {req.frame_id}: stage {req.stage} unit {req.unit} part "
                                  f"{req.part} from {req.lead} is not ours")
+            t_start = time.time()
             inputs = {name: codec.decode_tensor(t) for name, t in req.tensors}
+            t_dec = time.time()
             outputs, compute_ms = await slot.executor.run(inputs, role.part_runtimes[(req.unit, req.part)])
+            t_comp = time.time()
             self.stats.compute_ms.append(compute_ms)
             unit = role.split.units[req.unit]
             bits = slot.assign.bits
             tensors = tuple((n, codec.encode_tensor(_as_array(outputs[n]), bits=_bits_for(outputs[n], bits)))
                             for n in unit.output_names)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("node %s: part %s u%d p%d: in %.2f ms, queued %.2f, decode %.2f, compute %.2f (%.2f wall), "
+                          "encode %.2f", self.name, req.frame_id, req.unit, req.part, (recv_ts - req.sent_ts) * 1000,
+                          (t_start - recv_ts) * 1000, (t_dec - t_start) * 1000, compute_ms, (t_comp - t_dec) * 1000,
+                          (time.time() - t_comp) * 1000)
         except (FleetpipeError, ValueError, TypeError, KeyError) as exc:
             await self._report(exc, req.frame_id)
             error = f"{type(exc).__name__}: {exc}"[:500]  # the lead falls back at once instead of timing out

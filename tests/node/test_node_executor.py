@@ -91,6 +91,57 @@ def test_stretch_makes_wall_time_factor_times_compute() -> None:
     assert wall_ms < factor * real_ms + 100.0
 
 
+class _ColdAfterIdle:
+    """A single-threaded runtime burning 8 ms of CPU per run, 40 ms when it ran last over 20 ms ago."""
+
+    threads = 1
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.last = 0.0
+        self.runs = 0
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self.inner.input_specs()
+
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return self.inner.output_specs()
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cold = time.perf_counter() - self.last > 0.02
+        end = time.thread_time() + (0.040 if cold else 0.008)
+        while time.thread_time() < end:
+            pass
+        self.last = time.perf_counter()
+        self.runs += 1
+        return self.inner.run(inputs)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_emulation_times_a_warm_run_after_idle(warm: bool) -> None:
+    """An emulating worker idle before a run (its stretch sleep) times a second, warm pass: the host's
+    cold caches after idling are not multiplied by the factor. Without it the cold run is what counts."""
+    factor = 10.0  # 10 x 8 ms of warm work leaves a stretch sleep of > 20 ms after the 48 ms of two passes
+    runtime = _ColdAfterIdle(_fake())
+
+    async def main() -> tuple[list[float], list[dict[str, np.ndarray]], int]:
+        with InferenceExecutor(runtime, compute_factor=factor, warm_rerun=warm) as executor:
+            runs = [await executor.run({"x": X}) for _ in range(3)]
+            return [ms for _, ms in runs], [out for out, _ in runs], executor.warm_reruns
+
+    busy, outs, reruns = asyncio.run(main())
+    ref = fake_reference(fake_model_bytes(4, 3), X)
+    for out in outs:
+        (got,) = out.values()
+        np.testing.assert_allclose(got, ref)
+    if warm:
+        assert reruns == 3 and runtime.runs == 6  # every run follows a stretch sleep of >= 24 ms
+        assert all(factor * 7.0 <= ms < factor * 20.0 for ms in busy), busy
+    else:
+        assert reruns == 0 and runtime.runs == 3
+        assert all(ms >= factor * 38.0 for ms in busy), busy
+
+
 def test_frames_run_one_at_a_time_in_order() -> None:
     runtime = _fake(sleep_ms=15)
 
