@@ -118,6 +118,9 @@ class PlannerConfig:
     # Intra plans: at most this many row tiles per device of a spatial split unit (Galaxy+ overlap of its
     # messages with compute); the planner picks 1, 2, 4, ... per unit where it pays. 1 = no tiling.
     intra_tiles: int = 4
+    # Intra plans: cost split units from their part slices timed on the planner's host (halo rows, smaller
+    # kernels), not only from the cost model's share; off = the model alone.
+    intra_measure_parts: bool = True
     # JSON file of per-layer host times: read when it matches the model, else profiled and written.
     profile: str | None = None
 

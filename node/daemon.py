@@ -625,6 +625,7 @@ class NodeDaemon:
         mine = role.part_index[u]
         t0 = time.monotonic()
         sent_bytes = 0
+        requests: list[tuple[str, bytes, Any]] = []
         try:
             for i in send_order(unit, self.name):
                 part = unit.parts[i]
@@ -636,8 +637,12 @@ class NodeDaemon:
                 waiting[i] = self._part_waiters[(assign.epoch, frame_id, u, i)] = loop.create_future()
                 payload = wire.encode(req)
                 sent_bytes += len(payload)
-                await self._outbox.put((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id),
-                                        payload, None))
+                requests.append((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id), payload, None))
+            # Queued by a task, so our own part starts while a slow link still drains the outbox (several
+            # tiles per node are more requests than the outbox holds).
+            task = asyncio.create_task(self._queue_all(requests))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             own, own_ms = {}, 0.0
             for i in mine:
                 own[i], ms = await slot.executor.run(scatter_part(feeds, unit.parts[i], unit.input_names),
@@ -803,6 +808,10 @@ class NodeDaemon:
         if isinstance(separable, float) and slot.exit_cache is not None:
             floor = slot.exit_cache.relieved_min_bits(assign.bits, separable)
         return int(slot.adaptive.decide(own, next_ms, min_bits=floor, target_ms=target).bits)
+
+    async def _queue_all(self, items: list[tuple[str, bytes, Any]]) -> None:
+        for item in items:
+            await self._outbox.put(item)
 
     async def _sender(self) -> None:
         assert self.bus is not None

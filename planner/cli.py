@@ -49,6 +49,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--msg-ms", type=float, default=1.0, help="--intra: fixed cost of one message (ms)")
     parser.add_argument("--tiles", type=int, default=4, help="--intra: at most this many row tiles per device of a "
                                                              "spatial split (1 = no tiling)")
+    parser.add_argument("--no-measure-parts", dest="measure_parts", action="store_false",
+                        help="--intra: cost split parts from the cost model alone (default: time the part slices)")
     parser.set_defaults(func=_run)
 
 
@@ -158,6 +160,7 @@ def _run_intra(args: argparse.Namespace) -> int:
     from fleetpipe.errors import ConfigError, FleetpipeError
     from fleetpipe.planner import split_deploy
     from fleetpipe.planner.intra import solve_intra
+    from fleetpipe.planner.split_profile import solve_measured
 
     try:
         if not args.model:
@@ -166,14 +169,27 @@ def _run_intra(args: argparse.Namespace) -> int:
             raise ConfigError("--msg-ms must be >= 0 and --tiles 1..16")
         info = _model_info(args)
         problem = _model_problem(args, info)
-        ip = split_deploy.intra_problem(problem, split_deploy.split_info(info.proto, info.graph),
-                                        min(args.bits, 32), args.msg_ms)
+        split_info = split_deploy.split_info(info.proto, info.graph)
+
+        def make(factors: dict) -> Any:
+            return split_deploy.intra_problem(problem, split_info, min(args.bits, 32), args.msg_ms, factors)
+
+        ip = make({})
     except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         pipeline = solve_intra(ip, modes=("single",))
-        plan = pipeline if args.intra == "pipeline" else solve_intra(ip, overlap=args.tiles > 1, tiles=args.tiles)
+
+        def solve(q: Any) -> Any:
+            return solve_intra(q, overlap=args.tiles > 1, tiles=args.tiles)
+
+        if args.intra == "pipeline":
+            plan = pipeline
+        elif args.measure_parts:
+            plan, ip = solve_measured(solve, make, info.proto, info.graph, {})
+        else:
+            plan = solve(ip)
     except InfeasiblePlan as exc:
         print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE

@@ -49,6 +49,8 @@ __all__ = [
     "IntraProblem",
     "IntraStage",
     "Unit",
+    "part_fractions",
+    "part_key",
     "solve_intra",
     "stage_cost",
     "tile_options",
@@ -79,6 +81,11 @@ class IntraProblem:
     in_rows: np.ndarray = field(default_factory=lambda: np.zeros(0))
     out_rows: np.ndarray = field(default_factory=lambda: np.zeros(0))
     msg_ms: float = 0.0
+    # Measured split parts: ``part_key(...)`` -> per part, its time over what ``part_fractions`` assumes
+    # (``fleetpipe.planner.split_profile``); parts not measured cost what the model says.
+    part_factors: dict[tuple[int, int, str, int], tuple[float, ...]] = field(default_factory=dict)
+    # Per split kind, the factor of a part not measured (e.g. the median of those measured; 1 = the model).
+    part_prior: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c = np.array(self.compute_ms, dtype=np.float64)
@@ -103,6 +110,14 @@ class IntraProblem:
         set_(self, "kinds", kinds)
         if np.any(c < 0) or not np.all(np.isfinite(c)) or self.msg_ms < 0:
             raise ValueError("compute times and msg_ms must be finite and >= 0")
+        factors = {tuple(k): tuple(float(x) for x in v) for k, v in dict(self.part_factors).items()}
+        if any(not (math.isfinite(x) and x > 0) for v in factors.values() for x in v):
+            raise ValueError("part factors must be finite and > 0")
+        set_(self, "part_factors", factors)
+        prior = {str(k): float(v) for k, v in dict(self.part_prior).items()}
+        if any(not (math.isfinite(v) and v > 0) for v in prior.values()):
+            raise ValueError("part priors must be finite and > 0")
+        set_(self, "part_prior", prior)
 
     @property
     def n_layers(self) -> int:
@@ -191,6 +206,39 @@ def tile_shares(shares: Sequence[float], tiles: int) -> list[float]:
     return [w / t for w in shares for _ in range(t)]
 
 
+def part_key(first: int, last: int, kind: str, parts: int) -> tuple[int, int, str, int]:
+    """Key of a unit's measured part factors: its layers, split kind and number of parts (devices x tiles)."""
+    return (int(first), int(last), kind, int(parts))
+
+
+def part_fractions(
+    p: IntraProblem, first: int, last: int, kind: str, group: Sequence[int], tiles: int = 1
+) -> tuple[list[float], list[float]] | None:
+    """``(shares, compute)`` of every part of a split unit (device ``i`` owns parts ``i*tiles ..``): its share
+    of the output and the fraction of the whole unit's compute the cost model assumes it takes (whole
+    output rows plus half its halo rows for spatial parts); None where the unit cannot be split so."""
+    if kind not in SPLIT_KINDS:
+        raise ValueError(f"unknown split kind {kind!r}")
+    if any(kind not in p.kinds[layer] for layer in range(first, last + 1)):
+        return None
+    if kind != "spatial" and (first != last or tiles > 1):
+        return None  # a channel or tensor part needs the whole input: tiling it would send it `tiles` times
+    speed = [1.0 / max(float(p.compute_ms[first : last + 1, d].sum()), 1e-12) for d in group]
+    shares = tile_shares([s / sum(speed) for s in speed], tiles)
+    n = len(shares)
+    if kind != "spatial":
+        return shares, list(shares)
+    rows_out = int(p.out_rows[last])
+    if tiles > 1 and 0 < rows_out < n:
+        return None  # fewer rows than tiles: the split slices cannot be built
+    if rows_out >= n:
+        # A part computes whole output rows (``row_ranges``, as the split slices do): on a 5-row feature map
+        # a 0.545 share is 3 rows, 0.6 of the work.
+        shares = [(b - a) / rows_out for a, b in row_ranges(rows_out, shares)]
+    halo = _halo_frac(p, first, last)
+    return shares, [min(1.0, w + ((j > 0) + (j < n - 1)) * halo * 0.5) for j, w in enumerate(shares)]
+
+
 def unit_cost_ms(
     p: IntraProblem, first: int, last: int, kind: str, group: Sequence[int], lead: int, *,
     overlap: bool = False, tiles: int = 1,
@@ -200,45 +248,37 @@ def unit_cost_ms(
     With ``overlap`` and ``tiles`` > 1 (spatial only: a channel or tensor part needs the whole input, so
     tiling it would send the input ``tiles`` times) every device's rows are cut into ``tiles`` row tiles,
     each one message each way with its own halo, and scatter, compute and gather pipeline over the tiles.
+    A part measured on the host (``IntraProblem.part_factors``) costs its factor times the model's guess,
+    one not measured the kind's ``part_prior``.
     """
-    if kind not in SPLIT_KINDS:
-        raise ValueError(f"unknown split kind {kind!r}")
-    if any(kind not in p.kinds[layer] for layer in range(first, last + 1)):
-        return math.inf
     if kind != "spatial" and first != last:
         return math.inf
     t = max(1, int(tiles)) if overlap else 1
-    if t > 1 and kind != "spatial":
+    fr = part_fractions(p, first, last, kind, group, t)
+    if fr is None:
         return math.inf
-    comp = [float(p.compute_ms[first : last + 1, d].sum()) for d in group]
-    speed = [1.0 / max(c, 1e-12) for c in comp]
-    total = sum(speed)
-    k = len(group)
-    shares = tile_shares([s / total for s in speed], t)  # k x t parts, device i owns parts i*t .. i*t+t-1
+    shares, fracs = fr
     n = len(shares)
+    factors = p.part_factors.get(part_key(first, last, kind, n), ())
+    if len(factors) != n:
+        factors = (p.part_prior.get(kind, 1.0),) * n
+    comp = [float(p.compute_ms[first : last + 1, d].sum()) for d in group]
+    k = len(group)
     halo = _halo_frac(p, first, last) if kind == "spatial" else 0.0
-    rows_out = int(p.out_rows[last]) if kind == "spatial" else 0
-    if kind == "spatial" and t > 1 and 0 < rows_out < n:
-        return math.inf  # fewer rows than tiles: the split slices cannot be built
-    if rows_out >= n:
-        # A part computes whole output rows (``row_ranges``, as the split slices do): on a 5-row feature map
-        # a 0.545 share is 3 rows, 0.6 of the work.
-        shares = [(b - a) / rows_out for a, b in row_ranges(rows_out, shares)]
     in_b, out_b = float(p.in_bytes[first]), float(p.out_bytes[last])
     scatter = gather = cmax = 0.0
     for i, (d, c) in enumerate(zip(group, comp, strict=True)):
         part_in = part_c = part_out = 0.0
         for j in range(i * t, (i + 1) * t):
             w = shares[j]
-            nb = (j > 0) + (j < n - 1)
+            part_c += c * fracs[j] * factors[j]
             if kind == "spatial":
-                part_in += in_b * min(1.0, w + nb * halo)
-                part_c += c * min(1.0, w + nb * halo * 0.5)
+                part_in += in_b * min(1.0, w + ((j > 0) + (j < n - 1)) * halo)
                 part_out += out_b * w
             elif kind == "channel":
-                part_in, part_c, part_out = in_b, c * w, out_b * w
+                part_in, part_out = in_b, out_b * w
             else:
-                part_in, part_c, part_out = in_b, c * w, out_b
+                part_in, part_out = in_b, out_b
         cmax = max(cmax, part_c)
         if d != lead:
             scatter += transfer_ms(part_in, p.bw_mbps[lead, d])

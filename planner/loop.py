@@ -191,6 +191,8 @@ class PlannerService:
         self._split_info: list[Any] | None = None
         # Intra plans: the fixed cost of one message the plan assumes, raised to what split leads measure.
         self._msg_ms = MSG_MS_START if config.intra_msg_ms is None else config.intra_msg_ms
+        # Measured split parts of this model (fleetpipe.planner.split_profile), kept across re-plans.
+        self._part_factors: dict[tuple[int, int, str, int], tuple[float, ...]] = {}
         self._msg_est: dict[str, float] = {}
 
     @property
@@ -448,6 +450,7 @@ class PlannerService:
         """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
         from fleetpipe.planner import split_deploy
         from fleetpipe.planner.intra import solve_intra
+        from fleetpipe.planner.split_profile import solve_measured
 
         assert self.model is not None
         if self._split_info is None:
@@ -457,7 +460,18 @@ class PlannerService:
         if self.config.intra == "pipeline":
             return plain, ip
         tiles = self.config.intra_tiles
-        split = solve_intra(ip, overlap=tiles > 1, tiles=tiles)
+
+        def solve(q: Any) -> Any:
+            return solve_intra(q, overlap=tiles > 1, tiles=tiles)
+
+        if self.config.intra_measure_parts:
+            # Split units cost what their part slices take on this host (halo, kernels), not the model's guess.
+            info = self._split_info
+            split, ip = solve_measured(
+                solve, lambda f: split_deploy.intra_problem(problem, info, self.config.bits, self._msg_ms, f),
+                self.model.proto, self.model.graph, self._part_factors)
+        else:
+            split = solve(ip)
         # The cost model is good to some 10-20 % on a busy host: a split must promise a clear gain.
         if split.n_split_units and split.latency_ms > (1.0 - SPLIT_MIN_GAIN) * plain.latency_ms:
             log.info("planner: splits would gain %.1f%% (< %.0f%%); planning without them",

@@ -34,6 +34,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tiles", dest="intra_tiles", type=int,
                    help="--intra: at most this many row tiles per device of a spatial split, so its messages "
                         "overlap compute (Galaxy+); chosen per unit where it pays (default 4; 1 = never)")
+    p.add_argument("--no-measure-parts", dest="intra_measure_parts", action="store_false", default=None,
+                   help="--intra: cost split parts from the cost model alone (default: time the part slices)")
     p.add_argument("--profile", help="JSON file of per-layer host times: reused when it matches the model, else "
                                      "measured and written (comparable plans run to run)")
     p.add_argument("--min-nodes", dest="min_nodes", type=int)
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                                   "expect_nodes", "broker_username", "broker_password_file",
                                                   "calibration", "replan_threshold", "adapt", "early_exit",
                                                   "announce", "intra", "profile", "intra_msg_ms",
-                                                  "intra_tiles")}
+                                                  "intra_tiles", "intra_measure_parts")}
     flags["broker_url"] = args.broker
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:

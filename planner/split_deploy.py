@@ -25,7 +25,7 @@ import numpy as np
 from fleetpipe import slices, wire
 from fleetpipe.planner.intra import IntraPlan, IntraProblem, IntraStage, tile_shares
 
-__all__ = ["MSG_MS", "StageDeploy", "deploy", "intra_problem", "split_info"]
+__all__ = ["MSG_MS", "StageDeploy", "deploy", "intra_problem", "part_priors", "split_info"]
 
 log = logging.getLogger("fleetpipe.planner")
 
@@ -55,13 +55,25 @@ def split_info(proto: Any, graph: Any) -> list[Any]:
     return layer_split_info(proto, graph)
 
 
-def intra_problem(problem: Any, info: Sequence[Any], bits: int, msg_ms: float = MSG_MS) -> IntraProblem:
-    """The intra-stage problem of ``problem`` with bytes as sent at ``bits`` and ``msg_ms`` per message."""
+def intra_problem(problem: Any, info: Sequence[Any], bits: int, msg_ms: float = MSG_MS,
+                  part_factors: dict | None = None) -> IntraProblem:
+    """The intra-stage problem of ``problem`` with bytes as sent at ``bits`` and ``msg_ms`` per message
+    (``part_factors``: measured split parts, ``fleetpipe.planner.split_profile``; parts not measured get
+    the median factor of the measured parts of their kind)."""
     scale = bits / 32.0
     base = IntraProblem.from_problem(problem, [i.kinds for i in info], [i.halo_rows for i in info],
                                      [i.in_rows for i in info], [i.out_rows for i in info], msg_ms)
     return IntraProblem(base.compute_ms, base.in_bytes * scale, base.out_bytes * scale, problem.bw_mbps, base.kinds,
-                        base.halo_rows, base.in_rows, base.out_rows, msg_ms)
+                        base.halo_rows, base.in_rows, base.out_rows, msg_ms, dict(part_factors or {}),
+                        part_priors(part_factors or {}))
+
+
+def part_priors(factors: dict) -> dict[str, float]:
+    """Per split kind, the median of the measured part factors (what an unmeasured part is assumed to take)."""
+    by_kind: dict[str, list[float]] = {}
+    for (_, _, kind, _), fs in factors.items():
+        by_kind.setdefault(kind, []).extend(fs)
+    return {k: float(np.median(v)) for k, v in by_kind.items()}
 
 
 def deploy(proto: Any, graph: Any, plan: IntraPlan, p: IntraProblem, names: Sequence[str],
