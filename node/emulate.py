@@ -3,9 +3,9 @@
 Every output is still computed for real. A node emulating a device class runs its slice, then keeps
 its inference worker busy for ``(compute_factor - 1) x`` the measured compute time (``stretch``), so
 the stage is genuinely occupied as long as the slower device would be; and it paces outbound bytes
-through a ``TokenBucket`` at the class's link bandwidth. The compute time stretched is that of a warm
-run (``fleetpipe.node.executor``: after the stretch sleep the host's caches are cold, which on a shared
-VM costs ~20 ms of CPU per run, and the worker times a second pass instead).
+through a ``TokenBucket`` at the class's link bandwidth. From factor 4 on, the compute time stretched
+is that of a warm run (``fleetpipe.node.executor``: after the stretch sleep the host's caches are cold,
+which on a shared VM costs ~20 ms of CPU per run, and the worker times a second pass instead).
 
 ``compute_factor`` is relative to *the host running the emulation*, not an absolute device speed:
 ``rpi4`` = 3.0 means "three times slower than this machine". The defaults below are rough ratios for a

@@ -38,8 +38,9 @@ class EventLoopBlocked(FleetpipeError):
 
 # An emulating worker idle longer than this before a run times a second, warm run (see ``_run_in_worker``).
 WARM_GAP_S = 0.02
-# Only factors this large rerun: the second run must fit in the emulated busy time.
-WARM_MIN_FACTOR = 2.0
+# Only factors this large rerun: two passes take at most half the emulated busy time, so the emulated
+# fleet's CPU use stays bounded (a streaming x2.5 node would otherwise keep a core 80 % busy).
+WARM_MIN_FACTOR = 4.0
 
 
 class InferenceExecutor:
@@ -50,9 +51,9 @@ class InferenceExecutor:
     host's caches cold, and on a shared virtual machine that costs a fixed ~20 ms of CPU per run after
     0.5 s idle (a 3.7 ms ResNet-50 slice measured 25 ms; the second run right after, 5 ms): stretched
     by the factor, that would emulate a device many times slower than the factor says, and most for the
-    short runs of split parts. So with ``warm_rerun`` an emulating worker idle for more than
-    ``WARM_GAP_S`` runs the slice twice and times the second, warm run: the emulated device is then
-    ``factor`` times the host as the planner profiled it (back to back, warm).
+    short runs of split parts. So with ``warm_rerun`` an emulating worker (factor >= ``WARM_MIN_FACTOR``)
+    idle for more than ``WARM_GAP_S`` runs the slice twice and times the second, warm run: the emulated
+    device is then ``factor`` times the host as the planner profiled it (back to back, warm).
     """
 
     def __init__(
