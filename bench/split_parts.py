@@ -15,35 +15,17 @@ at small feature maps, smaller kernels).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from fleetpipe.models import zoo
 from fleetpipe.models.onnx_graph import load_onnx
-from fleetpipe.models.slicing import slice_model
+from fleetpipe.models.slicing import make_session, slice_model
 from fleetpipe.models.split import row_ranges, split_model
 from fleetpipe.planner.split_deploy import split_info
+from fleetpipe.planner.split_profile import cpu_ms
 
-
-def _session(model: object) -> object:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model.SerializeToString()  # type: ignore[attr-defined]
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
-def _cpu_ms(session: object, feeds: dict[str, np.ndarray], runs: int = 15) -> float:
-    session.run(None, feeds)  # type: ignore[attr-defined]
-    times = []
-    for _ in range(runs):
-        t = time.thread_time()
-        session.run(None, feeds)  # type: ignore[attr-defined]
-        times.append(time.thread_time() - t)
-    return float(np.median(times)) * 1000
+RUNS = 15
 
 
 def main() -> int:
@@ -61,10 +43,10 @@ def main() -> int:
     for spec in args.units.split(","):
         first, last = (int(x) for x in spec.split("-"))
         unit = slice_model(proto, graph, first, last)
-        sess = _session(unit)
+        sess = make_session(unit)
         feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
                  for i in sess.get_inputs()}  # type: ignore[attr-defined]
-        whole = _cpu_ms(sess, feeds)
+        whole = cpu_ms(sess, feeds, RUNS)
         split = split_model(unit, "spatial", [1 / 10, 1 / 12])
         rows = 0.0
         for layer in range(last, first - 1, -1):
@@ -74,7 +56,7 @@ def main() -> int:
         out_rows = int(info[last].out_rows)
         rows_of = row_ranges(out_rows, [p.share for p in split.parts])
         for k, (part, pf) in enumerate(zip(split.parts, split.scatter(feeds), strict=True)):
-            ms = _cpu_ms(_session(part.model), {n: np.ascontiguousarray(v) for n, v in pf.items()})
+            ms = cpu_ms(make_session(part.model), pf, RUNS)
             whole_rows = (rows_of[k][1] - rows_of[k][0]) / out_rows
             model_x = min(1.0, whole_rows + halo / 2) / part.share
             print(f"{spec:>7} {whole:8.2f} {halo:6.3f}  {k:>4} {part.share:6.3f} {ms / (part.share * whole):10.2f} "

@@ -160,7 +160,7 @@ def _run_intra(args: argparse.Namespace) -> int:
     from fleetpipe.errors import ConfigError, FleetpipeError
     from fleetpipe.planner import split_deploy
     from fleetpipe.planner.intra import solve_intra
-    from fleetpipe.planner.split_profile import solve_measured
+    from fleetpipe.planner.split_profile import plan_splits
 
     try:
         if not args.model:
@@ -170,26 +170,16 @@ def _run_intra(args: argparse.Namespace) -> int:
         info = _model_info(args)
         problem = _model_problem(args, info)
         split_info = split_deploy.split_info(info.proto, info.graph)
-
-        def make(factors: dict) -> Any:
-            return split_deploy.intra_problem(problem, split_info, min(args.bits, 32), args.msg_ms, factors)
-
-        ip = make({})
+        bits = min(args.bits, 32)
+        ip = split_deploy.intra_problem(problem, split_info, bits, args.msg_ms)
     except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         pipeline = solve_intra(ip, modes=("single",))
-
-        def solve(q: Any) -> Any:
-            return solve_intra(q, overlap=args.tiles > 1, tiles=args.tiles)
-
-        if args.intra == "pipeline":
-            plan = pipeline
-        elif args.measure_parts:
-            plan, ip = solve_measured(solve, make, info.proto, info.graph, {})
-        else:
-            plan = solve(ip)
+        plan = pipeline if args.intra == "pipeline" else plan_splits(
+            problem, split_info, info.proto, info.graph, bits=bits, msg_ms=args.msg_ms, tiles=args.tiles,
+            factors={} if args.measure_parts else None)[0]
     except InfeasiblePlan as exc:
         print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE

@@ -251,8 +251,6 @@ def unit_cost_ms(
     A part measured on the host (``IntraProblem.part_factors``) costs its factor times the model's guess,
     one not measured the kind's ``part_prior``.
     """
-    if kind != "spatial" and first != last:
-        return math.inf
     t = max(1, int(tiles)) if overlap else 1
     fr = part_fractions(p, first, last, kind, group, t)
     if fr is None:

@@ -450,7 +450,7 @@ class PlannerService:
         """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
         from fleetpipe.planner import split_deploy
         from fleetpipe.planner.intra import solve_intra
-        from fleetpipe.planner.split_profile import solve_measured
+        from fleetpipe.planner.split_profile import plan_splits
 
         assert self.model is not None
         if self._split_info is None:
@@ -459,19 +459,10 @@ class PlannerService:
         plain = solve_intra(ip, modes=("single",) if self.config.intra == "pipeline" else ("single", "replicate"))
         if self.config.intra == "pipeline":
             return plain, ip
-        tiles = self.config.intra_tiles
-
-        def solve(q: Any) -> Any:
-            return solve_intra(q, overlap=tiles > 1, tiles=tiles)
-
-        if self.config.intra_measure_parts:
-            # Split units cost what their part slices take on this host (halo, kernels), not the model's guess.
-            info = self._split_info
-            split, ip = solve_measured(
-                solve, lambda f: split_deploy.intra_problem(problem, info, self.config.bits, self._msg_ms, f),
-                self.model.proto, self.model.graph, self._part_factors)
-        else:
-            split = solve(ip)
+        # Split units cost what their part slices take on this host (halo, kernels), not the model's guess.
+        split, ip = plan_splits(problem, self._split_info, self.model.proto, self.model.graph, bits=self.config.bits,
+                                msg_ms=self._msg_ms, tiles=self.config.intra_tiles,
+                                factors=self._part_factors if self.config.intra_measure_parts else None)
         # The cost model is good to some 10-20 % on a busy host: a split must promise a clear gain.
         if split.n_split_units and split.latency_ms > (1.0 - SPLIT_MIN_GAIN) * plain.latency_ms:
             log.info("planner: splits would gain %.1f%% (< %.0f%%); planning without them",

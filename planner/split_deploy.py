@@ -25,7 +25,7 @@ import numpy as np
 from fleetpipe import slices, wire
 from fleetpipe.planner.intra import IntraPlan, IntraProblem, IntraStage, tile_shares
 
-__all__ = ["MSG_MS", "StageDeploy", "deploy", "intra_problem", "part_priors", "split_info"]
+__all__ = ["MSG_MS", "StageDeploy", "deploy", "intra_problem", "part_priors", "split_info", "unit_split"]
 
 log = logging.getLogger("fleetpipe.planner")
 
@@ -103,10 +103,23 @@ def deploy(proto: Any, graph: Any, plan: IntraPlan, p: IntraProblem, names: Sequ
     return out
 
 
+def unit_split(proto: Any, graph: Any, st: IntraStage, u: Any, p: IntraProblem) -> tuple[Any, Any, list[int]]:
+    """``(unit slice, its StageSplit, the device of every part)`` of split unit ``u`` of stage ``st``: shares
+    proportional to each member's speed on the unit, ``u.tiles`` consecutive row tiles per member of a
+    spatial unit (device ``i`` computes tiles ``i*T .. i*T+T-1``). Raises ``SplitError`` where it cannot."""
+    from fleetpipe.models.slicing import slice_model
+    from fleetpipe.models.split import split_model
+
+    speed = [1.0 / max(float(np.sum(p.compute_ms[u.first : u.last + 1, d])), 1e-12) for d in st.devices]
+    tiles = max(1, int(u.tiles)) if u.kind == "spatial" else 1
+    unit = slice_model(proto, graph, u.first, u.last)
+    return unit, split_model(unit, u.kind, tile_shares(speed, tiles)), [d for d in st.devices for _ in range(tiles)]
+
+
 def _unit(proto: Any, graph: Any, st: IntraStage, u: Any, p: IntraProblem, names: Sequence[str],
           blobs: dict[str, bytes]) -> wire.SplitUnit:
-    from fleetpipe.models.slicing import slice_bytes, slice_model
-    from fleetpipe.models.split import SplitError, split_model
+    from fleetpipe.models.slicing import slice_bytes
+    from fleetpipe.models.split import SplitError
 
     data = slice_bytes(proto, graph, u.first, u.last)
     digest = slices.content_hash(data)
@@ -114,11 +127,8 @@ def _unit(proto: Any, graph: Any, st: IntraStage, u: Any, p: IntraProblem, names
     ins, outs = tuple(graph.inputs_of(u.first)), tuple(graph.crossing(u.last))
     if not u.kind:
         return wire.SplitUnit(u.first, u.last, "", digest, len(data), ins, outs, predicted_ms=u.latency_ms)
-    speed = [1.0 / max(float(np.sum(p.compute_ms[u.first : u.last + 1, d])), 1e-12) for d in st.devices]
-    tiles = max(1, int(u.tiles)) if u.kind == "spatial" else 1
-    devices = [d for d in st.devices for _ in range(tiles)]  # device i computes tiles i*T .. i*T+T-1
     try:
-        sp = split_model(slice_model(proto, graph, u.first, u.last), u.kind, tile_shares(speed, tiles))
+        _, sp, devices = unit_split(proto, graph, st, u, p)
     except SplitError as exc:
         log.warning("planner: layers %d..%d cannot be split %s (%s); the lead runs them", u.first, u.last,
                     u.kind, exc)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fleetpipe.planner.intra import IntraPlan, IntraProblem, part_fractions, part_key, tile_shares
+from fleetpipe.planner.intra import IntraPlan, IntraProblem, part_fractions, part_key, solve_intra
 
-__all__ = ["MAX_ROUNDS", "measure_part_factors", "solve_measured"]
+__all__ = ["MAX_ROUNDS", "cpu_ms", "measure_part_factors", "plan_splits", "solve_measured"]
 
 log = logging.getLogger("fleetpipe.planner")
 
@@ -30,18 +30,10 @@ MAX_ROUNDS = 8
 _CLAMP = (0.5, 4.0)  # a factor outside this is a measurement glitch, not a property of the slice
 
 
-def _session(model: bytes) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-def _cpu_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int) -> float:
+def cpu_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int) -> float:
+    """Median thread CPU time (ms) of ``runs`` runs after one warm-up (the layer profile is warm too)."""
     feeds = {n: np.ascontiguousarray(v) for n, v in feeds.items()}
-    session.run(None, feeds)  # warm: the planner's layer profile is warm too
+    session.run(None, feeds)
     times = []
     for _ in range(runs):
         t = time.thread_time()
@@ -61,8 +53,9 @@ def measure_part_factors(
     known: Mapping[tuple[int, int, str, int], Any] | None = None,
 ) -> dict[tuple[int, int, str, int], tuple[float, ...]]:
     """Part factors of every split unit of ``plan`` not in ``known`` (see the module docstring)."""
-    from fleetpipe.models.slicing import slice_model
-    from fleetpipe.models.split import SplitError, split_model
+    from fleetpipe.models.slicing import make_session
+    from fleetpipe.models.split import SplitError
+    from fleetpipe.planner.split_deploy import unit_split
 
     known = dict(known or {})
     out: dict[tuple[int, int, str, int], tuple[float, ...]] = {}
@@ -77,18 +70,16 @@ def measure_part_factors(
             key = part_key(u.first, u.last, u.kind, len(st.devices) * tiles)
             if fr is None or key in known or key in out:
                 continue
-            speed = [1.0 / max(float(np.sum(p.compute_ms[u.first : u.last + 1, d])), 1e-12) for d in st.devices]
-            unit = slice_model(proto, graph, u.first, u.last)
             try:
-                sp = split_model(unit, u.kind, tile_shares(speed, tiles))
+                unit, sp, _ = unit_split(proto, graph, st, u, p)
             except SplitError:
                 continue  # deploy runs it on the lead; nothing to measure
-            whole_sess = _session(unit.SerializeToString())
+            whole_sess = make_session(unit)
             feeds = _unit_feeds(whole_sess, u.first)
-            whole = max(_cpu_ms(whole_sess, feeds, runs), 1e-6)
+            whole = max(cpu_ms(whole_sess, feeds, runs), 1e-6)
             factors = []
             for part, pf, frac in zip(sp.parts, sp.scatter(feeds), fr[1], strict=True):
-                ms = _cpu_ms(_session(part.model), pf, runs)
+                ms = cpu_ms(make_session(part.model), pf, runs)
                 factors.append(float(np.clip(ms / (whole * max(frac, 1e-9)), *_CLAMP)))
             out[key] = tuple(factors)
             log.debug("planner: split unit %d..%d %s x%d parts: measured / model %s", u.first, u.last, u.kind,
@@ -119,3 +110,26 @@ def solve_measured(
         log.warning("planner: split parts still unmeasured after %d rounds; some units cost the model's guess",
                     MAX_ROUNDS)
     return plan, ip
+
+
+def plan_splits(
+    problem: Any, info: Any, proto: Any, graph: Any, *, bits: int, msg_ms: float, tiles: int,
+    factors: dict[tuple[int, int, str, int], tuple[float, ...]] | None,
+) -> tuple[IntraPlan, IntraProblem]:
+    """The min-latency plan with single, replicated and split stages (tiles up to ``tiles``) and its problem.
+
+    ``factors`` None costs split parts with the model alone; a dict (the caller's, updated in place) has
+    them measured on this host (``solve_measured``).
+    """
+    from fleetpipe.planner import split_deploy
+
+    def make(f: dict) -> IntraProblem:
+        return split_deploy.intra_problem(problem, info, bits, msg_ms, f)
+
+    def solve(q: IntraProblem) -> IntraPlan:
+        return solve_intra(q, overlap=tiles > 1, tiles=tiles)
+
+    if factors is None:
+        ip = make({})
+        return solve(ip), ip
+    return solve_measured(solve, make, proto, graph, factors)
