@@ -357,7 +357,8 @@ class _Ctx:
                 e_of = j + np.maximum(reach, 0)
                 with np.errstate(invalid="ignore"):
                     follow = (cut[np.minimum(e_of, n_l - 1)][:, None] * self.inv_bw[np.ix_(devs, unused)] <= b).sum(1)
-                top = reach.max() - (1 if rule == 2 else 0)
+                # A device that reaches no layer (reach -1) never qualifies, even when the furthest reach is 0.
+                top = max(reach.max() - (1 if rule == 2 else 0), 0)
                 col = max(range(devs.size), key=lambda c: (reach[c] >= top, follow[c], reach[c], speed[c]))
             d = int(devs[col])
             e = j + int(reach[col])

@@ -158,6 +158,21 @@ def test_exact_matches_brute_force_with_extensions(p: dict, data: st.DataObject)
     check(p, to_problem(p, **extra))
 
 
+def test_greedy_never_picks_a_device_that_reaches_no_layer() -> None:
+    """Found by hypothesis: greedy rule 2 ("within one layer of the furthest") took a device reaching no
+    layer when the furthest reach was 0, an empty stage 1..0 that the heuristic start then failed on."""
+    p = {"compute": np.array([[20.933, 41.206, 53.531, 20.933], [40.634, 79.988, 103.914, 40.634]]),
+         "out": np.array([1.1e6, 1.6e6]), "params": np.array([3.3e7, 4.2e7]), "input": 3e5,
+         "mem": np.array([53711483.8, 37503766.5, 34650557.1, 53711483.8]),
+         "bw": np.array([[20.0, 300, 50, 20], [50, 300, 50, 20], [100, 1000, 100, 300], [50, 20, 50, 20]]),
+         "types": [3, 0, 2, 3], "bits": [2, 4]}
+    from fleetpipe.planner.heuristic import greedy_plan
+
+    problem = to_problem(p, min_bits=p["bits"])
+    assert all(s.first <= s.last for s in greedy_plan(problem))
+    check(p, problem)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances(max_layers=5, max_devices=4, extensions=True))
 def test_exact_matches_brute_force_with_replication(p: dict) -> None:
