@@ -19,7 +19,9 @@ the whole model pays it once, and it stays in ``overhead_ms`` as onnxruntime's r
 
 from __future__ import annotations
 
+import bisect
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -119,7 +121,6 @@ def profile_tflite_layers(
     warmup: int = 3,
 ) -> LayerProfile:
     """Time every layer of a .tflite ``graph`` as its own slice with the LiteRT interpreter (medians)."""
-    import statistics
 
     import numpy as np
 
@@ -215,10 +216,14 @@ def _from_events(
                 opt_layer[node.name] = layer
                 for t in node.output:
                     tensor_layer.setdefault(t, layer)
-    per_layer = [0.0] * len(graph.layers)
+    # Per layer and run, then the median over runs: a run the scheduler preempted (a 2-core host with
+    # nodes starting beside the planner) inflates one layer's kernel time, and a mean would keep it.
+    starts = [a for a, _ in runs]
+    per_run = [[0.0] * len(runs) for _ in graph.layers]
     for e in kernels:
         ts = int(e["ts"])
-        if not any(a <= ts <= b for a, b in runs):
+        r = bisect.bisect_right(starts, ts) - 1
+        if r < 0 or ts > runs[r][1]:
             continue
         name = str(e["name"])[: -len("_kernel_time")]
         layer = opt_layer.get(name)
@@ -226,10 +231,9 @@ def _from_events(
             layer = _match_name(name, node_layer)
         if layer is None:
             layer = 0  # should not happen; keep the time rather than lose it
-        per_layer[layer] += float(e["dur"]) / 1000.0
-    n = len(runs)
-    per_layer_ms = tuple(t / n for t in per_layer)
-    whole_ms = sum(b - a for a, b in runs) / 1000.0 / n
+        per_run[layer][r] += float(e["dur"]) / 1000.0
+    per_layer_ms = tuple(statistics.median(t) for t in per_run)
+    whole_ms = statistics.median(b - a for a, b in runs) / 1000.0
     return LayerProfile(per_layer_ms, whole_ms, sum(per_layer_ms) / whole_ms if whole_ms else 0.0)
 
 

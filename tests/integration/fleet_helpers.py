@@ -80,3 +80,22 @@ def tiny_resnet18(tmp_path: Path, width: float = 0.25, resolution: int = 32) -> 
     path = tmp_path / "resnet18.onnx"
     onnx.save(zoo.build("resnet18", **kw), path)
     return path, tuple(zoo.input_shape("resnet18", **kw))
+
+
+def pinned_profile(model: Path, dest: Path, total_ms: float | None = None) -> Path:
+    """A planner ``--profile`` file for ``model``: its per-layer host times measured here, before any node
+    starts (a planner profiling beside starting nodes on 2 cores sees preempted layers), and with
+    ``total_ms`` scaled to that whole-model time, so a test whose plan hinges on compute against message
+    costs plans the same on a fast host as on a slow one (a split that gains 20 % here gains 5 % on a host
+    twice as fast, under the planner's 10 % bar)."""
+    import json
+
+    from fleetpipe.planner.loop import load_model_info
+
+    load_model_info(str(model), profile=str(dest))
+    doc = json.loads(dest.read_text())
+    if total_ms is not None:
+        host = [float(t) for t in doc["host_ms"]]
+        doc["host_ms"] = [t * total_ms / sum(host) for t in host]
+        dest.write_text(json.dumps(doc))
+    return dest

@@ -68,3 +68,22 @@ def test_tflite_profile_of_a_transformer_and_bad_runs() -> None:
     assert all(ms >= 0 for ms in prof.per_layer_ms)
     with pytest.raises(ValueError, match="runs"):
         profile_tflite_layers(tfl, g, runs=0)
+
+
+def test_profile_ignores_a_preempted_run() -> None:
+    """Per-layer times are medians over runs: one run the scheduler preempted (10 ms in one kernel) is ignored."""
+    from fleetpipe.models.profile import _from_events
+
+    model = tiny("resnet18")
+    g = load_onnx(model)
+    events = []
+    for r in range(5):
+        t0 = 1_000_000 * (r + 1)
+        events.append({"cat": "Session", "name": "model_run", "ts": t0, "dur": 50_000})
+        for i, layer in enumerate(g.layers):
+            dur = 10_000 if (r == 2 and i == 0) else 100
+            events.append({"cat": "Node", "name": f"{layer.nodes[0]}_kernel_time", "ts": t0 + 10 * i + 1, "dur": dur})
+    prof = _from_events(events, model, g, None, warmup=0)
+    assert prof is not None
+    assert prof.per_layer_ms == pytest.approx([0.1] * len(g.layers))
+    assert prof.whole_ms == pytest.approx(50.0)
