@@ -16,7 +16,7 @@ import pytest
 from fleetpipe import topics, wire
 from fleetpipe.client import FleetClient
 from fleetpipe.transport.mqtt import MqttBus
-from tests.integration.fleet_helpers import fleet
+from tests.integration.fleet_helpers import fleet, pinned_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -102,7 +102,8 @@ def test_bits_follow_bandwidth(mosquitto, tmp_path):
     model, shape = _model(tmp_path, width=0.5, resolution=128)
     with fleet(mosquitto.url, "ibits", tmp_path) as f:
         f.env.update(QUICK)
-        f.planner(model, "--expect-nodes", "2", "--bits", "4")
+        f.planner(model, "--expect-nodes", "2", "--bits", "4",
+                  "--profile", str(pinned_profile(model, tmp_path / "profile.json")))
         f.node("a", "3:bw=1000")
         f.node("b", "3:bw=1000")
         with FleetClient(mosquitto.url, fleet="ibits", window=4) as client:
@@ -145,7 +146,8 @@ def test_slowed_device_triggers_fine_tune_without_losing_frames(mosquitto, tmp_p
     model, shape = _model(tmp_path)
     with fleet(mosquitto.url, "islow", tmp_path) as f:
         f.env.update(QUICK)
-        f.planner(model, "--expect-nodes", "3", "--bits", "32")
+        f.planner(model, "--expect-nodes", "3", "--bits", "32",
+                  "--profile", str(pinned_profile(model, tmp_path / "profile.json")))
         for name in ("a", "b", "c"):
             f.node(name, "4")
         with FleetClient(mosquitto.url, fleet="islow", window=4) as client:
