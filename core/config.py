@@ -79,6 +79,8 @@ class NodeConfig:
     announce: bool = True
     # COACH online bit-width; off = always send at the assigned (calibrated or configured) bits.
     adaptive_bits: bool = True
+    # Time every layer of each loaded ONNX slice once and publish it (wire.NodeProfile) for the planner.
+    report_profile: bool = True
 
     def __post_init__(self) -> None:
         validate_name("node name", self.name)

@@ -6,6 +6,7 @@ Layout (all under ``fleetpipe/v1/<fleet>/``)::
     node/<node_id>/health    NodeHealth              qos0
     node/<node_id>/assign    StageAssign             qos1 retained
     node/<node_id>/metrics   Metrics                 qos0
+    node/<node_id>/profile   NodeProfile             qos1 retained  (per-layer times of its loaded slice)
     plan                     Plan                    qos1 retained
     epoch/<e>/stage/<k>/in   Activation              qos1  (replicas: $share/<fleet>-e<e>-s<k>/...)
     epoch/<e>/stage/<k>/part/<node_id>    PartRequest   qos1  (split stage: lead -> part node)
@@ -36,6 +37,7 @@ from fleetpipe.wire import (
     NodeBirth,
     NodeDeath,
     NodeHealth,
+    NodeProfile,
     PartReply,
     PartRequest,
     Plan,
@@ -56,6 +58,7 @@ __all__ = [
     "node_control",
     "node_health",
     "node_metrics",
+    "node_profile",
     "node_state",
     "parse",
     "part_gather",
@@ -132,6 +135,7 @@ NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, N
 NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False)
 NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True)
 NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False)
+NODE_PROFILE = TopicSpec("node_profile", _P + "/node/{node_id}/profile", (NodeProfile,), 1, True)
 NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (EmulationControl,), 1, False)
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
 STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in", (Activation,), 1, False)
@@ -144,7 +148,7 @@ SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,
 
 #: Every topic, by name.
 SPECS: Mapping[str, TopicSpec] = MappingProxyType(
-    {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, NODE_CONTROL, PLAN, STAGE_IN,
+    {s.name: s for s in (NODE_STATE, NODE_HEALTH, NODE_ASSIGN, NODE_METRICS, NODE_PROFILE, NODE_CONTROL, PLAN, STAGE_IN,
                          PART_IN, PART_GATHER, RESULT, ERROR, SLICE_CHUNK, SLICE_REQUEST)}
 )
 
@@ -167,6 +171,11 @@ def node_assign(fleet: str, node_id: str) -> str:
 def node_metrics(fleet: str, node_id: str) -> str:
     """Free-form metrics of a node."""
     return NODE_METRICS.topic(fleet=fleet, node_id=node_id)
+
+
+def node_profile(fleet: str, node_id: str) -> str:
+    """Retained per-layer times a node measured on its loaded slice."""
+    return NODE_PROFILE.topic(fleet=fleet, node_id=node_id)
 
 
 def node_control(fleet: str, node_id: str) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "NodeBirth",
     "NodeDeath",
     "NodeHealth",
+    "NodeProfile",
     "PartReply",
     "PartRequest",
     "Plan",
@@ -184,6 +185,38 @@ class NodeHealth(_Msg):
                 "errors", "stage", "epoch", "compute_ms_avg", "transfer_ms_avg", "idle_ms_avg",
                 "bandwidth_mbps_est", "msg_ms_est")
         _bits(self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeProfile(_Msg):
+    """Per-layer times a node measured on the slice it loaded (retained; the planner's cost matrix uses them).
+
+    ``layer_ms[i]`` is model layer ``first_layer + i`` of model ``model_id`` on this node as it runs it
+    (``threads`` intra-op threads; an emulating node's times are stretched by its factor, as its frames are).
+    """
+
+    TAG: ClassVar[str] = "node_profile"
+    fleet: str
+    node_id: str
+    ts: float
+    model_id: str
+    first_layer: int
+    last_layer: int
+    layer_ms: tuple[float, ...]
+    threads: int = 1
+
+    def _validate(self) -> None:
+        _names(self, "fleet", "node_id")
+        _nonneg(self, "ts")
+        _layers(self.first_layer, self.last_layer)
+        _positive(self, "threads")
+        if not self.model_id:
+            raise ValueError("model_id must not be empty")
+        if len(self.layer_ms) != self.last_layer - self.first_layer + 1:
+            raise ValueError(f"layer_ms has {len(self.layer_ms)} times for layers {self.first_layer}.."
+                             f"{self.last_layer}")
+        if not all(math.isfinite(v) and v >= 0 for v in self.layer_ms):
+            raise ValueError("layer times must be finite and >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +640,7 @@ class EmulationControl(_Msg):
 
 Message = Union[  # noqa: UP007  (a runtime alias that isinstance and match understand)
     NodeBirth, NodeDeath, NodeHealth, Plan, StageAssign, Activation, Result, ErrorReport, SliceChunk,
-    SliceRequest, Metrics, EmulationControl, PartRequest, PartReply,
+    SliceRequest, Metrics, EmulationControl, PartRequest, PartReply, NodeProfile,
 ]
 #: Tag -> class of every top-level message type.
 MESSAGE_TYPES: Mapping[str, type[Any]] = types.MappingProxyType(

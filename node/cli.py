@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
                    help="do not advertise this node with zeroconf")
     p.add_argument("--fixed-bits", dest="adaptive_bits", action="store_false", default=None,
                    help="always send at the assigned bit-width (no online adaptation)")
+    p.add_argument("--no-profile-report", dest="report_profile", action="store_false", default=None,
+                   help="do not time the layers of loaded slices for the planner (it then scales its own profile)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
 
     keys = ("name", "fleet", "emulate", "cache_dir", "threads", "broker_username", "broker_password_file",
-            "broker_ca_certs", "announce", "adaptive_bits")
+            "broker_ca_certs", "announce", "adaptive_bits", "report_profile")
     flags = {k: getattr(args, k, None) for k in keys}
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     flags["broker_url"] = args.broker

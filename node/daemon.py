@@ -53,7 +53,7 @@ from fleetpipe.metrics import metrics_payload
 from fleetpipe.node.emulate import TokenBucket, parse_emulate
 from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
-from fleetpipe.node.profile import measure_speed, probe_capability
+from fleetpipe.node.profile import measure_speed, probe_capability, slice_layer_ms
 from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
 from fleetpipe.node.split import SplitRole
 from fleetpipe.node.split_io import SplitMember, _as_array, _bits_for
@@ -154,6 +154,8 @@ class NodeDaemon(SplitMember):
         self._err_times: deque[float] = deque(maxlen=20)
         self._health_hist: deque[Any] = deque(maxlen=16)
         self._background: set[asyncio.Task[None]] = set()
+        self._profiled: set[str] = set()  # slices whose layers were timed (wire.NodeProfile)
+        self._host_profile: tuple[Any, tuple[float, ...]] | None = None  # (assign, host ms per layer)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -347,6 +349,10 @@ class NodeDaemon(SplitMember):
                 self.bucket.set_rate(float(msg.bandwidth_mbps))
         self.device = dataclasses.replace(self.device, **changes)
         log.info("node %s: emulation now %s", self.name, changes)
+        if "compute_factor" in changes and self._host_profile is not None:
+            task = asyncio.create_task(self._publish_profile(), name="profile-republish")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # -- assignment and slices -------------------------------------------------------------------
 
@@ -366,7 +372,7 @@ class NodeDaemon(SplitMember):
         assert self.bus is not None
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("assign")
-        role = None
+        role, data = None, b""
         try:
             if assign.split is not None:
                 role, runtime, kind, size = await self._load_split(assign)
@@ -412,6 +418,41 @@ class NodeDaemon(SplitMember):
         if role is not None:
             log.info("node %s: split stage %d as %s (%d units)", self.name, assign.stage,
                      "lead" if role.lead else f"part of units {sorted(role.part_index)}", len(assign.split.units))
+        elif kind == "onnx" and self.config.report_profile and assign.slice_hash not in self._profiled:
+            self._profiled.add(assign.slice_hash)
+            task = asyncio.create_task(self._report_profile(assign, data, executor), name=f"profile-e{assign.epoch}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _report_profile(self, assign: Any, data: bytes, executor: InferenceExecutor) -> None:
+        """Time the loaded slice layer by layer on the inference thread and publish it (retained) for the planner."""
+        assert self.bus is not None
+        try:
+            ms = await executor.call(slice_layer_ms, data, self.config.threads)
+        except Exception as exc:  # a profile is a hint for the planner: never a reason to stop serving
+            log.warning("node %s: cannot profile slice %s: %s", self.name, assign.slice_hash, exc)
+            return
+        if len(ms) != assign.last_layer - assign.first_layer + 1:  # grouped differently: layers would not line up
+            log.info("node %s: slice %s profiles as %d layers, not %d; not reported", self.name, assign.slice_hash,
+                     len(ms), assign.last_layer - assign.first_layer + 1)
+            return
+        self._host_profile = (assign, ms)
+        await self._publish_profile()
+
+    async def _publish_profile(self) -> None:
+        """The last slice's layer times as this device runs them: an emulated device's are its host times
+        stretched by its current factor (republished when a scripted slowdown changes it)."""
+        if self._host_profile is None or self.bus is None:
+            return
+        assign, ms = self._host_profile
+        factor = max(float(self.device.compute_factor), 1.0)
+        msg = wire.NodeProfile(fleet=self.fleet, node_id=self.name, ts=time.time(), model_id=assign.model_id,
+                               first_layer=assign.first_layer, last_layer=assign.last_layer,
+                               layer_ms=tuple(t * factor for t in ms), threads=self.config.threads)
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topics.node_profile(self.fleet, self.name), wire.encode(msg), qos=1, retain=True)
+        log.info("node %s: layers %d..%d profiled: %.2f ms", self.name, assign.first_layer, assign.last_layer,
+                 sum(msg.layer_ms))
 
     async def _unassign(self) -> None:
         now = time.monotonic()

@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -102,6 +102,13 @@ class InferenceExecutor:
             raise
         finally:
             self._pending -= 1
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker thread, between frames (a one-off job such as profiling the slice:
+        serialised with inference, it neither competes with a frame for the core nor sees one in its timings)."""
+        if self._closed:
+            raise InferenceError("inference executor is shut down")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Stop accepting work, drop queued frames and (by default) join the worker thread."""

@@ -19,7 +19,7 @@ import numpy as np
 from fleetpipe.node.emulate import DeviceClass
 from fleetpipe.node.runtime import available_providers, available_runtimes
 
-__all__ = ["host_cores", "host_mem_bytes", "measure_speed", "probe_capability"]
+__all__ = ["host_cores", "host_mem_bytes", "measure_speed", "probe_capability", "slice_layer_ms"]
 
 _MATMUL_N = 128
 
@@ -98,6 +98,23 @@ def _matmul_session() -> tuple[Any, dict[str, np.ndarray]]:
     so.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return session, {"A": a}
+
+
+def slice_layer_ms(data: bytes, threads: int = 1, runs: int = 5) -> tuple[float, ...]:
+    """Per-layer times (ms, medians over ``runs``) of an ONNX slice, grouped into layers like the planner groups
+    the whole model (so layer ``i`` is the slice's ``first_layer + i`` when the counts agree)."""
+    from fleetpipe.models.onnx_graph import load_onnx, read_model
+    from fleetpipe.models.profile import profile_layers
+
+    proto = read_model(data)
+    graph = load_onnx(proto)
+    cpu, wall = time.thread_time(), time.perf_counter()
+    ms = profile_layers(proto, graph, runs=runs, threads=threads, warmup=2).per_layer_ms
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    # One thread runs on this one: the profiler's kernel times are wall clock, and where other processes took
+    # the core from it (nodes loading together on a shared host) its CPU share says by how much.
+    scale = min(1.0, cpu / wall) if threads == 1 and wall > 0 else 1.0
+    return tuple(t * scale for t in ms)
 
 
 def host_cores() -> int:

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,10 @@ def _read_profile(path: str, model_id: str, n_layers: int) -> tuple[np.ndarray, 
     return host_ms, speed
 
 
-def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: Any = None) -> Any:
-    """A planner ``Problem`` for the alive nodes: per-node layer times scaled from the host profile.
+def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: Any = None,
+                  compute: np.ndarray | None = None) -> Any:
+    """A planner ``Problem`` for the alive nodes: per-node layer times ``compute[L, D]`` (columns in the
+    order of ``nodes``; default: scaled from the host profile, see ``fleetpipe.planner.reported``).
 
     Activations cross at ``bits`` (or, per cut, at the calibrated ``min_bits`` when given); integer
     tensors crossing a cut are charged at full size.
@@ -131,10 +134,12 @@ def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: 
 
     names = tuple(nodes)
     graph = model.graph
-    compute = np.empty((len(graph.layers), len(names)))
-    for d, name in enumerate(names):
-        birth = nodes[name].birth
-        compute[:, d] = model.host_ms * node_slowdown(birth, model.host_speed)
+    if compute is None:
+        compute = np.empty((len(graph.layers), len(names)))
+        for d, name in enumerate(names):
+            compute[:, d] = model.host_ms * node_slowdown(nodes[name].birth, model.host_speed)
+    elif compute.shape != (len(graph.layers), len(names)):
+        raise ValueError(f"compute is {compute.shape}, want {(len(graph.layers), len(names))}")
     out_bytes = np.array([_wire_bytes(graph, layer) for layer in graph.layers])
     cut_bits = np.full(len(graph.layers), bits, dtype=np.int64) if min_bits is None else np.asarray(min_bits)
     bw = np.array([[min(_bw(nodes[a].birth), _bw(nodes[b].birth)) for b in names] for a in names])
@@ -194,6 +199,8 @@ class PlannerService:
         # Measured split parts of this model (fleetpipe.planner.split_profile), kept across re-plans.
         self._part_factors: dict[tuple[int, int, str, int], tuple[float, ...]] = {}
         self._msg_est: dict[str, float] = {}
+        # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
+        self.costs: Any = None if model is None else self._reported_costs(model)
 
     @property
     def min_bits(self) -> Any:
@@ -218,6 +225,7 @@ class PlannerService:
                                                  self.config.profile)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
+        self.costs = self._reported_costs(self.model)
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
                            password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
@@ -269,6 +277,7 @@ class PlannerService:
         await self.bus.subscribe(topics.NODE_STATE.filter(fleet=self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_HEALTH.filter(fleet=self.fleet), qos=0)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
+        await self.bus.subscribe(topics.NODE_PROFILE.filter(fleet=self.fleet), qos=1)
 
     async def _receive(self) -> None:
         assert self.bus is not None
@@ -300,6 +309,10 @@ class PlannerService:
                 self._observe_stage_time(msg, now)
             if msg.msg_ms_est is not None and self.config.intra and msg.epoch == self._published_epoch:
                 self._msg_est[msg.node_id] = float(msg.msg_ms_est)
+        elif isinstance(msg, wire.NodeProfile) and msg.fleet == self.fleet and self.costs is not None:
+            if self.costs.add(msg):
+                log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
+                          sum(msg.layer_ms))
         elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
                 self.state.plan is None or msg.epoch > self.state.plan.epoch):
             # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
@@ -391,7 +404,8 @@ class PlannerService:
         membership = self.state.membership
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
-            problem = build_problem(self.model, nodes, self.config.bits, self.min_bits)
+            problem = build_problem(self.model, nodes, self.config.bits, self.min_bits,
+                                    await asyncio.to_thread(self._compute_ms, nodes))
             if self.config.intra:
                 try:
                     plan, ip = await asyncio.to_thread(self._solve_intra, problem)
@@ -440,6 +454,25 @@ class PlannerService:
         log.info("planner: %s off prediction; fine-tuned plan %.1f -> %.1f ms", text,
                  result.report.bottleneck_ms, tuned.report.bottleneck_ms)
         await self._adopt(problem, tuned, self.state.epoch + 1, self.state.membership)
+
+    @staticmethod
+    def _reported_costs(model: ModelInfo) -> Any:
+        from fleetpipe.planner.estimator import layer_features
+        from fleetpipe.planner.reported import ReportedCosts
+
+        return ReportedCosts(model.model_id, model.host_ms, model.host_speed,
+                             layer_x=lambda: layer_features(model.proto, model.graph))
+
+    def _compute_ms(self, nodes: Mapping[str, Any]) -> np.ndarray | None:
+        """Per-layer times of ``nodes`` from what they reported (``fleetpipe.planner.reported``), or None (scaled)."""
+        if self.costs is None or not self.costs.reports:
+            return None
+        assert self.model is not None
+        names = list(nodes)
+        matrix = self.costs.matrix(names, [nodes[n].birth for n in names],
+                                   lambda birth: node_slowdown(birth, self.model.host_speed))  # type: ignore[union-attr]
+        log.info("planner: layer costs: %s", matrix.summary(names))
+        return matrix.compute_ms
 
     def _solve(self, problem: Any) -> Any:
         from fleetpipe.planner.partition import solve

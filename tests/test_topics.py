@@ -15,6 +15,7 @@ EXPECTED = {
     "node_health": ("fleetpipe/v1/{fleet}/node/{node_id}/health", 0, False),
     "node_assign": ("fleetpipe/v1/{fleet}/node/{node_id}/assign", 1, True),
     "node_metrics": ("fleetpipe/v1/{fleet}/node/{node_id}/metrics", 0, False),
+    "node_profile": ("fleetpipe/v1/{fleet}/node/{node_id}/profile", 1, True),
     "node_control": ("fleetpipe/v1/{fleet}/node/{node_id}/control", 1, False),
     "plan": ("fleetpipe/v1/{fleet}/plan", 1, True),
     "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in", 1, False),

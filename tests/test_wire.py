@@ -25,6 +25,7 @@ from fleetpipe.wire import (
     NodeBirth,
     NodeDeath,
     NodeHealth,
+    NodeProfile,
     PartReply,
     PartRequest,
     Plan,
@@ -142,6 +143,9 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     PartRequest: st.builds(PartRequest, names, nat, small, frame_ids, small, small, names, tensor_lists, ts),
     PartReply: st.builds(PartReply, names, nat, small, frame_ids, small, small, names, tensor_lists, pos_float,
                          ts, st.text(max_size=40)),
+    NodeProfile: st.tuples(small, st.integers(0, 20)).flatmap(lambda fl: st.builds(
+        NodeProfile, names, names, ts, hashes, st.just(fl[0]), st.just(fl[0] + fl[1]),
+        st.lists(pos_float, min_size=fl[1] + 1, max_size=fl[1] + 1).map(tuple), st.integers(1, 64))),
 }
 any_message = st.one_of(*MESSAGES.values())
 
@@ -462,3 +466,16 @@ def test_split_assign_validation() -> None:
         SplitPart("a", "cd34", 5, (("x", 2, 4, 4),))
     with pytest.raises(TypeError):
         SplitAssign("a", (_unit(),), part_timeout_ms="soon")  # type: ignore[arg-type]
+
+
+def test_node_profile_checks_its_layer_times() -> None:
+    ok = NodeProfile("lab", "pi-1", 1.0, "abc123", 2, 4, (0.5, 1.0, 2.0), 2)
+    assert decode(encode(ok)) == ok
+    with pytest.raises(ValueError, match="layer_ms has 3 times"):
+        NodeProfile("lab", "pi-1", 1.0, "abc123", 2, 5, (0.5, 1.0, 2.0))
+    with pytest.raises(ValueError, match="finite"):
+        NodeProfile("lab", "pi-1", 1.0, "abc123", 0, 0, (float("nan"),))
+    with pytest.raises(ValueError, match="threads"):
+        NodeProfile("lab", "pi-1", 1.0, "abc123", 0, 0, (1.0,), 0)
+    with pytest.raises(ValueError, match="model_id"):
+        NodeProfile("lab", "pi-1", 1.0, "", 0, 0, (1.0,))
