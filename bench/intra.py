@@ -17,6 +17,10 @@ Part 2 (estimator). Zoo models at several widths/resolutions are profiled layer 
 and 4 onnxruntime threads (cached in bench/out/intra_profiles.json); gradient-boosted trees are
 compared with FLOPs scaling (layer FLOPs / GFLOP/s of the configuration fitted on the training
 rows) on held-out models and on a held-out thread configuration.
+
+Part 3 (run-time costing). The same profiles as node reports: ``fleetpipe.planner.reported`` costs a device
+that reported nothing (learned where it validates, else speed scaling) and the unreported half of a
+device's layers (its measured ratio), against plain speed scaling of the host's profile.
 """
 
 from __future__ import annotations
@@ -210,6 +214,100 @@ def estimator_table(refresh: bool) -> None:
           "(for a held-out config: its calibration GFLOP/s).")
 
 
+# Part 3's devices: (onnxruntime threads, emulation factor); the host is (1, 1).
+REPORT_DEVICES = ((1, 3.0), (2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0))
+
+
+def reported_table(refresh: bool) -> None:
+    """Part 3: the planner's run-time costing from node reports (``fleetpipe.planner.reported``) on the same
+    measured profiles: per model, devices are thread configurations x an emulation factor, the host is one
+    thread; a device's speed figure is its configuration's calibration GFLOP/s over its factor."""
+    from types import SimpleNamespace
+
+    from fleetpipe.planner import reported as R
+
+    doc = E.profile_configs(VARIANTS, [1, 2, 4], runs=8, cache=OUT / "intra_profiles.json")
+    cfg = doc["configs"]
+    by_model: dict[str, dict[int, dict[int, Any]]] = {}
+    for r in doc["rows"]:
+        key = f"{r['model']} {r['kw']}"
+        by_model.setdefault(key, {}).setdefault(int(r["threads"]), {})[int(r["layer"])] = r
+    names = [f"t{t}x{f:g}" for t, f in REPORT_DEVICES]
+    births = [SimpleNamespace(speed=cfg[str(t)] / f, emulate_factor=1.0) for t, f in REPORT_DEVICES]
+    host_speed = cfg["1"]
+
+    def slowdown(birth: Any) -> float:
+        return host_speed / float(birth.speed)
+
+    errs: dict[str, dict[str, list[float]]] = {}
+    chosen_learned = {"device": 0, "config": 0}
+    cases = {"device": 0, "config": 0}
+    R_margin = R.LEARN_MARGIN
+    R.LEARN_MARGIN = float("inf")  # always fit, so the learned predictions can be scored; choose below
+    try:
+        for key, per_t in by_model.items():
+            n_l = len(per_t[1])
+            host = np.array([per_t[1][k]["ms"] for k in range(n_l)])
+            layer_x = np.array([per_t[1][k]["features"] for k in range(n_l)])
+            truth = {n: np.array([per_t[t][k]["ms"] * f for k in range(n_l)])
+                     for n, (t, f) in zip(names, REPORT_DEVICES, strict=True)}
+            keep = host > 0.005
+            scenarios = [("device", [n]) for n in names] + [
+                ("config", [n for n, (t, _) in zip(names, REPORT_DEVICES, strict=True) if t == tt]) for tt in (2, 4)]
+            for kind, held in scenarios:
+                costs = R.ReportedCosts(key, host, host_speed, layer_x=layer_x)
+                for n, (t, _) in zip(names, REPORT_DEVICES, strict=True):
+                    if n not in held:
+                        costs.add(SimpleNamespace(model_id=key, node_id=n, first_layer=0, last_layer=n_l - 1,
+                                                  layer_ms=tuple(truth[n]), threads=t))
+                m = costs.matrix(names, births, slowdown)
+                v = m.validation
+                use = bool(v) and v["learned"] < R_margin * v["scaled"]
+                cases[kind] += 1
+                chosen_learned[kind] += use
+                for n in held:
+                    d = names.index(n)
+                    tr = truth[n][keep]
+                    learned = m.compute_ms[keep, d]
+                    scaled = host[keep] * slowdown(births[d])
+                    e = errs.setdefault(kind, {"learned": [], "scaled": [], "planner": []})
+                    e["learned"].extend(np.abs(learned - tr) / tr)
+                    e["scaled"].extend(np.abs(scaled - tr) / tr)
+                    e["planner"].extend(np.abs((learned if use else scaled) - tr) / tr)
+            # A device that reported the first half of the layers: its ratio for the other half.
+            for n, (t, _f) in zip(names, REPORT_DEVICES, strict=True):
+                half = n_l // 2
+                costs = R.ReportedCosts(key, host, host_speed, layer_x=layer_x)
+                costs.add(SimpleNamespace(model_id=key, node_id=n, first_layer=0, last_layer=half - 1,
+                                          layer_ms=tuple(truth[n][:half]), threads=t))
+                m = costs.matrix([n], [births[names.index(n)]], slowdown)
+                rest = np.arange(half, n_l)[keep[half:]]
+                tr = truth[n][rest]
+                e = errs.setdefault("layers", {"learned": [], "scaled": [], "planner": []})
+                e["planner"].extend(np.abs(m.compute_ms[rest, 0] - tr) / tr)
+                e["scaled"].extend(np.abs(host[rest] * slowdown(births[names.index(n)]) - tr) / tr)
+    finally:
+        R.LEARN_MARGIN = R_margin
+    print(f"\n== run-time costing from node reports: {len(by_model)} models, devices "
+          f"{', '.join(names)} (threads x factor; host t1x1); layers >= 5 us")
+    header = f"{'not reported':34} {'n':>5} {'speed-scaled med':>16} {'p90':>6} {'learned med':>11} {'p90':>6} " \
+             f"{'planner med':>11} {'p90':>6}"
+    print(header)
+    print("-" * len(header))
+    labels = {"device": "one device (others report)", "config": "a whole thread config",
+              "layers": "half the layers of a device"}
+    for kind in ("device", "config", "layers"):
+        e = {k: np.array(v) for k, v in errs[kind].items()}
+
+        def cell(a: np.ndarray) -> str:
+            return f"{np.median(a):11.2f} {np.percentile(a, 90):6.2f}" if a.size else f"{'-':>11} {'-':>6}"
+        print(f"{labels[kind]:34} {e['scaled'].size:5d} {np.median(e['scaled']):16.2f} "
+              f"{np.percentile(e['scaled'], 90):6.2f} {cell(e['learned'])} {cell(e['planner'])}")
+    print(f"  planner: what ReportedCosts chose (learned where it beat scaling on held-out reporting devices: "
+          f"{chosen_learned['device']}/{cases['device']} single-device cases, {chosen_learned['config']}/"
+          f"{cases['config']} whole-config cases; for half-reported devices their measured ratio).")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both parts and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -226,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_table(args.quick, reps, args.bits)
     if not args.skip_estimator:
         estimator_table(args.refresh)
+        reported_table(args.refresh)
     return 0
 
 

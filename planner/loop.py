@@ -314,12 +314,21 @@ class PlannerService:
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))
         elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
-                self.state.plan is None or msg.epoch > self.state.plan.epoch):
+                self.state.plan is None or msg.epoch > self.state.plan.epoch) and self._same_model(msg):
             # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
             log.info("planner: resuming from retained plan epoch %d", msg.epoch)
             self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
             self._assigned = {n for s in msg.stages for n in s.nodes}
             self._retained[message.topic] = bytes(message.payload)
+
+    def _same_model(self, plan: Any) -> bool:
+        """A retained plan is resumed only if it runs this planner's model (else the next plan replaces it)."""
+        if self.model is None or plan.model_id == self.model.model_id:
+            return True
+        log.info("planner: retained plan epoch %d runs model %s, not %s; planning anew", plan.epoch, plan.model_id,
+                 self.model.model_id)
+        self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, int(plan.epoch)))  # supersede it
+        return False
 
     def _observe_stage_time(self, health: Any, now: float) -> None:
         """Feed a single-device stage's measured compute time to the deviation monitor."""

@@ -11,11 +11,14 @@ name, so a node's username is its node id) and a random password. :func:`generat
 
 What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied)::
 
-    node n    write F/node/n/state  F/node/n/health  F/node/n/metrics
+    node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
               write F/epoch/+/stage/+/in  F/result/+  F/error  F/slice/request
+              write F/epoch/+/stage/+/part/+  F/epoch/+/stage/+/gather/+     (split stages)
               read  F/node/n/assign  F/epoch/+/stage/+/in  F/slice/+/+
+              read  F/epoch/+/stage/+/part/n  F/epoch/+/stage/+/gather/n
     planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
-              read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/plan  F/error  F/slice/request
+              read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/node/+/profile  F/plan  F/error
+              read  F/slice/request
     client c  write F/epoch/+/stage/0/in
               read  F/result/c  F/plan  F/error
     observer  read  F/#
@@ -28,6 +31,9 @@ Limits of mosquitto ACLs (they match topics, not payloads or plans):
   must check epochs, frame ids and stage numbers (the wire layer does) and nodes must only publish
   results to ``result/<client>`` topics of their fleet, never to an arbitrary ``reply_to``.
 * Any node may read every stage input (it needs the wildcard to follow re-plans), so it sees all frames.
+* Any node may send a part request to any node and a part reply to any lead (split stages); a part
+  node answers only the parts it holds for the lead and epoch of its assignment, a lead accepts only
+  replies to requests it sent.
 * Anyone may publish an ``error`` report; error reports are informational, never trusted.
 * ACLs do not limit rate or size: ``max_packet_size`` in secure.conf bounds one message.
 * The username is the identity: one password file per host, never shared between nodes.
@@ -156,7 +162,14 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("write", f"{f}/node/{name}/state"),
             ("write", f"{f}/node/{name}/health"),
             ("write", f"{f}/node/{name}/metrics"),
+            ("write", f"{f}/node/{name}/profile"),
             ("readwrite", f"{f}/epoch/+/stage/+/in"),  # read: its stage; write: the next one (any, see limits)
+            # Split stages: a lead sends part requests to its part nodes and reads their replies on its gather
+            # topic; a part node reads its requests and replies to the lead's gather topic.
+            ("read", f"{f}/epoch/+/stage/+/part/{name}"),
+            ("write", f"{f}/epoch/+/stage/+/part/+"),
+            ("read", f"{f}/epoch/+/stage/+/gather/{name}"),
+            ("write", f"{f}/epoch/+/stage/+/gather/+"),
             ("write", f"{f}/result/+"),
             ("write", f"{f}/error"),
             ("write", f"{f}/slice/request"),
@@ -172,6 +185,7 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/node/+/state"),
             ("read", f"{f}/node/+/health"),
             ("read", f"{f}/node/+/metrics"),
+            ("read", f"{f}/node/+/profile"),
             ("read", f"{f}/slice/request"),
             ("write", f"{f}/node/planner/metrics"),  # pipeline metrics (planner/loop.py publishes them there)
         ]
