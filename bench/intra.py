@@ -240,8 +240,8 @@ def reported_table(refresh: bool) -> None:
         return host_speed / float(birth.speed)
 
     errs: dict[str, dict[str, list[float]]] = {}
-    chosen_learned = {"device": 0, "config": 0}
-    cases = {"device": 0, "config": 0}
+    chosen_learned = {"device": 0, "config": 0, "layers": 0}
+    cases = {"device": 0, "config": 0, "layers": 0}
     R_margin = R.LEARN_MARGIN
     R.LEARN_MARGIN = float("inf")  # always fit, so the learned predictions can be scored; choose below
     try:
@@ -274,18 +274,30 @@ def reported_table(refresh: bool) -> None:
                     e["learned"].extend(np.abs(learned - tr) / tr)
                     e["scaled"].extend(np.abs(scaled - tr) / tr)
                     e["planner"].extend(np.abs((learned if use else scaled) - tr) / tr)
-            # A device that reported the first half of the layers: its ratio for the other half.
-            for n, (t, _f) in zip(names, REPORT_DEVICES, strict=True):
+            # A device that reported the first half of the layers (the others all of them): the planner uses
+            # its measured ratio for the other half, or the trees (fitted on every report including that half)
+            # where they beat the ratio on held-out halves of the reporting nodes' layers.
+            for n in names:
                 half = n_l // 2
+                d = names.index(n)
                 costs = R.ReportedCosts(key, host, host_speed, layer_x=layer_x)
-                costs.add(SimpleNamespace(model_id=key, node_id=n, first_layer=0, last_layer=half - 1,
-                                          layer_ms=tuple(truth[n][:half]), threads=t))
-                m = costs.matrix([n], [births[names.index(n)]], slowdown)
+                for o, (to, _) in zip(names, REPORT_DEVICES, strict=True):
+                    last = half - 1 if o == n else n_l - 1
+                    costs.add(SimpleNamespace(model_id=key, node_id=o, first_layer=0, last_layer=last,
+                                              layer_ms=tuple(truth[o][:last + 1]), threads=to))
+                m = costs.matrix(names, births, slowdown)  # learned forced (margin inf): the trees' costs
+                v = m.validation
+                use = "layers_learned" in v and v["layers_learned"] < R_margin * v["layers_ratio"]
+                cases["layers"] += 1
+                chosen_learned["layers"] += use
                 rest = np.arange(half, n_l)[keep[half:]]
                 tr = truth[n][rest]
-                e = errs.setdefault("layers", {"learned": [], "scaled": [], "planner": []})
-                e["planner"].extend(np.abs(m.compute_ms[rest, 0] - tr) / tr)
-                e["scaled"].extend(np.abs(host[rest] * slowdown(births[names.index(n)]) - tr) / tr)
+                ratio_ms = host[rest] * np.median(truth[n][:half][keep[:half]] / host[:half][keep[:half]])
+                e = errs.setdefault("layers", {"learned": [], "ratio": [], "scaled": [], "planner": []})
+                e["learned"].extend(np.abs(m.compute_ms[rest, d] - tr) / tr)
+                e["ratio"].extend(np.abs(ratio_ms - tr) / tr)
+                e["planner"].extend(np.abs((m.compute_ms[rest, d] if use else ratio_ms) - tr) / tr)
+                e["scaled"].extend(np.abs(host[rest] * slowdown(births[d]) - tr) / tr)
     finally:
         R.LEARN_MARGIN = R_margin
     print(f"\n== run-time costing from node reports: {len(by_model)} models, devices "
@@ -303,9 +315,14 @@ def reported_table(refresh: bool) -> None:
             return f"{np.median(a):11.2f} {np.percentile(a, 90):6.2f}" if a.size else f"{'-':>11} {'-':>6}"
         print(f"{labels[kind]:34} {e['scaled'].size:5d} {np.median(e['scaled']):16.2f} "
               f"{np.percentile(e['scaled'], 90):6.2f} {cell(e['learned'])} {cell(e['planner'])}")
-    print(f"  planner: what ReportedCosts chose (learned where it beat scaling on held-out reporting devices: "
-          f"{chosen_learned['device']}/{cases['device']} single-device cases, {chosen_learned['config']}/"
-          f"{cases['config']} whole-config cases; for half-reported devices their measured ratio).")
+    lay = {k: np.array(v) for k, v in errs["layers"].items()}
+    print(f"  half-reported devices, their measured ratio for the other half: median {np.median(lay['ratio']):.2f}, "
+          f"p90 {np.percentile(lay['ratio'], 90):.2f}")
+    print(f"  planner: what ReportedCosts chose: for unreported devices the learned model where it beat scaling on "
+          f"held-out reporting devices ({chosen_learned['device']}/{cases['device']} single-device, "
+          f"{chosen_learned['config']}/{cases['config']} whole-config cases), else scaling; for the other half of "
+          f"a half-reported device the learned model where it beat the node's ratio on held-out halves "
+          f"({chosen_learned['layers']}/{cases['layers']} cases), else the ratio.")
 
 
 def main(argv: list[str] | None = None) -> int:

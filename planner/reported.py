@@ -9,8 +9,10 @@ Every node times the layers of each ONNX slice it loads and publishes them, reta
     the node timed other layers of the model: the host's time for the layer times the median of that
     node's reported / host ratios (its real speed against this host, not its speed figure's guess);
 ``learned``
-    the node reported nothing, and the estimator (gradient-boosted trees, FlexPie) fitted on every report
-    predicts each reporting node better than speed scaling does when that node is held out of the fit;
+    the estimator (gradient-boosted trees, FlexPie) fitted on every report, where it validates better:
+    for a node that reported nothing, if it predicts each reporting node better than speed scaling when
+    that node is held out of the fit; for the unreported layers of a reporting node, if it predicts each
+    held-out half of a reporting node's layers better than that node's ratio from the other half;
 ``scaled``
     the host's time times ``node_slowdown`` (the emulation factor, or the ratio of the speed figures).
 
@@ -40,8 +42,11 @@ __all__ = ["CostMatrix", "ReportedCosts"]
 # speed figure, and the learned model this many reporting nodes (each held out once) before it is tried.
 MIN_RATIO_LAYERS = 2
 MIN_LEARN_NODES = 2
-# The learned model must beat speed scaling's median held-out error by this factor to be used.
+# The learned model must beat speed scaling's (or a node's ratio's) median held-out error by this factor.
 LEARN_MARGIN = 0.9
+# Hold out at most this many reporting nodes (those with the most layers) per validation: bounds the fits
+# per re-plan (a fit takes some 20-100 ms here) however large the fleet.
+MAX_FOLD_NODES = 6
 _HOST_EPS_MS = 1e-3
 
 
@@ -51,8 +56,9 @@ class CostMatrix:
 
     compute_ms: np.ndarray
     source: np.ndarray
-    learned: bool
+    learned: bool  # the trees cost the nodes that reported nothing
     validation: Mapping[str, float] = field(default_factory=dict)
+    learned_layers: bool = False  # the trees cost the layers reporting nodes did not run
 
     def summary(self, names: Sequence[str]) -> str:
         """One log line: per node, how many layers came from each source."""
@@ -61,10 +67,13 @@ class CostMatrix:
             kinds, counts = np.unique(self.source[:, d], return_counts=True)
             parts.append(f"{name} " + "+".join(f"{c} {k}" for k, c in zip(kinds, counts, strict=True)))
         extra = ""
-        if self.validation:
-            v = self.validation
-            extra = (f"; learned {'used' if self.learned else 'not used'} (held-out median error "
-                     f"{v['learned']:.2f} vs scaling {v['scaled']:.2f} over {int(v['n'])} layers)")
+        v = self.validation
+        if "learned" in v:
+            extra = (f"; learned {'used' if self.learned else 'not used'} for unreported nodes (held-out median "
+                     f"error {v['learned']:.2f} vs scaling {v['scaled']:.2f} over {int(v['n'])} layers)")
+        if "layers_learned" in v:
+            extra += (f"; learned {'used' if self.learned_layers else 'not used'} for unreported layers "
+                      f"({v['layers_learned']:.2f} vs the node's ratio {v['layers_ratio']:.2f})")
         return ", ".join(parts) + extra
 
 
@@ -110,18 +119,18 @@ class ReportedCosts:
             else:
                 compute[:, d] = self.host_ms * ratio
                 source[:, d] = "ratio"
-        learned, validation = False, {}
-        if missing:
-            model, validation = self._fitted(births, names, slowdown)
-            if model is not None:
-                learned = True
-                for d in missing:
-                    compute[:, d] = self._predict(model, births[d], self.threads.get(names[d], 1))
-                    source[:, d] = "learned"
+        model, validation = self._fitted(births, names, slowdown)
+        v = validation
+        learned = model is not None and bool(missing) and v["learned"] < LEARN_MARGIN * v["scaled"]
+        learned_layers = (model is not None and len(missing) < len(names) and "layers_learned" in v
+                          and v["layers_learned"] < LEARN_MARGIN * v["layers_ratio"])
         for d, name in enumerate(names):
+            if (learned and d in missing) or (learned_layers and d not in missing):
+                compute[:, d] = self._predict(model, births[d], self.threads.get(name, 1))
+                source[:, d] = "learned"
             for layer, ms in self.reports.get(name, {}).items():
                 compute[layer, d], source[layer, d] = ms, "reported"
-        return CostMatrix(compute, source, learned, validation)
+        return CostMatrix(compute, source, learned, validation, learned_layers)
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -136,9 +145,13 @@ class ReportedCosts:
             self._layer_x = np.log(np.maximum(self.host_ms, _HOST_EPS_MS))[:, None]
         return np.asarray(self._layer_x, dtype=np.float64)
 
-    def _rows(self, node: str, speed: float) -> tuple[np.ndarray, np.ndarray]:
-        """Features and targets (log of ms / host ms) of one reporting node's layers."""
-        layers = [k for k in sorted(self.reports[node]) if self.host_ms[k] > _HOST_EPS_MS]
+    def _layers(self, node: str) -> list[int]:
+        """A reporting node's layers with a measurable host time, in order."""
+        return [k for k in sorted(self.reports[node]) if self.host_ms[k] > _HOST_EPS_MS]
+
+    def _rows(self, node: str, speed: float, layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features and targets (log of ms / host ms) of one reporting node's layers (default: all)."""
+        layers = self._layers(node) if layers is None else list(layers)
         x = np.array([self._features(k, speed, self.threads.get(node, 1)) for k in layers]).reshape(len(layers), -1)
         y = np.log(np.maximum([self.reports[node][k] / self.host_ms[k] for k in layers], 1e-9))
         return x, y
@@ -174,29 +187,50 @@ class ReportedCosts:
             log.info("planner: scikit-learn is not installed; unprofiled nodes are costed by speed scaling")
             return None, {}
 
-        def fit(nodes: Sequence[str]) -> Any:
+        def fit(nodes: Sequence[str], only: tuple[str, Sequence[int]] | None = None) -> Any:
+            """Trees on the host and ``nodes`` (``only``: of that node, just these layers)."""
             # The host itself is a device too: every layer at ratio 1 at the host's speed and one thread.
             xs = [np.array([self._features(k, self.host_speed, 1) for k in range(len(self.host_ms))])]
             ys = [np.zeros(len(self.host_ms))]
             for n in nodes:
-                x, y = self._rows(n, float(by_name[n].speed))
+                x, y = self._rows(n, float(by_name[n].speed), only[1] if only and only[0] == n else None)
                 xs.append(x)
                 ys.append(y)
             model = HistGradientBoostingRegressor(max_iter=150, learning_rate=0.1, max_leaf_nodes=15,
                                                   min_samples_leaf=3, l2_regularization=1e-3, random_state=0)
             return model.fit(np.vstack(xs), np.concatenate(ys))
 
+        def rel(pred: np.ndarray, true: np.ndarray) -> list[float]:
+            return list(np.abs(pred - true) / np.maximum(true, 1e-9))
+
+        # Devices: each reporting node held out, against speed scaling.
+        folds = sorted(reporters, key=lambda n: -len(self.reports[n]))[:MAX_FOLD_NODES]
         err_learned, err_scaled = [], []
-        for held in reporters:
+        for held in folds:
             model = fit([n for n in reporters if n != held])
             birth = by_name[held]
-            layers = [k for k in sorted(self.reports[held]) if self.host_ms[k] > _HOST_EPS_MS]
+            layers = self._layers(held)
             true = np.array([self.reports[held][k] for k in layers])
-            pred = self._predict(model, birth, self.threads.get(held, 1))[layers]
-            err_learned.extend(np.abs(pred - true) / np.maximum(true, 1e-9))
-            err_scaled.extend(np.abs(self.host_ms[layers] * slowdown(birth) - true) / np.maximum(true, 1e-9))
+            err_learned += rel(self._predict(model, birth, self.threads.get(held, 1))[layers], true)
+            err_scaled += rel(self.host_ms[layers] * slowdown(birth), true)
         validation = {"learned": float(np.median(err_learned)), "scaled": float(np.median(err_scaled)),
                       "n": float(len(err_learned))}
-        if validation["learned"] < LEARN_MARGIN * validation["scaled"]:
-            return fit(list(reporters)), validation
-        return None, validation
+        # Layers: each half of a reporting node's layers held out (its stages are contiguous runs of layers),
+        # against that node's ratio measured on the other half.
+        lay_learned, lay_ratio = [], []
+        for node in folds:
+            layers = self._layers(node)
+            if len(layers) < 2 * MIN_RATIO_LAYERS:
+                continue
+            mid = len(layers) // 2
+            for held, kept in ((layers[:mid], layers[mid:]), (layers[mid:], layers[:mid])):
+                model = fit(reporters, only=(node, kept))
+                true = np.array([self.reports[node][k] for k in held])
+                ratio = float(np.median([self.reports[node][k] / self.host_ms[k] for k in kept]))
+                lay_learned += rel(self._predict(model, by_name[node], self.threads.get(node, 1))[held], true)
+                lay_ratio += rel(self.host_ms[held] * ratio, true)
+        if lay_learned:
+            validation.update(layers_learned=float(np.median(lay_learned)), layers_ratio=float(np.median(lay_ratio)))
+        wins = validation["learned"] < LEARN_MARGIN * validation["scaled"] or (
+            lay_learned and validation["layers_learned"] < LEARN_MARGIN * validation["layers_ratio"])
+        return (fit(list(reporters)) if wins else None), validation

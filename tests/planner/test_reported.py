@@ -107,6 +107,28 @@ def test_learned_estimator_is_not_used_where_scaling_is_exact() -> None:
     assert not m.learned and set(m.source[:, 3]) == {"scaled"}
     np.testing.assert_allclose(m.compute_ms[:, 3], HOST_MS * 3.0)
     assert m.validation["scaled"] < m.validation["learned"]
+    assert not m.learned_layers and m.validation["layers_ratio"] < m.validation["layers_learned"]
+
+
+def test_learned_estimator_costs_unreported_layers_when_it_beats_the_nodes_ratio() -> None:
+    """A device that ran only the big layers: its ratio says 8x faster everywhere, the small layers are not."""
+    pytest.importorskip("sklearn")
+    costs = _costs()
+    for name, ratio in (("j2", 2.0), ("j4", 4.0), ("j16", 16.0)):
+        costs.add(_profile(name, 0, _accelerator_ms(ratio)))
+    big = np.argsort(HOST_MS)[20:]  # it reported its 20 biggest layers (as single-layer reports)
+    for k in big:
+        costs.add(_profile("j8", int(k), _accelerator_ms(8.0)[k:k + 1]))
+    names = ["j2", "j4", "j16", "j8"]
+    m = costs.matrix(names, [_birth(HOST_SPEED * r) for r in (2.0, 4.0, 16.0, 8.0)], _slowdown)
+    assert m.learned_layers, m.summary(names)
+    small = np.setdiff1d(np.arange(len(HOST_MS)), big)
+    assert set(m.source[small, 3]) == {"learned"} and set(m.source[big, 3]) == {"reported"}
+    truth = _accelerator_ms(8.0)[small]
+    ratio = np.median(_accelerator_ms(8.0)[big] / HOST_MS[big])
+    err_learned = np.median(np.abs(m.compute_ms[small, 3] - truth) / truth)
+    err_ratio = np.median(np.abs(HOST_MS[small] * ratio - truth) / truth)
+    assert err_learned < 0.7 * err_ratio, (err_learned, err_ratio)
 
 
 def test_without_scikit_learn_unprofiled_devices_are_scaled(monkeypatch: pytest.MonkeyPatch) -> None:
