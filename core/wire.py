@@ -207,7 +207,7 @@ class NodeProfile(_Msg):
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
-        _nonneg(self, "ts")
+        _nonneg(self, "ts", "first_layer")
         _layers(self.first_layer, self.last_layer)
         _positive(self, "threads")
         if not self.model_id:

@@ -310,6 +310,9 @@ class PlannerService:
             if msg.msg_ms_est is not None and self.config.intra and msg.epoch == self._published_epoch:
                 self._msg_est[msg.node_id] = float(msg.msg_ms_est)
         elif isinstance(msg, wire.NodeProfile) and msg.fleet == self.fleet and self.costs is not None:
+            # The ACL lets a node write only its own profile topic: the payload must name that node too.
+            if topics.parse(message.topic)[1].get("node_id") != msg.node_id:
+                raise DecodeError(f"profile of {msg.node_id!r} on {message.topic}")
             if self.costs.add(msg):
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))

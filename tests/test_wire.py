@@ -479,3 +479,5 @@ def test_node_profile_checks_its_layer_times() -> None:
         NodeProfile("lab", "pi-1", 1.0, "abc123", 0, 0, (1.0,), 0)
     with pytest.raises(ValueError, match="model_id"):
         NodeProfile("lab", "pi-1", 1.0, "", 0, 0, (1.0,))
+    with pytest.raises(ValueError, match="first_layer"):
+        NodeProfile("lab", "pi-1", 1.0, "abc123", -1, 0, (1.0, 1.0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from fleetpipe import topics, wire
 from fleetpipe.config import PlannerConfig
+from fleetpipe.errors import DecodeError
 from fleetpipe.models import zoo
 from fleetpipe.models.onnx_graph import load_onnx
 from fleetpipe.planner.loop import ModelInfo, PlannerService
@@ -43,6 +45,10 @@ def test_node_profiles_of_this_model_reach_the_cost_matrix() -> None:
     svc._fold(_message(topics.node_profile("lab", "n1"), prof))
     svc._fold(_message(topics.node_profile("lab", "n2"), wire.NodeProfile("lab", "n2", 1.0, "other", 0, 0, (9.0,))))
     assert svc.costs.reports == {"n1": {2: 1.0, 3: 2.0, 4: 3.0}}
+    forged = wire.NodeProfile("lab", "n1", 2.0, "mine", 0, 0, (99.0,))  # n3 writing n1's costs
+    with pytest.raises(DecodeError, match="profile of 'n1'"):
+        svc._fold(_message(topics.node_profile("lab", "n3"), forged))
+    assert 0 not in svc.costs.reports["n1"]
     birth = SimpleNamespace(speed=10.0, emulate_factor=2.0)
     compute = svc._compute_ms({"n1": SimpleNamespace(birth=birth), "n2": SimpleNamespace(birth=birth)})
     assert compute is not None
