@@ -225,7 +225,7 @@ class PlannerService:
                                                  self.config.profile)
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
-        self.costs = self._reported_costs(self.model)
+            self.costs = self._reported_costs(self.model)
         broker = self.config.broker
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
                            password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)

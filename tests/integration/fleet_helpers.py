@@ -43,6 +43,15 @@ class Fleet:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.procs[name].pid, sig)
 
+    def wait_plan(self, client: object, timeout_s: float = 120) -> object:
+        """The client's first plan; the test fails with the fleet's logs if none comes within ``timeout_s``."""
+        import pytest
+
+        try:
+            return client.wait_plan(timeout_s)  # type: ignore[attr-defined]
+        except TimeoutError:
+            pytest.fail("no plan\n" + self.logs())
+
     def logs(self) -> str:
         out = []
         for f in sorted(self.logdir.glob("*.log")):

@@ -67,13 +67,6 @@ def _split_of(url: str, plan: wire.Plan, kind: str) -> wire.SplitAssign:
     return assign.split
 
 
-def _wait_plan(client: FleetClient, f: object) -> wire.Plan:
-    try:
-        return client.wait_plan(120)
-    except TimeoutError:
-        pytest.fail("no plan\n" + f.logs())  # type: ignore[attr-defined]
-
-
 def _close(out: np.ndarray, ref: np.ndarray) -> None:
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel < 0.05, rel
@@ -140,7 +133,7 @@ def test_spatial_split_cnn_matches_local_model_and_survives_a_frozen_part(mosqui
         f.node("a", "40", env=env)
         f.node("b", "40", env=env)
         with FleetClient(mosquitto.url, fleet="isplit", window=2) as client:
-            plan = _wait_plan(client, f)
+            plan = f.wait_plan(client)
             _split_of(mosquitto.url, plan, "spatial")
             results = list(client.stream(xs))
             for result, ref in zip(results, refs, strict=True):
@@ -172,7 +165,7 @@ def test_tensor_split_vit_matches_local_model(mosquitto, tmp_path):
         f.node("a", "100")
         f.node("b", "100")
         with FleetClient(mosquitto.url, fleet="ivsplit", window=2) as client:
-            plan = _wait_plan(client, f)
+            plan = f.wait_plan(client)
             _split_of(mosquitto.url, plan, "tensor")
             for result, ref in zip(client.stream(xs), refs, strict=True):
                 _close(result.output, ref)
@@ -191,7 +184,7 @@ def test_tiled_spatial_split_matches_local_model(mosquitto, tmp_path):
         f.node("a", "150:bw=40")
         f.node("b", "150:bw=40")
         with FleetClient(mosquitto.url, fleet="itsplit", window=2) as client:
-            plan = _wait_plan(client, f)
+            plan = f.wait_plan(client)
             split = _split_of(mosquitto.url, plan, "spatial")
             tiled = [u for u in split.units if len(u.parts) > len({p.node_id for p in u.parts})]
             assert tiled, f"no tiled unit in {split}"
