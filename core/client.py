@@ -9,6 +9,10 @@ epoch appears (its path may have died with the old plan), when a node reports it
 has waited longer than the resend timeout. Results are de-duplicated by frame id, so the caller
 sees every frame exactly once even if a re-sent copy also completes.
 
+Frame ids are 128 random bits (nobody can predict the next one to answer it first), and a result is
+accepted only for a frame id this client issued and still has pending; a result for an id it never
+issued is logged (rate-limited) and dropped, not counted as a duplicate.
+
 ``AsyncFleetClient`` is the asyncio core; ``FleetClient`` runs it on a private loop thread for
 synchronous callers (``infer``, ``submit`` returning a ``concurrent.futures.Future``, ``stream``).
 """
@@ -18,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
 import logging
+import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +36,13 @@ import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe.errors import BrokerUnavailable, DecodeError, FleetpipeError
+from fleetpipe.ratelog import RateLimitedLog
 from fleetpipe.transport.mqtt import MqttBus
 
 __all__ = ["AsyncFleetClient", "ClientStats", "FleetClient", "FrameResult"]
 
 log = logging.getLogger("fleetpipe.client")
+_DONE_KEPT = 4096  # completed frame ids remembered to tell a late duplicate from a result this client never asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class ClientStats:
     completed: int = 0
     resent: int = 0
     duplicates: int = 0
+    foreign: int = 0  # results for frame ids this client never issued (forged or misrouted): dropped
     stale_reports: int = 0
     early_exits: int = 0
     errors: list[str] = field(default_factory=list)
@@ -104,10 +112,10 @@ class AsyncFleetClient:
         self._bus = MqttBus(url, client_id=f"fp-{fleet}-{self.client_id}", username=username, password=password,
                             tls=tls, on_connect=self._on_connect)
         self._pending: dict[str, _Pending] = {}
-        self._done: set[str] = set()
+        self._done: OrderedDict[str, None] = OrderedDict()  # recently completed frame ids (bounded)
+        self._bad = RateLimitedLog(log)
         self._credits = asyncio.Semaphore(window)
         self._plan_event = asyncio.Event()
-        self._ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> AsyncFleetClient:
@@ -141,7 +149,7 @@ class AsyncFleetClient:
         await self.wait_plan()
         await self._credits.acquire()
         feeds = self._feeds(inputs)
-        fid = frame_id or f"{self.client_id}-{next(self._ids)}"
+        fid = frame_id or secrets.token_hex(16)  # 128 random bits: nobody else can guess a pending id
         future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(fid, feeds, future, first_sent=time.monotonic())
         self._pending[fid] = pending
@@ -195,7 +203,8 @@ class AsyncFleetClient:
         frame = wire.Activation(fleet=self.fleet, epoch=pending.epoch, frame_id=pending.frame_id,
                                 client_id=self.client_id, stage=0, tensors=tensors,
                                 reply_to=topics.result(self.fleet, self.client_id), sent_ts=time.time(), hops=())
-        await self._bus.publish(topics.stage_in(self.fleet, pending.epoch, 0), wire.encode(frame), qos=1)
+        topic = topics.stage_in(self.fleet, pending.epoch, 0, self.client_id)
+        await self._bus.publish(topic, wire.encode(frame), qos=1)
 
     async def _resend(self, pending: _Pending, why: str) -> None:
         if pending.future.done() or self.plan is None:
@@ -215,6 +224,13 @@ class AsyncFleetClient:
             if isinstance(msg, wire.Plan):
                 await self._on_plan(msg)
             elif isinstance(msg, wire.Result):
+                try:
+                    topics.check(message.topic, msg)
+                    if message.topic != topics.result(self.fleet, self.client_id):
+                        raise ValueError(f"not this client's result topic: {message.topic}")
+                except ValueError as exc:
+                    self._bad.warning("client %s: result refused: %s", self.client_id, exc)
+                    continue
                 self._on_result(msg)
             elif isinstance(msg, wire.ErrorReport) and msg.frame_id in self._pending:
                 self.stats.errors.append(f"{msg.source}: {msg.kind}: {msg.detail}")
@@ -236,8 +252,16 @@ class AsyncFleetClient:
     def _on_result(self, result: Any) -> None:
         pending = self._pending.pop(result.frame_id, None)
         if pending is None:
-            self.stats.duplicates += 1
+            if result.frame_id in self._done:
+                self.stats.duplicates += 1
+            else:
+                self.stats.foreign += 1
+                self._bad.warning("client %s: result for frame %s, which it never sent or no longer waits for; "
+                                  "dropped", self.client_id, result.frame_id)
             return
+        self._done[result.frame_id] = None
+        if len(self._done) > _DONE_KEPT:
+            self._done.popitem(last=False)
         self._credits.release()
         self.stats.completed += 1
         if pending.future.done():

@@ -8,9 +8,9 @@ Layout (all under ``fleetpipe/v1/<fleet>/``)::
     node/<node_id>/metrics   Metrics                 qos0
     node/<node_id>/profile   NodeProfile             qos1 retained  (per-layer times of its loaded slice)
     plan                     Plan                    qos1 retained
-    epoch/<e>/stage/<k>/in   Activation              qos1  (replicas: $share/<fleet>-e<e>-s<k>/...)
-    epoch/<e>/stage/<k>/part/<node_id>    PartRequest   qos1  (split stage: lead -> part node)
-    epoch/<e>/stage/<k>/gather/<node_id>  PartReply     qos1  (split stage: part node -> lead)
+    epoch/<e>/stage/<k>/in/<client_id>    Activation   qos1  (replicas: $share/<fleet>-e<e>-s<k>/.../in/+)
+    epoch/<e>/stage/<k>/part/<node_id>/<lead>    PartRequest  qos1  (split stage: lead -> part node)
+    epoch/<e>/stage/<k>/gather/<lead>/<node_id>  PartReply    qos1  (split stage: part node -> lead)
     result/<client_id>       Result                  qos1
     error                    ErrorReport             qos1
     slice/<hash>/<index>     SliceChunk              qos1 retained
@@ -18,6 +18,13 @@ Layout (all under ``fleetpipe/v1/<fleet>/``)::
 
 Code never formats topic strings inline: it calls the builders here, ``parse`` to go back, and the pure
 ``matches`` for MQTT wildcard semantics (``+``, ``#``, ``$share/<group>/`` and ``$``-topics).
+
+Identity comes from the topic. The broker's ACL (``fleetpipe.deploy.creds``, generated from this table)
+binds topic levels to the identity that may publish there: a node writes only ``node/<itself>/...``, a
+client only frames on ``.../in/<itself>``, a split-stage sender only part/gather topics whose last level
+is itself. Each spec's ``binds`` names the payload fields that must equal such topic levels, and
+:func:`check` (every receiver calls it) rejects a message whose payload names another identity or fleet
+than its topic: the payload is never trusted for who sent it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ __all__ = [
     "PREFIX",
     "SPECS",
     "TopicSpec",
+    "check",
     "error",
     "fleet_filter",
     "matches",
@@ -71,6 +79,7 @@ __all__ = [
     "spec_for",
     "stage_group",
     "stage_in",
+    "stage_in_filter",
     "validate_filter",
     "validate_topic",
 ]
@@ -90,6 +99,8 @@ class TopicSpec:
     payload: tuple[type[Any], ...]
     qos: int
     retain: bool
+    #: (topic parameter, payload field) pairs that must be equal (see :func:`check`); ``fleet`` always is.
+    binds: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
@@ -98,6 +109,8 @@ class TopicSpec:
             raise TypeError("payload must be a non-empty tuple of message classes")
         if not self.pattern.startswith(PREFIX + "/{fleet}"):
             raise ValueError(f"pattern must start with {PREFIX}/{{fleet}}")
+        if any(param not in self.params for param, _field in self.binds):
+            raise ValueError(f"{self.name}: binds names a parameter its pattern lacks")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -131,19 +144,26 @@ class TopicSpec:
 
 
 _P = PREFIX + "/{fleet}"
-NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath), 1, True)
-NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False)
-NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True)
-NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False)
-NODE_PROFILE = TopicSpec("node_profile", _P + "/node/{node_id}/profile", (NodeProfile,), 1, True)
-NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (EmulationControl,), 1, False)
+_NODE = (("node_id", "node_id"),)
+NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath), 1, True, _NODE)
+NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False, _NODE)
+NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True, _NODE)
+NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False, _NODE)
+NODE_PROFILE = TopicSpec("node_profile", _P + "/node/{node_id}/profile", (NodeProfile,), 1, True, _NODE)
+NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (EmulationControl,), 1, False, _NODE)
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
-STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in", (Activation,), 1, False)
-PART_IN = TopicSpec("part_in", _P + "/epoch/{epoch}/stage/{stage}/part/{node_id}", (PartRequest,), 1, False)
-PART_GATHER = TopicSpec("part_gather", _P + "/epoch/{epoch}/stage/{stage}/gather/{node_id}", (PartReply,), 1, False)
-RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False)
+# The last level of a data-plane topic is its sender's identity (a client on stage inputs: the ACL lets a
+# client write only its own; nodes forward frames under the client id the first stage checked).
+STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in/{client_id}", (Activation,), 1, False,
+                     (("client_id", "client_id"),))
+PART_IN = TopicSpec("part_in", _P + "/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", (PartRequest,), 1, False,
+                    (("lead", "lead"),))
+PART_GATHER = TopicSpec("part_gather", _P + "/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", (PartReply,), 1,
+                        False, _NODE)
+RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False, (("client_id", "client_id"),))
 ERROR = TopicSpec("error", _P + "/error", (ErrorReport,), 1, False)
-SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True)
+SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True,
+                        (("slice_hash", "slice_hash"), ("index", "index")))
 SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,), 1, False)
 
 #: Every topic, by name.
@@ -188,13 +208,20 @@ def plan(fleet: str) -> str:
     return PLAN.topic(fleet=fleet)
 
 
-def stage_in(fleet: str, epoch: int, stage: int) -> str:
-    """Input activations of pipeline stage ``stage`` under plan ``epoch``.
+def stage_in(fleet: str, epoch: int, stage: int, client_id: str) -> str:
+    """Input activations of pipeline stage ``stage`` under plan ``epoch`` for the frames of ``client_id``.
 
     The epoch is part of the topic so that replicas of different plans never share a subscription
-    group: a frame only reaches a node that holds the slice it was routed for.
+    group: a frame only reaches a node that holds the slice it was routed for. The client id is the
+    last level so that the ACL can let a client submit frames only as itself (nodes subscribe to
+    ``stage_in_filter``).
     """
-    return STAGE_IN.topic(fleet=fleet, epoch=epoch, stage=stage)
+    return STAGE_IN.topic(fleet=fleet, epoch=epoch, stage=stage, client_id=client_id)
+
+
+def stage_in_filter(fleet: str, epoch: int, stage: int) -> str:
+    """Every client's input activations of ``stage`` under ``epoch`` (what a stage's replicas subscribe to)."""
+    return STAGE_IN.filter(fleet=fleet, epoch=epoch, stage=stage)
 
 
 def stage_group(fleet: str, epoch: int, stage: int) -> str:
@@ -202,14 +229,14 @@ def stage_group(fleet: str, epoch: int, stage: int) -> str:
     return f"{_format('fleet', fleet)}-e{_format('epoch', epoch)}-s{_format('stage', stage)}"
 
 
-def part_in(fleet: str, epoch: int, stage: int, node_id: str) -> str:
-    """Part requests of split stage ``stage`` (epoch ``epoch``) for the part node ``node_id``."""
-    return PART_IN.topic(fleet=fleet, epoch=epoch, stage=stage, node_id=node_id)
+def part_in(fleet: str, epoch: int, stage: int, node_id: str, lead: str) -> str:
+    """Part requests of split stage ``stage`` (epoch ``epoch``) from ``lead`` for the part node ``node_id``."""
+    return PART_IN.topic(fleet=fleet, epoch=epoch, stage=stage, node_id=node_id, lead=lead)
 
 
-def part_gather(fleet: str, epoch: int, stage: int, node_id: str) -> str:
-    """Part replies of split stage ``stage`` (epoch ``epoch``) for its lead ``node_id``."""
-    return PART_GATHER.topic(fleet=fleet, epoch=epoch, stage=stage, node_id=node_id)
+def part_gather(fleet: str, epoch: int, stage: int, lead: str, node_id: str) -> str:
+    """Part replies of split stage ``stage`` (epoch ``epoch``) from part node ``node_id`` for its ``lead``."""
+    return PART_GATHER.topic(fleet=fleet, epoch=epoch, stage=stage, lead=lead, node_id=node_id)
 
 
 def result(fleet: str, client_id: str) -> str:
@@ -272,6 +299,24 @@ def parse(topic: str) -> tuple[TopicSpec, dict[str, Any]]:
         else:
             return spec, params
     raise ValueError(f"not a fleetpipe topic: {topic!r}")
+
+
+def check(topic: str, msg: object) -> dict[str, Any]:
+    """The parameters of ``topic`` once ``msg`` is shown to belong there; else ValueError.
+
+    ``msg`` must be a payload type of the topic's spec, of the topic's fleet, and every field the spec
+    ``binds`` must equal its topic level: a message naming another identity than its topic is refused.
+    """
+    spec, params = parse(topic)
+    if not spec.accepts(msg):
+        raise ValueError(f"a {type(msg).__name__} does not belong on {topic}")
+    fleet = getattr(msg, "fleet", params["fleet"])
+    if fleet != params["fleet"]:
+        raise ValueError(f"a message of fleet {fleet!r} on {topic}")
+    for param, name in spec.binds:
+        if getattr(msg, name) != params[param]:
+            raise ValueError(f"a {type(msg).__name__} naming {name}={getattr(msg, name)!r} on {topic}")
+    return params
 
 
 def matches(topic_filter: str, topic: str) -> bool:

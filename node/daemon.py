@@ -286,22 +286,22 @@ class NodeDaemon(SplitMember):
                 await self._report(exc, None)
 
     async def _dispatch(self, message: Message) -> None:
-        spec, _params = topics.parse(message.topic)
+        spec, _ = topics.parse(message.topic)
         if spec is topics.NODE_ASSIGN:
             if not message.payload:
                 await self._unassign()
                 return
             self._start_load(self._decode_as(message, wire.StageAssign))
-        elif spec is topics.STAGE_IN:
+        elif spec is topics.STAGE_IN:  # check(): the client id in the payload is the one the topic (ACL) binds
             msg = self._decode_as(message, wire.Activation)
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
         elif spec is topics.PART_IN:
-            msg = self._decode_as(message, wire.PartRequest, of_fleet=True)
+            msg = self._decode_as(message, wire.PartRequest)
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
         elif spec is topics.PART_GATHER:
-            msg = self._decode_as(message, wire.PartReply, of_fleet=True)
+            msg = self._decode_as(message, wire.PartReply)
             waiter = self._part_waiters.get((msg.epoch, msg.frame_id, msg.unit, msg.part))
             if waiter is not None and not waiter.done():  # else late (the lead already computed it) or forged
                 waiter.set_result(msg)
@@ -309,29 +309,31 @@ class NodeDaemon(SplitMember):
                     log.debug("node %s: part reply %s u%d p%d back in %.2f ms", self.name, msg.frame_id, msg.unit,
                               msg.part, (time.time() - msg.sent_ts) * 1000)
         elif spec is topics.NODE_CONTROL:
-            msg = wire.decode(message.payload)
-            if not isinstance(msg, wire.EmulationControl) or (msg.fleet, msg.node_id) != (self.fleet, self.name):
-                raise DecodeError(f"expected an EmulationControl for {self.fleet}/{self.name} on {message.topic}, "
-                                  f"got {_describe(msg)}")
-            self._emulation_control(msg)
+            self._emulation_control(self._decode_as(message, wire.EmulationControl))
         elif spec is topics.PLAN:
             if message.payload:
-                msg = self._decode_as(message, wire.Plan, of_fleet=True)
+                msg = self._decode_as(message, wire.Plan)
                 self.plans[msg.epoch] = msg
                 for old in sorted(self.plans)[:-3]:  # the newest three, however the epochs arrive
                     del self.plans[old]
         elif spec is topics.SLICE_CHUNK:
-            msg = self._decode_as(message, wire.SliceChunk)
-            if (msg.slice_hash, msg.index) != (_params["slice_hash"], _params["index"]):
-                raise DecodeError(f"chunk {msg.slice_hash}/{msg.index} arrived on {message.topic}")
-            self._on_chunk(msg)
+            self._on_chunk(self._decode_as(message, wire.SliceChunk))
 
-    def _decode_as(self, message: Message, cls: type[Any], *, of_fleet: bool = False) -> Any:
-        """The message's payload decoded, if it is a ``cls`` (of this node's fleet); else DecodeError."""
+    def _decode_as(self, message: Message, cls: type[Any]) -> Any:
+        """The message's payload decoded, if it is a ``cls`` that belongs on its topic; else DecodeError.
+
+        Belonging (``topics.check``): this node's fleet, and every identity the payload names (node, client,
+        lead, slice) is the one its topic names, which the broker's ACL binds to the publisher.
+        """
         msg = wire.decode(message.payload)
-        if not isinstance(msg, cls) or (of_fleet and msg.fleet != self.fleet):
-            fleet = f" of fleet {self.fleet}" if of_fleet else ""
-            raise DecodeError(f"expected a {cls.__name__}{fleet} on {message.topic}, got {_describe(msg)}")
+        if not isinstance(msg, cls):
+            raise DecodeError(f"expected a {cls.__name__} on {message.topic}, got {_describe(msg)}")
+        try:
+            topics.check(message.topic, msg)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        if getattr(msg, "fleet", self.fleet) != self.fleet:
+            raise DecodeError(f"expected a {cls.__name__} of fleet {self.fleet} on {message.topic}")
         return msg
 
     def _emulation_control(self, msg: Any) -> None:
@@ -388,13 +390,14 @@ class NodeDaemon(SplitMember):
             why = f"no chunks within {SLICE_FETCH_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else exc
             await self._report(RuntimeLoadError(f"cannot load slice {assign.slice_hash}: {why}"), None)
             return
-        topic = topics.stage_in(self.fleet, assign.epoch, assign.stage)
+        topic = topics.stage_in_filter(self.fleet, assign.epoch, assign.stage)
         group = topics.shared(topics.stage_group(self.fleet, assign.epoch, assign.stage), topic)
         extra: tuple[str, ...] = ()
         if role is not None and role.lead:
-            extra = (topics.part_gather(self.fleet, assign.epoch, assign.stage, self.name),)
-        elif role is not None:  # a part node never takes the stage's frames, only part requests
-            group, extra = "", (topics.part_in(self.fleet, assign.epoch, assign.stage, self.name),)
+            extra = (topics.PART_GATHER.filter(fleet=self.fleet, epoch=assign.epoch, stage=assign.stage,
+                                               lead=self.name),)
+        elif role is not None:  # a part node never takes the stage's frames, only part requests from its lead
+            group, extra = "", (topics.part_in(self.fleet, assign.epoch, assign.stage, self.name, assign.split.lead),)
         now = time.monotonic()
         for old in self.slots.values():
             if old.retired_at is None:
@@ -614,7 +617,7 @@ class NodeDaemon(SplitMember):
             nxt = wire.Activation(fleet=self.fleet, epoch=frame.epoch, frame_id=frame.frame_id,
                                   client_id=frame.client_id, stage=assign.next_stage, tensors=tensors,
                                   reply_to=frame.reply_to, sent_ts=time.time(), hops=hops)
-            topic = topics.stage_in(self.fleet, frame.epoch, assign.next_stage)
+            topic = topics.stage_in(self.fleet, frame.epoch, assign.next_stage, frame.client_id)
             await self._outbox.put((topic, wire.encode(nxt), slot.adaptive))
         self.stats.frames_out += 1
 

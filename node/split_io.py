@@ -110,7 +110,8 @@ class SplitMember:
                 waiting[i] = self._part_waiters[(assign.epoch, frame_id, u, i)] = loop.create_future()
                 payload = wire.encode(req)
                 sent_bytes += len(payload)
-                requests.append((topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id), payload, None))
+                topic = topics.part_in(self.fleet, assign.epoch, assign.stage, part.node_id, self.name)
+                requests.append((topic, payload, None))
             # Queued by a task, so our own part starts while a slow link still drains the outbox (several
             # tiles per node are more requests than the outbox holds).
             task = asyncio.create_task(self._queue_all(requests))
@@ -211,8 +212,8 @@ class SplitMember:
         reply = wire.PartReply(fleet=self.fleet, epoch=req.epoch, stage=req.stage, frame_id=req.frame_id,
                                unit=req.unit, part=req.part, node_id=self.name, tensors=tensors,
                                compute_ms=round(compute_ms, 3), sent_ts=time.time(), error=error)
-        await self._outbox.put((topics.part_gather(self.fleet, req.epoch, req.stage, req.lead), wire.encode(reply),
-                                None))
+        topic = topics.part_gather(self.fleet, req.epoch, req.stage, req.lead, self.name)
+        await self._outbox.put((topic, wire.encode(reply), None))
         self.stats.frames_out += 1
     async def _queue_all(self, items: list[tuple[str, bytes, Any]]) -> None:
         for item in items:

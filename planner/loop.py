@@ -43,6 +43,7 @@ from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
 from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
+from fleetpipe.ratelog import RateLimitedLog
 from fleetpipe.transport import Message
 from fleetpipe.transport.mqtt import MqttBus
 
@@ -177,6 +178,7 @@ class PlannerService:
                                      health_grace_s=2 * timing.HEALTH_INTERVAL_S)
         self.should_exit = asyncio.Event()
         self.bus: MqttBus | None = None
+        self._bad = RateLimitedLog(log)
         self._first_seen: float | None = None
         self._replanning: asyncio.Task[None] | None = None
         self._published_slices: set[str] = set()
@@ -285,13 +287,16 @@ class PlannerService:
             try:
                 self._fold(message)
             except (DecodeError, ValueError) as exc:
-                log.warning("planner: bad message on %s: %s", message.topic, exc)
+                self._bad.warning("planner: bad message on %s: %s", message.topic, exc)
             self._step()
 
     def _fold(self, message: Message) -> None:
         if not message.payload:
             return
         msg = wire.decode(message.payload)
+        # Identity from the topic, which the ACL binds: a birth, death, health or profile naming another node
+        # (or fleet) than its topic is refused here, before it touches any state.
+        topics.check(message.topic, msg)
         now = time.monotonic()
         self.view.apply(msg)
         if isinstance(msg, wire.NodeBirth):
@@ -310,9 +315,6 @@ class PlannerService:
             if msg.msg_ms_est is not None and self.config.intra and msg.epoch == self._published_epoch:
                 self._msg_est[msg.node_id] = float(msg.msg_ms_est)
         elif isinstance(msg, wire.NodeProfile) and msg.fleet == self.fleet and self.costs is not None:
-            # The ACL lets a node write only its own profile topic: the payload must name that node too.
-            if topics.parse(message.topic)[1].get("node_id") != msg.node_id:
-                raise DecodeError(f"profile of {msg.node_id!r} on {message.topic}")
             if self.costs.add(msg):
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))

@@ -18,9 +18,9 @@ EXPECTED = {
     "node_profile": ("fleetpipe/v1/{fleet}/node/{node_id}/profile", 1, True),
     "node_control": ("fleetpipe/v1/{fleet}/node/{node_id}/control", 1, False),
     "plan": ("fleetpipe/v1/{fleet}/plan", 1, True),
-    "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in", 1, False),
-    "part_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/part/{node_id}", 1, False),
-    "part_gather": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/gather/{node_id}", 1, False),
+    "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in/{client_id}", 1, False),
+    "part_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", 1, False),
+    "part_gather": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", 1, False),
     "result": ("fleetpipe/v1/{fleet}/result/{client_id}", 1, False),
     "error": ("fleetpipe/v1/{fleet}/error", 1, False),
     "slice_chunk": ("fleetpipe/v1/{fleet}/slice/{slice_hash}/{index}", 1, True),
@@ -45,7 +45,7 @@ def test_builders_and_parse() -> None:
         (topics.node_assign("lab", "pi-1"), "node_assign", {"fleet": "lab", "node_id": "pi-1"}),
         (topics.node_metrics("lab", "a.b"), "node_metrics", {"fleet": "lab", "node_id": "a.b"}),
         (topics.plan("lab"), "plan", {"fleet": "lab"}),
-        (topics.stage_in("lab", 7, 3), "stage_in", {"fleet": "lab", "epoch": 7, "stage": 3}),
+        (topics.stage_in("lab", 7, 3, "cam"), "stage_in", {"fleet": "lab", "epoch": 7, "stage": 3, "client_id": "cam"}),
         (topics.result("lab", "cli"), "result", {"fleet": "lab", "client_id": "cli"}),
         (topics.error("lab"), "error", {"fleet": "lab"}),
         (topics.slice_chunk("lab", "ab12", 0), "slice_chunk",
@@ -57,7 +57,7 @@ def test_builders_and_parse() -> None:
         spec, got = parse(topic)
         assert spec.name == name and got == params
         assert spec.topic(**params) == topic
-    assert topics.stage_in("lab", 1, 2) == "fleetpipe/v1/lab/epoch/1/stage/2/in"
+    assert topics.stage_in("lab", 1, 2, "cam") == "fleetpipe/v1/lab/epoch/1/stage/2/in/cam"
     assert topics.node_state("f", "n") == "fleetpipe/v1/f/node/n/state"
 
 
@@ -89,8 +89,9 @@ def test_parse_rejects(bad: str) -> None:
         lambda: topics.node_state("l+b", "n"),
         lambda: topics.node_state("lab", "#"),
         lambda: topics.node_state("lab", ""),
-        lambda: topics.stage_in("lab", 1, -1),
-        lambda: topics.stage_in("lab", 1, True),
+        lambda: topics.stage_in("lab", 1, -1, "c"),
+        lambda: topics.stage_in("lab", 1, True, "c"),
+        lambda: topics.stage_in("lab", 1, 1, "+"),
         lambda: topics.result("lab", "x" * 65),
         lambda: topics.slice_chunk("lab", "h", 1.5),
         lambda: topics.shared("a/b", "x"),
@@ -113,10 +114,10 @@ def test_filters_and_shared() -> None:
     assert not matches(states, topics.node_health("lab", "n1"))
     group = topics.stage_group("lab", 1, 1)
     assert group == "lab-e1-s1"
-    sub = shared(group, topics.stage_in("lab", 1, 1))
-    assert sub == "$share/lab-e1-s1/fleetpipe/v1/lab/epoch/1/stage/1/in"
-    assert matches(sub, topics.stage_in("lab", 1, 1))
-    assert not matches(sub, topics.stage_in("lab", 1, 2))
+    sub = shared(group, topics.stage_in_filter("lab", 1, 1))
+    assert sub == "$share/lab-e1-s1/fleetpipe/v1/lab/epoch/1/stage/1/in/+"
+    assert matches(sub, topics.stage_in("lab", 1, 1, "cam"))
+    assert not matches(sub, topics.stage_in("lab", 1, 2, "cam"))
     assert matches(topics.fleet_filter("lab"), topics.plan("lab"))
     assert not matches(topics.fleet_filter("lab"), topics.plan("lab2"))
     assert SPECS["slice_chunk"].filter(fleet="f", slice_hash="ab") == "fleetpipe/v1/f/slice/ab/+"
@@ -199,11 +200,39 @@ def test_matches_properties(levels: list[str], data: st.DataObject) -> None:
 
 
 def test_split_stage_topics_round_trip() -> None:
-    req = topics.part_in("lab", 3, 1, "pi-2")
-    rep = topics.part_gather("lab", 3, 1, "pi-1")
-    assert req == "fleetpipe/v1/lab/epoch/3/stage/1/part/pi-2"
-    assert parse(req) == (SPECS["part_in"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-2"})
-    assert parse(rep) == (SPECS["part_gather"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-1"})
+    req = topics.part_in("lab", 3, 1, "pi-2", "pi-1")
+    rep = topics.part_gather("lab", 3, 1, "pi-1", "pi-2")
+    assert req == "fleetpipe/v1/lab/epoch/3/stage/1/part/pi-2/pi-1"
+    assert parse(req) == (SPECS["part_in"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-2", "lead": "pi-1"})
+    assert parse(rep) == (SPECS["part_gather"],
+                          {"fleet": "lab", "epoch": 3, "stage": 1, "lead": "pi-1", "node_id": "pi-2"})
     assert matches(SPECS["part_in"].filter(fleet="lab", node_id="pi-2"), req)
     assert not matches(SPECS["part_in"].filter(fleet="lab", node_id="pi-3"), req)
-    assert not matches(topics.stage_in("lab", 3, 1), req)
+    assert not matches(topics.stage_in_filter("lab", 3, 1), req)
+
+
+def test_check_binds_identity_to_the_topic() -> None:
+    """A payload naming another node, client, lead or fleet than its topic is refused (the ACL binds topics)."""
+    from fleetpipe import wire
+
+    death = NodeDeath("lab", "n1", 0, 0.0)
+    assert topics.check(topics.node_state("lab", "n1"), death)["node_id"] == "n1"
+    for topic in (topics.node_state("lab", "n0"), topics.node_state("lab2", "n1"), topics.node_health("lab", "n1")):
+        with pytest.raises(ValueError):
+            topics.check(topic, death)
+    health = wire.NodeHealth(fleet="lab", node_id="n1", seq=0, ts=0.0)
+    metrics = wire.Metrics(fleet="lab", node_id="n1", ts=0.0, values={})
+    with pytest.raises(ValueError):
+        topics.check(topics.node_health("lab", "n0"), health)
+    with pytest.raises(ValueError):
+        topics.check(topics.node_metrics("lab", "n0"), metrics)
+    act = wire.Activation(fleet="lab", epoch=1, frame_id="f", client_id="cam-1", stage=0, tensors=(),
+                          reply_to=topics.result("lab", "cam-1"), sent_ts=0.0)
+    topics.check(topics.stage_in("lab", 1, 0, "cam-1"), act)
+    with pytest.raises(ValueError):
+        topics.check(topics.stage_in("lab", 1, 0, "cam-2"), act)
+    rep = wire.PartReply(fleet="lab", epoch=1, stage=0, frame_id="f", unit=0, part=1, node_id="n2", tensors=(),
+                         compute_ms=0.0, sent_ts=0.0)
+    topics.check(topics.part_gather("lab", 1, 0, "n1", "n2"), rep)
+    with pytest.raises(ValueError):
+        topics.check(topics.part_gather("lab", 1, 0, "n1", "n3"), rep)

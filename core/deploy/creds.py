@@ -9,31 +9,42 @@ name, so a node's username is its node id) and a random password. :func:`generat
 
 ``secure.conf`` reads ``{dir}/passwd`` and ``{dir}/acl``: render it with ``dir=<out>/mosquitto``.
 
-What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied)::
+What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied). The grants
+are built from the topic table (:mod:`fleetpipe.topics`: each grant is a spec with some parameters
+fixed to the identity, the rest ``+``), so moving a topic needs no edit here::
 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
-              write F/epoch/+/stage/+/in  F/result/+  F/error  F/slice/request
-              write F/epoch/+/stage/+/part/+  F/epoch/+/stage/+/gather/+     (split stages)
-              read  F/node/n/assign  F/epoch/+/stage/+/in  F/slice/+/+
-              read  F/epoch/+/stage/+/part/n  F/epoch/+/stage/+/gather/n
+              read  F/node/n/assign  F/node/n/control  F/plan  F/slice/+/+
+              readwrite F/epoch/+/stage/+/in/+            (its stage's frames; the next stage's, any client's)
+              read  F/epoch/+/stage/+/part/n/+   write F/epoch/+/stage/+/part/+/n     (split stages: as itself)
+              read  F/epoch/+/stage/+/gather/n/+ write F/epoch/+/stage/+/gather/+/n
+              write F/result/+  F/error  F/slice/request
     planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
               read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/node/+/profile  F/plan  F/error
               read  F/slice/request
-    client c  write F/epoch/+/stage/0/in
+    client c  write F/epoch/+/stage/0/in/c                (frames only as itself)
               read  F/result/c  F/plan  F/error
-    observer  read  F/#
+    observer  read  the control plane and metrics: F/node/+/{state,health,assign,metrics,profile,control},
+              F/plan, F/error, F/slice/request; never frames, part messages, results or slices (model weights)
 
-Limits of mosquitto ACLs (they match topics, not payloads or plans):
+Identity is the topic: a receiver takes who sent a message from the topic level the ACL binds to the
+publisher (``fleetpipe.topics.check``), never from the payload. With ``use_username_as_clientid`` in
+secure.conf the MQTT client id is the username too, so no identity can take over (kick off) another's
+session.
+
+Limits of mosquitto ACLs (they match topics, not payloads or plans), and the trust left in nodes:
 
 * A node may publish to *any* stage input and *any* client's result topic, not only the next stage of
-  the plan it is assigned or the client that sent the frame: the broker does not know the plan. A
-  compromised node can therefore inject activations into other stages and forge results; receivers
-  must check epochs, frame ids and stage numbers (the wire layer does) and nodes must only publish
-  results to ``result/<client>`` topics of their fleet, never to an arbitrary ``reply_to``.
+  the plan it is assigned or the client that sent the frame: the broker does not know the plan, and an
+  ACL cannot say "reply only to frames you received" (it has no state). A compromised node can
+  therefore inject activations into other stages and forge results for any client, but only for frame
+  ids it saw (the client accepts a result only for a random 128-bit frame id it has pending) and always
+  under the client id of the frame's topic (nodes forward a frame under the client id the first stage
+  checked against its topic, and reply only to ``result/<that client>``).
 * Any node may read every stage input (it needs the wildcard to follow re-plans), so it sees all frames.
-* Any node may send a part request to any node and a part reply to any lead (split stages); a part
-  node answers only the parts it holds for the lead and epoch of its assignment, a lead accepts only
-  replies to requests it sent.
+* A node holds a slice only if the planner's Ed25519 signature over its assignment verifies (when the
+  node is configured with the planner's public key): a stolen node or client identity, or the broker,
+  cannot make a node load a model of its choosing.
 * Anyone may publish an ``error`` report; error reports are informational, never trusted.
 * ACLs do not limit rate or size: ``max_packet_size`` in secure.conf bounds one message.
 * The username is the identity: one password file per host, never shared between nodes.
@@ -52,9 +63,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetpipe import topics
 from fleetpipe.config import validate_name
 from fleetpipe.errors import ConfigError
-from fleetpipe.topics import PREFIX
 
 __all__ = ["Credentials", "acl_text", "generate", "hash_password", "verify_password"]
 
@@ -121,7 +132,7 @@ def generate(
 
 def acl_text(fleet: str, roles: dict[str, str]) -> str:
     """The mosquitto acl_file for ``roles`` (identity -> node | planner | client | observer)."""
-    f = f"{PREFIX}/{validate_name('fleet', fleet)}"
+    validate_name("fleet", fleet)
     lines = [
         f"# fleetpipe ACL for fleet {fleet!r}, written by `fleetpipe broker gen-creds`.",
         "# Username = fleetpipe identity. Anything not granted here is denied (anonymous: nothing).",
@@ -132,7 +143,7 @@ def acl_text(fleet: str, roles: dict[str, str]) -> str:
     for name, role in roles.items():
         lines.append(f"# {role}")
         lines.append(f"user {name}")
-        lines.extend(f"topic {access} {topic}" for access, topic in _grants(f, role, name))
+        lines.extend(f"topic {access} {topic}" for access, topic in _grants(fleet, role, name))
         lines.append("")
     return "\n".join(lines)
 
@@ -156,47 +167,59 @@ def verify_password(password: str, hashed: str) -> bool:
 # --- private helpers --------------------------------------------------------------------------------
 
 
-def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
+def _grants(fleet: str, role: str, name: str) -> list[tuple[str, str]]:
+    return [(access, spec.filter(fleet=fleet, **params)) for access, spec, params in _role_grants(role, name)]
+
+
+# The data plane (frames, part messages, results, slices = model weights): never granted to observers.
+_DATA_PLANE = (topics.STAGE_IN, topics.PART_IN, topics.PART_GATHER, topics.RESULT, topics.SLICE_CHUNK)
+
+
+def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, dict[str, object]]]:
+    t = topics
     if role == "node":
+        me = {"node_id": name}
         return [
-            ("write", f"{f}/node/{name}/state"),
-            ("write", f"{f}/node/{name}/health"),
-            ("write", f"{f}/node/{name}/metrics"),
-            ("write", f"{f}/node/{name}/profile"),
-            ("readwrite", f"{f}/epoch/+/stage/+/in"),  # read: its stage; write: the next one (any, see limits)
+            ("write", t.NODE_STATE, me),
+            ("write", t.NODE_HEALTH, me),
+            ("write", t.NODE_METRICS, me),
+            ("write", t.NODE_PROFILE, me),
+            ("read", t.NODE_ASSIGN, me),
+            ("read", t.NODE_CONTROL, me),
+            ("read", t.PLAN, {}),
+            ("readwrite", t.STAGE_IN, {}),  # read: its stage; write: the next one (any, see limits)
             # Split stages: a lead sends part requests to its part nodes and reads their replies on its gather
-            # topic; a part node reads its requests and replies to the lead's gather topic.
-            ("read", f"{f}/epoch/+/stage/+/part/{name}"),
-            ("write", f"{f}/epoch/+/stage/+/part/+"),
-            ("read", f"{f}/epoch/+/stage/+/gather/{name}"),
-            ("write", f"{f}/epoch/+/stage/+/gather/+"),
-            ("write", f"{f}/result/+"),
-            ("write", f"{f}/error"),
-            ("write", f"{f}/slice/request"),
-            ("read", f"{f}/node/{name}/assign"),
-            ("read", f"{f}/slice/+/+"),
+            # topic; a part node reads its requests and replies to the lead's. The last level is the sender.
+            ("read", t.PART_IN, me),
+            ("write", t.PART_IN, {"lead": name}),
+            ("read", t.PART_GATHER, {"lead": name}),
+            ("write", t.PART_GATHER, me),
+            ("write", t.RESULT, {}),
+            ("write", t.ERROR, {}),
+            ("write", t.SLICE_REQUEST, {}),
+            ("read", t.SLICE_CHUNK, {}),
         ]
     if role == "planner":
         return [
-            ("readwrite", f"{f}/plan"),
-            ("write", f"{f}/node/+/assign"),
-            ("write", f"{f}/slice/+/+"),
-            ("readwrite", f"{f}/error"),
-            ("read", f"{f}/node/+/state"),
-            ("read", f"{f}/node/+/health"),
-            ("read", f"{f}/node/+/metrics"),
-            ("read", f"{f}/node/+/profile"),
-            ("read", f"{f}/slice/request"),
-            ("write", f"{f}/node/planner/metrics"),  # pipeline metrics (planner/loop.py publishes them there)
+            ("readwrite", t.PLAN, {}),
+            ("write", t.NODE_ASSIGN, {}),
+            ("write", t.SLICE_CHUNK, {}),
+            ("readwrite", t.ERROR, {}),
+            ("read", t.NODE_STATE, {}),
+            ("read", t.NODE_HEALTH, {}),
+            ("read", t.NODE_METRICS, {}),
+            ("read", t.NODE_PROFILE, {}),
+            ("read", t.SLICE_REQUEST, {}),
+            ("write", t.NODE_METRICS, {"node_id": "planner"}),  # pipeline metrics (planner/loop.py publishes them)
         ]
     if role == "client":
         return [
-            ("write", f"{f}/epoch/+/stage/0/in"),
-            ("read", f"{f}/result/{name}"),
-            ("read", f"{f}/plan"),
-            ("read", f"{f}/error"),
+            ("write", t.STAGE_IN, {"stage": 0, "client_id": name}),
+            ("read", t.RESULT, {"client_id": name}),
+            ("read", t.PLAN, {}),
+            ("read", t.ERROR, {}),
         ]
-    return [("read", f"{f}/#")]  # observer
+    return [("read", spec, {}) for spec in t.SPECS.values() if spec not in _DATA_PLANE]  # observer
 
 
 def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Iterable[str],

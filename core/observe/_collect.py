@@ -77,7 +77,7 @@ async def watch(url: str | BrokerConfig, view: FleetView, *, seconds: float | No
                     message = nxt.result()
                 except StopAsyncIteration:
                     return
-                _fold(view, message.payload, lock, on_message)
+                _fold(view, message.topic, message.payload, lock, on_message)
         finally:
             if stopper is not None:
                 stopper.cancel()
@@ -88,11 +88,12 @@ async def watch(url: str | BrokerConfig, view: FleetView, *, seconds: float | No
 # ---------------------------------------------------------------------------------------------- private
 
 
-def _fold(view: FleetView, payload: bytes, lock: threading.Lock | None,
+def _fold(view: FleetView, topic: str, payload: bytes, lock: threading.Lock | None,
           on_message: Callable[[wire.Message], None] | None) -> None:
     try:
         msg = wire.decode(payload)
-    except WireError:
+        topics.check(topic, msg)  # a node's health or metrics naming another node than its topic: not shown
+    except (WireError, ValueError):
         return  # not ours to judge: the nodes report bad input on the error topic
     now = time.time()
     if lock is None:

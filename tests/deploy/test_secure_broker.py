@@ -77,20 +77,22 @@ def test_planner_assigns_and_node_reads_only_its_own_assignment(secure_broker: S
                 await planner.publish(topics.node_health(FLEET, "n1"), b"forged", qos=1)
             return got
 
-    # (n1's own assignment arrives once per matching subscription; slices are readable by every node)
-    assert set(run(main())) == {(topics.node_assign(FLEET, "n1"), b"stage-0"),
+    # (n1's own assignment arrives once per matching subscription; slices and the plan, which every node
+    # subscribes to, are readable by every node)
+    assert set(run(main())) == {(topics.node_assign(FLEET, "n1"), b"stage-0"), (topics.plan(FLEET), b"plan"),
                                 (topics.slice_chunk(FLEET, "abc", 0), b"chunk")}
 
 
 def test_pipeline_topics_for_nodes_and_clients(secure_broker: SecureBroker) -> None:
-    s0 = topics.stage_in(FLEET, 1, 0)
-    s1 = topics.stage_in(FLEET, 1, 1)
+    s0 = topics.stage_in(FLEET, 1, 0, "c1")
+    s1 = topics.stage_in(FLEET, 1, 1, "c1")
 
     async def main() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
         async with secure_broker.bus("n1") as n1, secure_broker.bus("n2") as n2, \
                 secure_broker.bus("c1") as c1:
-            await n1.subscribe(topics.shared(topics.stage_group(FLEET, 1, 0), s0), qos=1)
-            await n2.subscribe(topics.shared(topics.stage_group(FLEET, 1, 1), s1), qos=1)
+            for bus, stage in ((n1, 0), (n2, 1)):
+                group = topics.stage_group(FLEET, 1, stage)
+                await bus.subscribe(topics.shared(group, topics.stage_in_filter(FLEET, 1, stage)), qos=1)
             await c1.subscribe(topics.result(FLEET, "c1"), qos=1)
             # granted, but the read ACL filters on delivery: c1 never sees c2's results nor frames
             await c1.subscribe(topics.result(FLEET, "c2"), qos=1)
@@ -98,6 +100,8 @@ def test_pipeline_topics_for_nodes_and_clients(secure_broker: SecureBroker) -> N
             await c1.publish(s0, b"frame", qos=1)
             with pytest.raises(TransportError, match="rejected publish"):
                 await c1.publish(s1, b"skip-stage-0", qos=1)  # clients may only feed the first stage
+            with pytest.raises(TransportError, match="rejected publish"):
+                await c1.publish(topics.stage_in(FLEET, 1, 0, "c2"), b"as-c2", qos=1)  # ... and only as themselves
             with pytest.raises(TransportError, match="rejected publish"):
                 await c1.publish(topics.result(FLEET, "c2"), b"forged", qos=1)
             await n2.publish(topics.result(FLEET, "c2"), b"for-c2", qos=1)
@@ -111,16 +115,23 @@ def test_pipeline_topics_for_nodes_and_clients(secure_broker: SecureBroker) -> N
     assert client_got == [(topics.result(FLEET, "c1"), b"result")]
 
 
-def test_observer_reads_everything_and_publishes_nothing(secure_broker: SecureBroker) -> None:
+def test_observer_reads_the_control_plane_only_and_publishes_nothing(secure_broker: SecureBroker) -> None:
+    """An observer sees health and metrics, never frames, part messages, results or slices (model weights)."""
     async def main() -> list[tuple[str, bytes]]:
-        async with secure_broker.bus("obs") as obs, secure_broker.bus("n2") as n2:
+        async with secure_broker.bus("obs") as obs, secure_broker.bus("n2") as n2, \
+                secure_broker.bus("planner") as planner:
             await obs.subscribe(topics.fleet_filter(FLEET), qos=1)
             with pytest.raises(TransportError, match="rejected publish"):
                 await obs.publish(topics.node_health(FLEET, "n2"), b"x", qos=1)
             await n2.publish(topics.node_metrics(FLEET, "n2"), b"m", qos=1)
+            await n2.publish(topics.stage_in(FLEET, 1, 1, "c1"), b"frame", qos=1)
+            await n2.publish(topics.result(FLEET, "c1"), b"result", qos=1)
+            await n2.publish(topics.part_gather(FLEET, 1, 1, "n1", "n2"), b"part", qos=1)
+            await planner.publish(topics.slice_chunk(FLEET, "w", 0), b"weights", qos=1)
+            await n2.publish(topics.node_health(FLEET, "n2"), b"h", qos=1)
             return await _receive(obs, 0.3)
 
-    assert run(main()) == [(topics.node_metrics(FLEET, "n2"), b"m")]
+    assert run(main()) == [(topics.node_metrics(FLEET, "n2"), b"m"), (topics.node_health(FLEET, "n2"), b"h")]
 
 
 @pytest.mark.parametrize("identity, password", [(None, None), ("n1", "wrong"), ("nobody", "x"), ("n1", "")])

@@ -72,7 +72,7 @@ async def _run(monkeypatch: object) -> tuple[list[str], list[tuple[str, float, f
         for _ in range(FRAMES):
             topic, payload, _ = await asyncio.wait_for(node._outbox.get(), 10)
             msg = wire.decode(payload)
-            assert isinstance(msg, wire.Activation) and topic == topics.stage_in("lab", 1, 1)
+            assert isinstance(msg, wire.Activation) and topic == topics.stage_in("lab", 1, 1, msg.client_id)
             assert msg.stage == 1 and msg.tensors[0][1].bits == 8
             sent.append(msg.frame_id)
         elapsed = time.monotonic() - t0
