@@ -81,6 +81,14 @@ class NodeConfig:
     adaptive_bits: bool = True
     # Time every layer of each loaded ONNX slice once and publish it (wire.NodeProfile) for the planner.
     report_profile: bool = True
+    # The planner's Ed25519 public key (base64, `broker gen-creds` writes it to planner.pub): when set, an
+    # assignment must carry the planner's signature or it is refused before anything is fetched or loaded.
+    planner_key: str | None = None
+    # Bounds on a slice before a session is created (fleetpipe.node.runtime.verify).
+    max_slice_bytes: int = 1 << 30
+    max_tensor_bytes: int = 1 << 30
+    # Test harnesses only: accept slices for the test-only fake runtime (never set on a real node).
+    allow_fake_runtime: bool = False
 
     def __post_init__(self) -> None:
         validate_name("node name", self.name)
@@ -125,6 +133,8 @@ class PlannerConfig:
     intra_measure_parts: bool = True
     # JSON file of per-layer host times: read when it matches the model, else profiled and written.
     profile: str | None = None
+    # Ed25519 private key file (PEM, `broker gen-creds` writes planner.key): sign every assignment with it.
+    signing_key: str | None = None
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)

@@ -21,6 +21,8 @@ on the fleet's error topic and dropped; it never crashes a daemon.
     │   └── InfeasiblePlan          no plan satisfies the constraints (says what is short)
     ├── StageError                  running a stage on a node
     │   ├── RuntimeLoadError        a slice cannot be loaded
+    │   │   └── UntrustedSlice      refused before loading: unsigned or badly signed assignment, external
+    │   │                           data, a custom operator domain, oversize tensors, a test-only runtime
     │   └── InferenceError          a slice failed on an input (wrong shape, dtype, ...)
     └── FlowError                   frames and epochs
         ├── StaleEpoch              a frame or plan from an old epoch
@@ -52,6 +54,7 @@ __all__ = [
     "StaleEpoch",
     "TransportError",
     "UnsupportedModel",
+    "UntrustedSlice",
     "VersionMismatch",
     "WireError",
 ]
@@ -127,6 +130,10 @@ class StageError(FleetpipeError):
 
 class RuntimeLoadError(StageError):
     """A slice could not be loaded by the inference runtime."""
+
+
+class UntrustedSlice(RuntimeLoadError):
+    """A slice or assignment refused before anything was loaded (signature, external data, operators, sizes)."""
 
 
 class InferenceError(StageError):

@@ -297,10 +297,14 @@ class StageAssign(_Msg):
     next_stage: int | None = None
     exit_cache: ExitCache | None = None
     split: SplitAssign | None = None
+    # The planner's Ed25519 signature over everything else (base64; fleetpipe.signing); "" = unsigned.
+    signature: str = ""
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
         _nonneg(self, "epoch", "stage", "first_layer", "last_layer", "slice_size", "ts", "next_stage")
+        if len(self.signature) > 128:
+            raise ValueError("signature longer than 128 characters")
         if self.split is not None:
             units = self.split.units
             if units[0].first_layer != self.first_layer or units[-1].last_layer != self.last_layer:

@@ -45,16 +45,25 @@ from typing import Any
 
 import numpy as np
 
-from fleetpipe import codec, timing, topics, wire
+from fleetpipe import codec, signing, timing, topics, wire
 from fleetpipe.config import NodeConfig
 from fleetpipe.deploy import sdnotify
-from fleetpipe.errors import DecodeError, FleetpipeError, InferenceError, RuntimeLoadError, StageError, StaleEpoch
+from fleetpipe.errors import (
+    DecodeError,
+    FleetpipeError,
+    InferenceError,
+    RuntimeLoadError,
+    StageError,
+    StaleEpoch,
+    UntrustedSlice,
+)
 from fleetpipe.metrics import metrics_payload
 from fleetpipe.node.emulate import TokenBucket, parse_emulate
 from fleetpipe.node.executor import InferenceExecutor
 from fleetpipe.node.lifecycle import NodeLifecycle
 from fleetpipe.node.profile import measure_speed, probe_capability, slice_layer_ms
-from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime, detect_kind
+from fleetpipe.node.runtime import available_providers, available_runtimes, create_runtime
+from fleetpipe.node.runtime.verify import SliceLimits, checked_kind
 from fleetpipe.node.split import SplitRole
 from fleetpipe.node.split_io import SplitMember, _as_array, _bits_for
 from fleetpipe.slices import content_hash
@@ -136,6 +145,9 @@ class NodeDaemon(SplitMember):
         self.bus: MqttBus | None = None
         self.bucket = TokenBucket(self.device.bandwidth_mbps) if self.device.bandwidth_mbps else None
         self.cache_dir = Path(os.path.expanduser(config.cache_dir))
+        self.planner_key = signing.load_public_key(config.planner_key) if config.planner_key else None
+        self.slice_limits = SliceLimits(max_bytes=config.max_slice_bytes, max_tensor_bytes=config.max_tensor_bytes,
+                                        allow_fake=config.allow_fake_runtime)
         self._inbox: asyncio.Queue[tuple[wire.Activation | wire.PartRequest, float]] = asyncio.Queue(
             maxsize=config.queue_limit)
         # Lead of a split stage: (epoch, frame_id, unit, part) -> future of the part's reply.
@@ -361,6 +373,8 @@ class NodeDaemon(SplitMember):
     def _start_load(self, assign: Any) -> None:
         if (assign.fleet, assign.node_id) != (self.fleet, self.name):
             raise DecodeError(f"assignment for {assign.fleet}/{assign.node_id} arrived at {self.fleet}/{self.name}")
+        if self.planner_key is not None:  # before anything is fetched or loaded
+            signing.verify_assign(assign, self.planner_key)
         if not assign.slice_hash:
             raise RuntimeLoadError(f"assignment of epoch {assign.epoch} names no slice")
         if assign.epoch < self.epoch or (assign.epoch == self.epoch and assign.epoch in self.slots):
@@ -380,7 +394,7 @@ class NodeDaemon(SplitMember):
                 role, runtime, kind, size = await self._load_split(assign)
             else:
                 data = await self._fetch_slice(assign.slice_hash, assign.slice_size)
-                kind, size = detect_kind(data), len(data)
+                kind, size = checked_kind(data, self.slice_limits), len(data)  # refused before any session
                 runtime = create_runtime(kind, threads=self.config.threads)
                 await asyncio.to_thread(runtime.load, data)
             executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)
@@ -468,6 +482,9 @@ class NodeDaemon(SplitMember):
     async def _fetch_slice(self, slice_hash: str, size: int) -> bytes:
         """Slice bytes from the local cache or from retained chunks on MQTT, verified by hash."""
         assert self.bus is not None
+        if size > self.slice_limits.max_bytes:
+            raise UntrustedSlice(f"slice {slice_hash} of {size} bytes exceeds the node's limit of "
+                                 f"{self.slice_limits.max_bytes}")
         path = self.cache_dir / f"{slice_hash}.bin"
         if path.exists():
             data = path.read_bytes()

@@ -24,7 +24,8 @@ import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe.errors import FleetpipeError, RuntimeLoadError, StageError, StaleEpoch
-from fleetpipe.node.runtime import create_runtime, detect_kind
+from fleetpipe.node.runtime import create_runtime
+from fleetpipe.node.runtime.verify import checked_kind
 from fleetpipe.node.split import PartFailed, PartTimeout, SplitRole, merge_parts, scatter_part, send_order
 
 __all__ = ["SplitMember"]
@@ -38,6 +39,7 @@ class SplitMember:
     name: str
     fleet: str
     config: Any
+    slice_limits: Any
     slots: dict[int, Any]
     stats: Any
     _outbox: asyncio.Queue[tuple[str, bytes, Any]]
@@ -56,7 +58,7 @@ class SplitMember:
         first, kind, size = None, "", 0
         for what, key, digest, nbytes in role.slices_needed():
             data = await self._fetch_slice(digest, nbytes)
-            kind, size = detect_kind(data), size + len(data)
+            kind, size = checked_kind(data, self.slice_limits), size + len(data)  # refused before any session
             runtime = create_runtime(kind, threads=self.config.threads)
             await asyncio.to_thread(runtime.load, data)
             if what == "unit":

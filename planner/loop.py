@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetpipe import slices, timing, topics, wire
+from fleetpipe import signing, slices, timing, topics, wire
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
@@ -179,6 +179,7 @@ class PlannerService:
         self.should_exit = asyncio.Event()
         self.bus: MqttBus | None = None
         self._bad = RateLimitedLog(log)
+        self._signing_key = signing.load_private_key(config.signing_key) if config.signing_key else None
         self._first_seen: float | None = None
         self._replanning: asyncio.Task[None] | None = None
         self._published_slices: set[str] = set()
@@ -607,6 +608,8 @@ class PlannerService:
                     output_names=s.output_names, bits=s.bits,
                     next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
                     **extra[s.index])
+                if self._signing_key is not None:  # nodes with the planner's public key load nothing unsigned
+                    assign = signing.sign_assign(assign, self._signing_key)
                 await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))
         assigned = {n for s in stages for n in s.nodes}
         for node_id in self._assigned - assigned:

@@ -145,6 +145,10 @@ def _gen_creds(args: argparse.Namespace) -> int:
     print(f"mosquitto acl_file:      {result.acl_file}")
     for name, path in result.password_files.items():
         print(f"{result.roles[name]:8} {name}: username {name}, password_file {path}")
+    if result.planner_key is not None:
+        print(f"planner signing key:     {result.planner_key}  ([planner] signing_key = \"<its path>\")")
+        print(f"planner public key:      planner_key = \"{result.planner_public_key}\"  (every node's [node] table;"
+              " nodes then refuse unsigned assignments)")
     print("\ncopy each <name>.password to its host (install-service --password-file copies it to /etc/fleetpipe);"
           f"\nrender secure.conf with dir={result.passwd_file.parent} for the broker.")
     return 0

@@ -4,6 +4,8 @@ Every node, the planner, each client and each observer gets its own MQTT usernam
 name, so a node's username is its node id) and a random password. :func:`generate` writes into ``out``::
 
     <out>/<identity>.password   0600, the password alone; BrokerConfig.password_file on that host
+    <out>/planner.key           0600, the planner's Ed25519 signing key (PEM): [planner] signing_key
+    <out>/planner.pub           0644, its public key (base64): [node] planner_key = "<contents>" on every node
     <out>/mosquitto/passwd      0600, mosquitto password_file ($7$ = PBKDF2-SHA512 hashes)
     <out>/mosquitto/acl         0600, mosquitto acl_file
 
@@ -63,7 +65,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetpipe import topics
+from fleetpipe import signing, topics
 from fleetpipe.config import validate_name
 from fleetpipe.errors import ConfigError
 
@@ -83,6 +85,8 @@ class Credentials:
     password_files: dict[str, Path] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)  # identity -> node | planner | client | observer
     hasher: str = "mosquitto_passwd"  # or "builtin"
+    planner_key: Path | None = None  # the planner's signing key (PEM, 0600)
+    planner_public_key: str = ""  # its public key (base64), for every node's config (planner_key)
 
 
 def generate(
@@ -123,11 +127,16 @@ def generate(
     else:
         _write_private(passwd, "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()))
     acl = _write_private(broker_dir / "acl", acl_text(fleet, roles))
+    key_file, public = None, ""
+    if planner:  # the planner signs what it deploys; nodes configured with planner.pub verify it
+        pem, public = signing.generate_keypair()
+        key_file = _write_private(out / "planner.key", pem.decode())
+        (out / "planner.pub").write_text(public + "\n")
     if broker_user and os.geteuid() == 0 and _user_exists(broker_user):
         shutil.chown(broker_dir, broker_user, None)
         for path in (passwd, acl):
             shutil.chown(path, broker_user, None)
-    return Credentials(fleet, passwd, acl, files, roles, "mosquitto_passwd" if binary else "builtin")
+    return Credentials(fleet, passwd, acl, files, roles, "mosquitto_passwd" if binary else "builtin", key_file, public)
 
 
 def acl_text(fleet: str, roles: dict[str, str]) -> str:
