@@ -309,13 +309,13 @@ def check(topic: str, msg: object) -> dict[str, Any]:
     """
     spec, params = parse(topic)
     if not spec.accepts(msg):
-        raise ValueError(f"a {type(msg).__name__} does not belong on {topic}")
+        raise ValueError(f"{type(msg).__name__} does not belong on {topic}")
     fleet = getattr(msg, "fleet", params["fleet"])
     if fleet != params["fleet"]:
         raise ValueError(f"a message of fleet {fleet!r} on {topic}")
     for param, name in spec.binds:
         if getattr(msg, name) != params[param]:
-            raise ValueError(f"a {type(msg).__name__} naming {name}={getattr(msg, name)!r} on {topic}")
+            raise ValueError(f"{type(msg).__name__} naming {name}={getattr(msg, name)!r} on {topic}")
     return params
 
 

@@ -304,8 +304,13 @@ class NodeDaemon(SplitMember):
                 await self._unassign()
                 return
             self._start_load(self._decode_as(message, wire.StageAssign))
-        elif spec is topics.STAGE_IN:  # check(): the client id in the payload is the one the topic (ACL) binds
-            msg = self._decode_as(message, wire.Activation)
+        elif spec is topics.STAGE_IN:  # the client id in the payload must be the one the topic (ACL) binds
+            msg = self._decode_as(message, wire.Activation, check=False)
+            try:
+                self._check_topic(message, msg)
+            except DecodeError as exc:  # reported with the frame id, like every refused frame
+                await self._report(exc, msg.frame_id)
+                return
             self.stats.frames_in += 1
             await self._inbox.put((msg, time.time()))
         elif spec is topics.PART_IN:
@@ -331,22 +336,27 @@ class NodeDaemon(SplitMember):
         elif spec is topics.SLICE_CHUNK:
             self._on_chunk(self._decode_as(message, wire.SliceChunk))
 
-    def _decode_as(self, message: Message, cls: type[Any]) -> Any:
-        """The message's payload decoded, if it is a ``cls`` that belongs on its topic; else DecodeError.
-
-        Belonging (``topics.check``): this node's fleet, and every identity the payload names (node, client,
-        lead, slice) is the one its topic names, which the broker's ACL binds to the publisher.
-        """
+    def _decode_as(self, message: Message, cls: type[Any], *, check: bool = True) -> Any:
+        """The message's payload decoded, if it is a ``cls`` that belongs on its topic; else DecodeError."""
         msg = wire.decode(message.payload)
         if not isinstance(msg, cls):
             raise DecodeError(f"expected a {cls.__name__} on {message.topic}, got {_describe(msg)}")
+        if check:
+            self._check_topic(message, msg)
+        return msg
+
+    def _check_topic(self, message: Message, msg: Any) -> None:
+        """DecodeError unless ``msg`` belongs on its topic (``topics.check``) and to this node's fleet.
+
+        Every identity the payload names (node, client, lead, slice) must be the one its topic names,
+        which the broker's ACL binds to the publisher.
+        """
         try:
             topics.check(message.topic, msg)
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
         if getattr(msg, "fleet", self.fleet) != self.fleet:
-            raise DecodeError(f"expected a {cls.__name__} of fleet {self.fleet} on {message.topic}")
-        return msg
+            raise DecodeError(f"a {type(msg).__name__} of fleet {msg.fleet!r} on {message.topic}")
 
     def _emulation_control(self, msg: Any) -> None:
         """Scripted change of the emulated device: slower compute and/or a different link bandwidth."""

@@ -62,14 +62,15 @@ class SecureBroker:
                 self.proc.wait()
 
 
-def start_secure_broker(out: Path, *, builtin_hash: bool = False) -> SecureBroker:
+def start_secure_broker(out: Path, *, builtin_hash: bool = False, fleet: str = FLEET, nodes: tuple[str, ...] = NODES,
+                        clients: tuple[str, ...] = CLIENTS, observers: tuple[str, ...] = ("obs",)) -> SecureBroker:
     """gen-creds + gen-certs into ``out``, render secure.conf with dir=out/mosquitto, start mosquitto."""
     binary = mosquitto_binary()
     if binary is None:
         if IN_CI:
             pytest.fail("mosquitto is not installed; under CI this is a failure")
         pytest.skip("mosquitto binary not found")
-    creds.generate(out, fleet=FLEET, nodes=NODES, planner="planner", clients=CLIENTS, observers=("obs",),
+    creds.generate(out, fleet=fleet, nodes=nodes, planner="planner", clients=clients, observers=observers,
                    mosquitto_passwd=None if builtin_hash else "auto")
     try:
         certs.generate(out, ["127.0.0.1", "localhost"])

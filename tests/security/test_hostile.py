@@ -38,6 +38,8 @@ from fleetpipe.slices import content_hash
 from fleetpipe.transport.mqtt import MqttBus
 from tests.integration.fleet_helpers import fleet
 
+from . import forged
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 FLEET = "hostile"
@@ -75,7 +77,7 @@ class Attack:
         self.bus = bus
         self.epoch = epoch
         self.input_name = input_name
-        self.stage_in = topics.stage_in(FLEET, epoch, 0)
+        self.stage_in = topics.stage_in(FLEET, epoch, 0, "mallory")
         self.reports: list[wire.ErrorReport] = []
         self.results: list[wire.Result] = []
         self.seen = 0  # reports already attributed to a case
@@ -301,6 +303,8 @@ async def _frame_cases(attack: Attack, assign: Any) -> None:
     await frame_case("frame of another fleet", {"DecodeError"}, "f-fleet", fleet="otherfleet")
     await frame_case("reply_to another client's result topic", {"DecodeError"}, "f-victim",
                      reply_to=topics.result(FLEET, "victim-client"))
+    await frame_case("client_id of another client on our own topic", {"DecodeError"}, "f-as-victim",
+                     client_id="victim-client", reply_to=topics.result(FLEET, "victim-client"), about="client_id")
     await frame_case("reply_to another fleet's result topic", {"DecodeError"}, "f-xfleet",
                      reply_to=topics.result("otherfleet", "mallory"))
     await frame_case("reply_to the retained plan topic", {"DecodeError"}, "f-plan", reply_to=topics.plan(FLEET))
@@ -438,15 +442,16 @@ async def _slice_cases(attack: Attack, assign: Any) -> None:
     a, epoch = attack, assign.epoch + 10
 
     async def load_case(case: str, data: bytes, *, size: int | None = None, slice_hash: str | None = None,
-                        chunks: list[tuple[int, int, bytes]] | None = None) -> None:
+                        chunks: list[tuple[int, int, bytes]] | None = None, why: str = "") -> None:
         nonlocal epoch
         epoch += 1
         h = slice_hash or content_hash(data)
         for index, count, part in chunks or [(0, 1, data)]:
             chunk = wire.SliceChunk(slice_hash=h, index=index, count=count, data=part)
             await a.bus.publish(topics.slice_chunk(FLEET, h, index), wire.encode(chunk), qos=1, retain=True)
-        forged = _reassign(assign, epoch=epoch, slice_hash=h, slice_size=len(data) if size is None else size)
-        await a.expect(case, topics.node_assign(FLEET, NODE), wire.encode(forged), {"RuntimeLoadError"}, about=h)
+        bad = _reassign(assign, epoch=epoch, slice_hash=h, slice_size=len(data) if size is None else size)
+        report = await a.expect(case, topics.node_assign(FLEET, NODE), wire.encode(bad), {"RuntimeLoadError"}, about=h)
+        assert why in report.detail, report
 
     await load_case("slice chunks hash-valid but junk (not a model)", b"\x08\x07" + bytes(range(200)))
     await load_case("slice chunks that are random non-model bytes", b"\xde\xad" * 300)
@@ -456,6 +461,11 @@ async def _slice_cases(attack: Attack, assign: Any) -> None:
     # Chunks that disagree on count: 0 of 2 next to 2 of 3 once made the node index a missing chunk (KeyError).
     await load_case("chunks disagreeing on count (0 of 2, 1 of 3, 2 of 3)", b"\x08counts",
                     slice_hash="bogus-hash-2", chunks=[(2, 3, b"a"), (0, 2, b"b"), (1, 3, b"c")])
+    # Self-contained, standard, bounded: refused before a session exists (a lab node has no planner key).
+    await load_case("ONNX slice with external data (a file under the node's cwd)", forged.external_data_slice(),
+                    why="external data")
+    await load_case("fake-runtime JSON slice from the network", forged.fake_runtime_slice(), why="fake-runtime")
+    await load_case("ONNX slice with a custom operator domain", forged.custom_domain_slice(), why="com.evil")
     await a.expect("assignment naming no slice (empty hash)", topics.node_assign(FLEET, NODE),
                    wire.encode(_reassign(assign, epoch=epoch + 1, slice_hash="")), {"RuntimeLoadError"})
     # Put the planner's assignment back as the retained one (the node ignores its own epoch again).
