@@ -80,7 +80,7 @@ def test_bad_frames_are_reported_and_node_survives(mosquitto, tmp_path):
                 reports: list[wire.ErrorReport] = []
                 async with MqttBus(mosquitto.url, client_id="attacker") as bus:
                     await bus.subscribe(topics.error("ibad"), qos=1)
-                    stage0 = topics.stage_in("ibad", plan.epoch, 0)
+                    stage0 = topics.stage_in("ibad", plan.epoch, 0, "x")
                     await bus.publish(stage0, b"\x92\x01garbage", qos=1)
                     wrong = wire.Activation(fleet="ibad", epoch=plan.epoch, frame_id="bad-shape", client_id="x",
                                             stage=0, tensors=((plan.stages[0].input_names[0],

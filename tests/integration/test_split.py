@@ -105,13 +105,14 @@ def _bad_part_request(url: str, plan: wire.Plan, stage: wire.PlanStage) -> wire.
 
     async def ask() -> wire.PartReply:
         async with MqttBus(url, client_id="forger") as bus:
-            await bus.subscribe(topics.part_gather(plan.fleet, plan.epoch, stage.index, stage.nodes[0]), qos=1)
+            await bus.subscribe(topics.PART_GATHER.filter(fleet=plan.fleet, epoch=plan.epoch, stage=stage.index,
+                                                          lead=stage.nodes[0]), qos=1)
             # Part 999: no unit has that many parts (part 7 was real once units could be tiled: 2 nodes x 4).
             req = wire.PartRequest(fleet=plan.fleet, epoch=plan.epoch, stage=stage.index, frame_id="forged", unit=0,
                                    part=999, lead=stage.nodes[0], sent_ts=time.time(),
                                    tensors=(("x", codec.encode_tensor(np.zeros(3, np.float32))),))
-            await bus.publish(topics.part_in(plan.fleet, plan.epoch, stage.index, stage.nodes[1]), wire.encode(req),
-                              qos=1)
+            topic = topics.part_in(plan.fleet, plan.epoch, stage.index, stage.nodes[1], stage.nodes[0])
+            await bus.publish(topic, wire.encode(req), qos=1)
             async for message in bus.messages():
                 msg = wire.decode(message.payload)
                 assert isinstance(msg, wire.PartReply)
