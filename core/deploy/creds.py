@@ -61,7 +61,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,10 +184,10 @@ def _grants(fleet: str, role: str, name: str) -> list[tuple[str, str]]:
 _DATA_PLANE = (topics.STAGE_IN, topics.PART_IN, topics.PART_GATHER, topics.RESULT, topics.SLICE_CHUNK)
 
 
-def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, dict[str, object]]]:
+def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapping[str, object]]]:
     t = topics
     if role == "node":
-        me = {"node_id": name}
+        me: Mapping[str, object] = {"node_id": name}
         return [
             ("write", t.NODE_STATE, me),
             ("write", t.NODE_HEALTH, me),
