@@ -181,7 +181,7 @@ def _grants(fleet: str, role: str, name: str) -> list[tuple[str, str]]:
 
 
 # The data plane (frames, part messages, results, slices = model weights): never granted to observers.
-_DATA_PLANE = (topics.STAGE_IN, topics.PART_IN, topics.PART_GATHER, topics.RESULT, topics.SLICE_CHUNK)
+_DATA_PLANE = frozenset({"stage_in", "part_in", "part_gather", "result", "slice_chunk"})
 
 
 def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapping[str, object]]]:
@@ -228,7 +228,7 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapp
             ("read", t.PLAN, {}),
             ("read", t.ERROR, {}),
         ]
-    return [("read", spec, {}) for spec in t.SPECS.values() if spec not in _DATA_PLANE]  # observer
+    return [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE]  # observer
 
 
 def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Iterable[str],

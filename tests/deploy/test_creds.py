@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetpipe import signing
 from fleetpipe.cli import main
 from fleetpipe.config import BrokerConfig
 from fleetpipe.deploy import creds
@@ -54,6 +55,32 @@ def test_cli_writes_private_files_and_acl(tmp_path: Path, capsys: pytest.Capture
     assert "topic read fleetpipe/v1/f1/result/cam" in acl.split("user cam")[1]
     assert "assign" not in acl.split("user cam")[1]
     assert "topic write fleetpipe/v1/f1/node/n2" not in acl.split("user n1")[1].split("user n2")[0]
+    # Clients submit frames only as themselves; nodes read the plan; part messages carry their sender.
+    assert "topic write fleetpipe/v1/f1/epoch/+/stage/0/in/cam\n" in acl.split("user cam")[1]
+    n1 = acl.split("user n1")[1].split("user n2")[0]
+    assert "topic read fleetpipe/v1/f1/plan\n" in n1
+    assert "topic write fleetpipe/v1/f1/epoch/+/stage/+/gather/+/n1\n" in n1
+    # The planner's signing key (private) and public key, which every node's config gets.
+    assert _mode(out / "planner.key") == 0o600
+    public = (out / "planner.pub").read_text().strip()
+    assert f'planner_key = "{public}"' in printed
+    signing.load_private_key(out / "planner.key")
+    signing.load_public_key(public)
+
+
+def test_acl_follows_the_topic_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grants are rendered from fleetpipe.topics: moving a topic there moves it in the ACL (no edit in creds)."""
+    import dataclasses
+
+    from fleetpipe import topics
+
+    moved = dataclasses.replace(topics.STAGE_IN, pattern=topics.PREFIX + "/{fleet}/data/{epoch}/{stage}/{client_id}")
+    monkeypatch.setattr(topics, "STAGE_IN", moved)
+    monkeypatch.setattr(topics, "SPECS", {**topics.SPECS, "stage_in": moved})
+    acl = creds.acl_text("f", {"n1": "node", "cam": "client", "obs": "observer"})
+    assert "topic write fleetpipe/v1/f/data/+/0/cam\n" in acl
+    assert "topic readwrite fleetpipe/v1/f/data/+/+/+\n" in acl
+    assert "/in/" not in acl and "data/" not in acl.split("user obs")[1]
 
 
 def test_bad_identities_are_refused(tmp_path: Path) -> None:
