@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--password-file", help="password file from `fleetpipe broker gen-creds`; copied to /etc/fleetpipe")
     p.add_argument("--ca-certs", help="CA certificate (ca.crt from `fleetpipe broker gen-certs`); copied, enables TLS")
     p.add_argument("--model", help="planner only: ONNX model path (default /var/lib/fleetpipe/model.onnx)")
+    p.add_argument("--planner-key", help="node only: planner.pub from `broker gen-creds`; the node then loads only "
+                                         "assignments the planner signed")
+    p.add_argument("--signing-key", help="planner only: planner.key from `broker gen-creds`; copied to /etc/fleetpipe, "
+                                         "signs every assignment")
     p.add_argument("--prefix", default="/", help="install under this root instead of / (image builds, tests)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config file")
     p.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
@@ -99,13 +103,14 @@ def _install_service(args: argparse.Namespace) -> int:
     try:
         files = install.plan(args.role, name=args.name, template=args.template, fleet=args.fleet,
                              broker=args.broker, username=args.username, password_file=args.password_file,
-                             ca_certs=args.ca_certs, model=args.model, prefix=args.prefix)
+                             ca_certs=args.ca_certs, model=args.model, prefix=args.prefix,
+                             planner_key=args.planner_key, signing_key=args.signing_key)
     except ConfigError as exc:
         print(f"fleetpipe install-service: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         for f in files:
-            shown = "<secret, not shown>" if f.path.name.endswith(".password") else f.text.rstrip()
+            shown = "<secret, not shown>" if f.path.name.endswith((".password", ".key")) else f.text.rstrip()
             print(f"--- {f.path} (mode {f.mode:04o})\n{shown}\n")
         return 0
     try:

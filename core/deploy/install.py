@@ -94,10 +94,20 @@ def plan(
     model: str | None = None,
     prefix: str | Path = "/",
     exec_path: str | None = None,
+    planner_key: str | None = None,
+    signing_key: str | None = None,
 ) -> list[PlannedFile]:
-    """Every file ``install-service`` writes for ``role`` on this host (nothing is written here)."""
+    """Every file ``install-service`` writes for ``role`` on this host (nothing is written here).
+
+    ``planner_key`` (node): the planner's public key file (gen-creds' planner.pub), written into the node's
+    config so it loads only signed assignments; ``signing_key`` (planner): its private key (planner.key),
+    copied next to the config.
+    """
     if role not in ("node", "planner"):
         raise ConfigError(f"role must be node or planner, not {role!r}")
+    if (planner_key and role != "node") or (signing_key and role != "planner"):
+        raise ConfigError("--planner-key is for --role node (planner.pub), --signing-key for --role planner "
+                          "(planner.key)")
     if template and not name:
         raise ConfigError("--template needs --name (the instance: fleetpipe-node@NAME.service)")
     validate_name("fleet", fleet)
@@ -132,9 +142,17 @@ def plan(
         assert name is not None
         table = {"name": name, "fleet": fleet,
                  "cache_dir": f"/var/cache/fleetpipe/{name}" if template else "/var/cache/fleetpipe/slices"}
+        if planner_key:
+            from fleetpipe.signing import load_public_key
+
+            table["planner_key"] = _read(planner_key).strip()
+            load_public_key(table["planner_key"])  # ConfigError now rather than at the node's start
         config = etc / (f"node-{name}.toml" if template else "node.toml")
     else:
         table = {"model": model or "/var/lib/fleetpipe/model.onnx", "fleet": fleet}
+        if signing_key:
+            files.append(PlannedFile(etc / "planner.key", _read(signing_key), 0o640, GROUP))
+            table["signing_key"] = "/etc/fleetpipe/planner.key"
         config = etc / "planner.toml"
     text = _toml(role, table, broker_table)
     files.append(PlannedFile(config, text, 0o640, GROUP, replace=False))

@@ -142,3 +142,30 @@ def test_broker_config_command_renders_secure_and_lab(tmp_path, capsys):
     assert main(["broker", "config", "-o", str(out)]) == 0
     assert "listener 1883 127.0.0.1" in out.read_text()
     assert main(["broker", "config", "--secure"]) == 2
+
+
+def test_planner_keys_go_into_the_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gen-creds' planner.pub into a node's config, planner.key next to the planner's (signed deployments)."""
+    from fleetpipe.deploy import creds
+
+    out = tmp_path / "creds"
+    creds.generate(out, fleet="lab", nodes=["n1"], mosquitto_passwd=None)
+    root = tmp_path / "root"
+    assert main(["install-service", "--name", "n1", "--planner-key", str(out / "planner.pub"),
+                 "--prefix", str(root)]) == 0
+    assert load(NodeConfig, file=root / "etc/fleetpipe/node.toml").planner_key == \
+        (out / "planner.pub").read_text().strip()
+    assert main(["install-service", "--role", "planner", "--signing-key", str(out / "planner.key"),
+                 "--prefix", str(root)]) == 0
+    cfg = load(PlannerConfig, file=root / "etc/fleetpipe/planner.toml")
+    assert cfg.signing_key == "/etc/fleetpipe/planner.key"
+    key = root / "etc/fleetpipe/planner.key"
+    assert _mode(key) == 0o640 and key.read_bytes() == (out / "planner.key").read_bytes()
+    assert main(["install-service", "--role", "planner", "--signing-key", str(out / "planner.key"),
+                 "--prefix", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "PRIVATE KEY" not in capsys.readouterr().out
+    assert main(["install-service", "--role", "planner", "--planner-key", str(out / "planner.pub"),
+                 "--prefix", str(root)]) == 2
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key\n")
+    assert main(["install-service", "--name", "n2", "--planner-key", str(bad), "--prefix", str(root)]) == 2
