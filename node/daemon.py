@@ -404,7 +404,8 @@ class NodeDaemon(SplitMember):
                 role, runtime, kind, size = await self._load_split(assign)
             else:
                 data = await self._fetch_slice(assign.slice_hash, assign.slice_size)
-                kind, size = checked_kind(data, self.slice_limits), len(data)  # refused before any session
+                # Refused before any session; parsing a big slice runs off the loop, as the load does.
+                kind, size = await asyncio.to_thread(checked_kind, data, self.slice_limits), len(data)
                 runtime = create_runtime(kind, threads=self.config.threads)
                 await asyncio.to_thread(runtime.load, data)
             executor = InferenceExecutor(runtime, compute_factor=self.device.compute_factor)

@@ -58,7 +58,8 @@ class SplitMember:
         first, kind, size = None, "", 0
         for what, key, digest, nbytes in role.slices_needed():
             data = await self._fetch_slice(digest, nbytes)
-            kind, size = checked_kind(data, self.slice_limits), size + len(data)  # refused before any session
+            kind = await asyncio.to_thread(checked_kind, data, self.slice_limits)  # refused before any session
+            size += len(data)
             runtime = create_runtime(kind, threads=self.config.threads)
             await asyncio.to_thread(runtime.load, data)
             if what == "unit":
