@@ -7,9 +7,23 @@ capabilities, solves it, slices the model, publishes the slices (retained chunks
 addressed), then each node's retained assignment under a new epoch. It publishes the retained plan
 (the signal clients switch on) only when every assigned node reports in its health that it has
 loaded the new epoch, so a client never sends a frame to a stage nobody has subscribed yet. Nodes
-left out of the plan get their retained assignment cleared. On start the retained plan (if any)
-is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
-when the same nodes are alive.
+left out of the plan get their retained assignment cleared.
+
+Two-phase epochs. Publishing the plan is the commit: nodes keep serving the previous epoch until
+they see the new plan, and only then start the old epoch's grace timer. When an assigned node dies
+(or stops answering) while loading, the epoch is abandoned whole: the previous epoch's assignments
+are restored (nodes that joined with it are cleared) and the plan is not published, so the fleet
+runs on as before, and the control step re-plans from the live set if it differs from the plan.
+
+The planner has a birth and a last-will death (``PlannerState`` on ``node/planner/state``, with a
+session id fresh per process) and stamps that id on its plans. Nodes and clients follow only the
+plan of the planner whose birth they see. On start the retained plan is resumed (epoch count kept,
+running pipeline left alone) only if the previous planner (the one on the state topic) published
+it, and only after it is checked against the live fleet: a member that is gone triggers a re-plan.
+A plan or assignment it did not publish (a forgery on an open broker, junk) is overwritten with its
+own. When no plan fits the alive nodes, it publishes an *infeasible* plan (no stages, naming what is
+short) so clients fail their frames with ``FleetUnavailable`` instead of re-sending them to nodes
+that are gone; the next membership change re-plans.
 
 With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves
 ``fleetpipe.planner.intra.solve_intra`` instead (stages may be replicated or split across a device
@@ -30,6 +44,7 @@ import dataclasses
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +58,7 @@ from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
 from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
-from fleetpipe.transport import Message
+from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
 
 __all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
@@ -199,6 +214,14 @@ class PlannerService:
         # Measured split parts of this model (fleetpipe.planner.split_profile), kept across re-plans.
         self._part_factors: dict[tuple[int, int, str, int], tuple[float, ...]] = {}
         self._msg_est: dict[str, float] = {}
+        # Sparkplug primary host: this process's session id, stamped on its plans, birth and death.
+        self.planner_id = uuid.uuid4().hex[:16]
+        self._seq = 0
+        # The planner that held the state topic before us (the one whose retained plan we may resume), if any.
+        self._previous_planner: str | None = None
+        # The committed epoch's assignments (topic -> payload), restored when a newer epoch is abandoned.
+        self._committed: dict[str, bytes] = {}
+        self._restored_at: dict[str, float] = {}
         # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
         self.costs: Any = None if model is None else self._reported_costs(model)
 
@@ -227,8 +250,11 @@ class PlannerService:
             self.calibration = _load_calibration(self.config, self.model)
             self.costs = self._reported_costs(self.model)
         broker = self.config.broker
+        will = Will(topics.planner_state(self.fleet), wire.encode(self._state_msg(False, "connection lost", ts=0.0)),
+                    qos=1, retain=True)
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
+                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True,
+                           will=will)
         try:
             await self.bus.__aenter__()
         except FleetpipeError as exc:
@@ -245,8 +271,15 @@ class PlannerService:
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
+            with contextlib.suppress(FleetpipeError):
+                await self.bus.publish(topics.planner_state(self.fleet),
+                                       wire.encode(self._state_msg(False, "clean shutdown")), qos=1, retain=True)
             await self.bus.__aexit__(None, None, None)
         return 0
+
+    def _state_msg(self, online: bool, reason: str = "", ts: float | None = None) -> Any:
+        return wire.PlannerState(fleet=self.fleet, planner_id=self.planner_id, seq=self._seq, online=online,
+                                 ts=time.time() if ts is None else ts, reason=reason)
 
     async def _announce(self) -> None:
         from fleetpipe.discovery import Announcer
@@ -274,10 +307,15 @@ class PlannerService:
         # A broker restarted without persistence has lost our retained plan, assignments and slices.
         for topic, payload in list(self._retained.items()):
             await self.bus.publish(topic, payload, qos=1, retain=True)
+        # node/+/state holds node/planner/state too: the previous planner's retained state comes before the plan.
         await self.bus.subscribe(topics.NODE_STATE.filter(fleet=self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_HEALTH.filter(fleet=self.fleet), qos=0)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_PROFILE.filter(fleet=self.fleet), qos=1)
+        await self.bus.subscribe(topics.NODE_ASSIGN.filter(fleet=self.fleet), qos=1)
+        self._seq += 1
+        await self.bus.publish(topics.planner_state(self.fleet), wire.encode(self._state_msg(True)), qos=1,
+                               retain=True)
 
     async def _receive(self) -> None:
         assert self.bus is not None
@@ -286,7 +324,38 @@ class PlannerService:
                 self._fold(message)
             except (DecodeError, ValueError) as exc:
                 log.warning("planner: bad message on %s: %s", message.topic, exc)
+            await self._guard_retained(message)
             self._step()
+
+    async def _guard_retained(self, message: Message) -> None:
+        """A retained topic we own (plan, assignments, our state) now holds something we did not publish (junk,
+        a forgery, the late will of the planner before us): publish ours again (at most once a second each)."""
+        assert self.bus is not None
+        topic = message.topic
+        if topic == topics.planner_state(self.fleet):
+            ours = wire.encode(self._state_msg(True))
+            if self._is_our_birth(message.payload):
+                return
+        elif topic in self._retained:
+            ours = self._retained[topic]
+            if bytes(message.payload) == ours:
+                return
+        else:
+            return
+        now = time.monotonic()
+        if now - self._restored_at.get(topic, -1e9) < 1.0:
+            return
+        self._restored_at[topic] = now
+        log.warning("planner: %s holds a message we did not publish; restoring ours", topic)
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topic, ours, qos=1, retain=True)
+
+    def _is_our_birth(self, payload: bytes) -> bool:
+        try:
+            msg = wire.decode(payload)
+        except DecodeError:
+            return False
+        return isinstance(msg, wire.PlannerState) and msg.planner_id == self.planner_id and msg.online
 
     def _fold(self, message: Message) -> None:
         if not message.payload:
@@ -294,7 +363,11 @@ class PlannerService:
         msg = wire.decode(message.payload)
         now = time.monotonic()
         self.view.apply(msg)
-        if isinstance(msg, wire.NodeBirth):
+        if isinstance(msg, wire.PlannerState):
+            if msg.fleet == self.fleet and msg.planner_id != self.planner_id and self._previous_planner is None \
+                    and self.state.plan is None and self._published_epoch < 0:
+                self._previous_planner = msg.planner_id
+        elif isinstance(msg, wire.NodeBirth):
             if msg.fleet != self.fleet:
                 return
             if self._first_seen is None:
@@ -316,13 +389,33 @@ class PlannerService:
             if self.costs.add(msg):
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))
-        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
-                self.state.plan is None or msg.epoch > self.state.plan.epoch) and self._same_model(msg):
-            # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
-            log.info("planner: resuming from retained plan epoch %d", msg.epoch)
-            self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
-            self._assigned = {n for s in msg.stages for n in s.nodes}
-            self._retained[message.topic] = bytes(message.payload)
+        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.planner_id != self.planner_id:
+            self._foreign_plan(msg, message, now)
+        elif isinstance(msg, wire.StageAssign) and message.topic not in self._retained and self.state.plan is not None \
+                and msg.epoch == self.state.plan.epoch and msg.node_id in self._assigned and not self._committed_full():
+            # A resumed plan's retained assignments: the committed epoch we restore if a newer one is abandoned.
+            self._retained[message.topic] = self._committed[message.topic] = bytes(message.payload)
+
+    def _committed_full(self) -> bool:
+        return len(self._committed) >= len(self._assigned)
+
+    def _foreign_plan(self, msg: Any, message: Message, now: float) -> None:
+        """A plan we did not publish: resume it once at start if the planner before us published it and it is
+        active; otherwise supersede it (our next epoch outnumbers it; ``_guard_retained`` restores ours)."""
+        resumable = (self.state.plan is None and self._published_epoch < 0 and msg.status == "active"
+                     and msg.planner_id == (self._previous_planner or "") and self._same_model(msg))
+        if not resumable:
+            log.warning("planner: superseding plan epoch %d of planner %r (not ours)", msg.epoch, msg.planner_id)
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, int(msg.epoch)))
+            return
+        log.info("planner: resuming from retained plan epoch %d (checked against the live fleet first)", msg.epoch)
+        mine = dataclasses.replace(msg, planner_id=self.planner_id)
+        # planned_membership -1: the control step compares the plan's members with the live fleet before it
+        # leaves the pipeline alone, and re-plans if one is gone.
+        self.state = state.apply(self.state, state.PlanPublished(mine, -1, now))
+        self._assigned = {n for s in msg.stages for n in s.nodes}
+        self._published_epoch = int(msg.epoch)
+        self._retained[message.topic] = wire.encode(mine)  # re-stamped with our id (same epoch): _guard_retained
 
     def _same_model(self, plan: Any) -> bool:
         """A retained plan is resumed only if it runs this planner's model (else the next plan replaces it)."""
@@ -375,6 +468,13 @@ class PlannerService:
                 return
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
+                plan = self.state.plan
+                if plan is not None and plan.status == "active" and self.model is not None and \
+                        not {n for s in plan.stages for n in s.nodes} <= set(self.state.alive()):
+                    why = f"{command.alive} alive node(s), the planner needs {command.needed}"
+                    replan = control.Replan(why, tuple(self.state.alive()), self.state.epoch + 1)
+                    self._replanning = asyncio.create_task(
+                        self._publish_infeasible(replan, why, self.state.membership))
                 return
         recal = self._exchange_recalibration()
         if recal is not None:
@@ -432,10 +532,22 @@ class PlannerService:
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
             await self._publish_error("InfeasiblePlan", str(exc))
-            self.state = state.apply(self.state, state.PlanPublished(
-                self.state.plan or _NoPlan(self.state.epoch), membership, time.monotonic()))
+            await self._publish_infeasible(command, str(exc), membership)
             return
         await self._adopt(problem, result, command.epoch, membership)
+
+    async def _publish_infeasible(self, command: control.Replan, why: str, membership: int) -> None:
+        """Tell clients (retained) that the fleet cannot run the model now, and which planned nodes are gone."""
+        assert self.model is not None
+        gone = sorted({n for s in getattr(self.state.plan, "stages", ()) for n in s.nodes} - set(command.node_ids))
+        detail = why + (f" (nodes gone: {', '.join(gone)})" if gone else "") + \
+            f"; alive: {', '.join(command.node_ids) or 'none'}"
+        plan = wire.Plan(fleet=self.fleet, epoch=command.epoch, model_id=self.model.model_id, stages=(),
+                         ts=time.time(), planner_id=self.planner_id, status="infeasible", detail=detail[:1000])
+        self._published_epoch = command.epoch
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        # The infeasible plan names no members: the next change of the alive set re-plans.
+        self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
 
     async def _fine_tune(self, deviations: list[Any]) -> None:
         """ScalPipe: a stage runs off its prediction for a while; move boundary layers instead of re-solving."""
@@ -611,15 +723,27 @@ class PlannerService:
             await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
         self._assigned = assigned
         plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
-                         bottleneck_ms=bottleneck_ms, latency_ms=latency_ms, ts=time.time())
+                         bottleneck_ms=bottleneck_ms, latency_ms=latency_ms, ts=time.time(),
+                         planner_id=self.planner_id)
         if not await self._wait_loaded(assigned, epoch):
-            # An assigned node died or stopped answering while loading: this epoch can never run. Skip its
-            # number (nodes may already hold it) and let the next step re-plan for the members still alive.
+            # An assigned node died or stopped answering while loading: this epoch can never run. Abandon it
+            # whole: nodes still serve the committed epoch (they switch only on the plan), so restore its
+            # assignments and skip the number; the next step re-plans if the live set differs from the plan.
             self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            await self._restore_committed()
             return None
-        self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
-        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        self._published_epoch = epoch
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))  # the commit
+        self._committed = {t: p for t, p in self._retained.items() if topics.parse(t)[0] is topics.NODE_ASSIGN}
         return plan
+
+    async def _restore_committed(self) -> None:
+        """Put back the committed epoch's retained assignments; clear those of nodes it does not name."""
+        committed = {topics.parse(t)[1]["node_id"]: t for t in self._committed}
+        for node_id in sorted(self._assigned | set(committed)):
+            topic = committed.get(node_id) or topics.node_assign(self.fleet, node_id)
+            await self._publish_retained(topic, self._committed.get(topic, b""))
+        self._assigned = set(committed)
 
     def _exit_cache(self, stage: Any, n_stages: int) -> Any:
         """COACH early exit for a stage that ends at a calibrated cut (never the last stage), or None."""
@@ -681,12 +805,6 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
     log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
              list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
     return cal
-
-
-@dataclass(frozen=True, slots=True)
-class _NoPlan:
-    epoch: int
-    stages: tuple[Any, ...] = ()
 
 
 def _bw(birth: Any) -> float:

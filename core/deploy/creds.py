@@ -14,13 +14,13 @@ What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
               write F/epoch/+/stage/+/in  F/result/+  F/error  F/slice/request
               write F/epoch/+/stage/+/part/+  F/epoch/+/stage/+/gather/+     (split stages)
-              read  F/node/n/assign  F/epoch/+/stage/+/in  F/slice/+/+
+              read  F/node/n/assign  F/epoch/+/stage/+/in  F/slice/+/+  F/plan  F/node/planner/state
               read  F/epoch/+/stage/+/part/n  F/epoch/+/stage/+/gather/n
-    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
-              read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/node/+/profile  F/plan  F/error
-              read  F/slice/request
+    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics  F/node/planner/state
+              read  F/node/+/state  F/node/+/assign  F/node/+/health  F/node/+/metrics  F/node/+/profile
+              read  F/plan  F/error  F/slice/request
     client c  write F/epoch/+/stage/0/in
-              read  F/result/c  F/plan  F/error
+              read  F/result/c  F/plan  F/error  F/node/planner/state
     observer  read  F/#
 
 Limits of mosquitto ACLs (they match topics, not payloads or plans):
@@ -175,11 +175,14 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("write", f"{f}/slice/request"),
             ("read", f"{f}/node/{name}/assign"),
             ("read", f"{f}/slice/+/+"),
+            # A node switches epochs when the plan commits them, and follows only the planner whose birth it sees.
+            ("read", f"{f}/plan"),
+            ("read", f"{f}/node/planner/state"),
         ]
     if role == "planner":
         return [
             ("readwrite", f"{f}/plan"),
-            ("write", f"{f}/node/+/assign"),
+            ("readwrite", f"{f}/node/+/assign"),  # read: restore an assignment someone overwrote
             ("write", f"{f}/slice/+/+"),
             ("readwrite", f"{f}/error"),
             ("read", f"{f}/node/+/state"),
@@ -188,6 +191,7 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/node/+/profile"),
             ("read", f"{f}/slice/request"),
             ("write", f"{f}/node/planner/metrics"),  # pipeline metrics (planner/loop.py publishes them there)
+            ("write", f"{f}/node/planner/state"),  # its birth and last-will death (PlannerState)
         ]
     if role == "client":
         return [
@@ -195,6 +199,7 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/result/{name}"),
             ("read", f"{f}/plan"),
             ("read", f"{f}/error"),
+            ("read", f"{f}/node/planner/state"),
         ]
     return [("read", f"{f}/#")]  # observer
 
