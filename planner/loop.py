@@ -222,6 +222,10 @@ class PlannerService:
         # The committed epoch's assignments (topic -> payload), restored when a newer epoch is abandoned.
         self._committed: dict[str, bytes] = {}
         self._restored_at: dict[str, float] = {}
+        # Galaxy+ fast restore: per node of the current plan, the plan without it (problem, result), solved in the
+        # background after each plan, so a node's death re-plans without solving on the critical path.
+        self._fallbacks: dict[str, tuple[Any, Any]] = {}
+        self._fallback_task: asyncio.Task[None] | None = None
         # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
         self.costs: Any = None if model is None else self._reported_costs(model)
 
@@ -267,7 +271,7 @@ class PlannerService:
         try:
             await self.should_exit.wait()
         finally:
-            for task in [*tasks, self._replanning]:
+            for task in [*tasks, self._replanning, self._fallback_task]:
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
@@ -511,9 +515,15 @@ class PlannerService:
         return bool(deviation.ratio * predicted > result.report.bottleneck_ms * (1 + self.config.replan_threshold))
 
     async def _replan(self, command: control.Replan) -> None:
-        """Solve for the alive nodes from scratch and publish a new epoch."""
+        """Solve for the alive nodes from scratch (or take the precomputed plan without a lost node) and publish
+        a new epoch."""
         assert self.model is not None
         membership = self.state.membership
+        fallback = self._fallback_for(command.node_ids)
+        if fallback is not None:
+            log.info("planner: epoch %d from the precomputed plan without %s", command.epoch, fallback[0])
+            await self._adopt(*fallback[1], command.epoch, membership)
+            return
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits,
@@ -535,6 +545,29 @@ class PlannerService:
             await self._publish_infeasible(command, str(exc), membership)
             return
         await self._adopt(problem, result, command.epoch, membership)
+
+    def _fallback_for(self, alive: tuple[str, ...]) -> tuple[str, tuple[Any, Any]] | None:
+        """The precomputed plan for exactly ``alive`` (the last problem's devices minus one), if there is one."""
+        if self.config.intra or self.current is None:
+            return None
+        names = tuple(self.current[0].device_names)
+        lost = [n for n in names if n not in alive]
+        if len(lost) != 1 or len(names) != len(alive) + 1 or lost[0] not in self._fallbacks:
+            return None
+        problem, result = self._fallbacks[lost[0]]
+        return (lost[0], (problem, result)) if tuple(problem.device_names) == tuple(alive) else None
+
+    async def _precompute_fallbacks(self, problem: Any, result: Any) -> None:
+        """Solve the current problem without each node its plan uses, one at a time, off the critical path."""
+        used = sorted({d for st in result.stages for d in st.devices})
+        for d in used:
+            try:
+                sub = problem.without_devices([d])
+                self._fallbacks[problem.device_names[d]] = (sub, await asyncio.to_thread(self._solve, sub))
+            except (FleetpipeError, ValueError):
+                continue  # no plan without it: the re-plan will say so (infeasible)
+        log.info("planner: fallback plans ready without each of %s",
+                 ",".join(problem.device_names[d] for d in used))
 
     async def _publish_infeasible(self, command: control.Replan, why: str, membership: int) -> None:
         """Tell clients (retained) that the fleet cannot run the model now, and which planned nodes are gone."""
@@ -690,6 +723,10 @@ class PlannerService:
             return
         self.last_result = result
         self.current = (problem, result)
+        if self._fallback_task is not None:
+            self._fallback_task.cancel()
+        self._fallbacks = {}
+        self._fallback_task = asyncio.create_task(self._precompute_fallbacks(problem, result), name="fallbacks")
         predicted = [max(sr.compute_ms, 1e-9) for sr in result.report.stages]
         self.monitor = DeviationMonitor(predicted, threshold=self.config.replan_threshold,
                                         window_s=max(5 * timing.HEALTH_INTERVAL_S, 1.0))

@@ -71,9 +71,12 @@ from fleetpipe.transport import (
     _check_user_properties,
     parse_broker_url,
 )
-from fleetpipe.wire import DEFAULT_MAX_BYTES, MAX_PACKET_BYTES
+from fleetpipe.wire import MAX_PACKET_BYTES
 
 __all__ = ["MqttBus"]
+
+#: Bytes an MQTT v5 PUBLISH spends beside its topic and payload (fixed header, properties: ours stay well under).
+_PACKET_HEADROOM = 4096
 
 _log = logging.getLogger(__name__)
 
@@ -424,8 +427,9 @@ class MqttBus:
         client = self._require_open()
         props = _publish_properties(response_topic, correlation_data, user_properties, expiry_s)
         data = _as_bytes(payload)
-        if len(data) > DEFAULT_MAX_BYTES:  # the broker would disconnect us for it (max_packet_size); no peer takes it
-            raise EncodeError(f"cannot publish {len(data)} bytes to {topic!r}: more than {DEFAULT_MAX_BYTES}")
+        if len(data) + len(topic) + _PACKET_HEADROOM > MAX_PACKET_BYTES:  # the broker would disconnect us for it
+            raise EncodeError(f"cannot publish {len(data)} bytes to {topic!r}: more than a packet holds "
+                              f"(MAX_PACKET_BYTES={MAX_PACKET_BYTES})")
         try:
             info = client.publish(topic, data, qos=qos, retain=retain, properties=props)
         except ValueError as exc:  # paho: bad topic / payload too large
