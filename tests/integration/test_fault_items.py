@@ -352,3 +352,19 @@ def test_a_node_killed_while_loading_the_epoch_it_joins_does_not_stop_the_stream
             assert late, f"no result after the grace period ({len(done)} in all)\n" + f.logs()
             np.testing.assert_allclose(client.infer(x, timeout_s=60), ref, rtol=1e-5, atol=1e-5)
             assert client.plan.epoch >= plan.epoch
+
+            # A restarted planner checks the retained plan against the live fleet: one of its members died
+            # while no planner ran, so it re-plans instead of resuming a plan that can never run.
+            plan = client.plan
+            f.signal("planner", signal.SIGKILL)
+            f.procs["planner-old"] = f.procs.pop("planner")
+            victim = plan.stages[-1].nodes[0]
+            f.signal(victim, signal.SIGKILL)
+            time.sleep(1.0)
+            f.planner(model, "--bits", "32", "--profile", str(tmp_path / "p.json"))
+            deadline = time.monotonic() + 90
+            while client.plan.epoch == plan.epoch and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.plan.epoch > plan.epoch, "resumed a plan naming a dead node\n" + f.logs()
+            assert victim not in {n for st in client.plan.stages for n in st.nodes}
+            np.testing.assert_allclose(client.infer(x, timeout_s=60), ref, rtol=1e-5, atol=1e-5)
