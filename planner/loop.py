@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import signal
 import time
@@ -225,6 +226,7 @@ class PlannerService:
         # Galaxy+ fast restore: per node of the current plan, the plan without it (problem, result), solved in the
         # background after each plan, so a node's death re-plans without solving on the critical path.
         self._fallbacks: dict[str, tuple[Any, Any]] = {}
+        self._phases: dict[str, float] = {}  # re-plan phase -> monotonic time it ended ("start": when it began)
         self._fallback_task: asyncio.Task[None] | None = None
         # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
         self.costs: Any = None if model is None else self._reported_costs(model)
@@ -519,6 +521,7 @@ class PlannerService:
         a new epoch."""
         assert self.model is not None
         membership = self.state.membership
+        self._phases = {"start": time.monotonic()}
         fallback = self._fallback_for(command.node_ids)
         if fallback is not None:
             log.info("planner: epoch %d from the precomputed plan without %s", command.epoch, fallback[0])
@@ -528,6 +531,7 @@ class PlannerService:
         try:
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits,
                                     await asyncio.to_thread(self._compute_ms, nodes))
+            self._phases["costs"] = time.monotonic()
             if self.config.intra:
                 try:
                     plan, ip = await asyncio.to_thread(self._solve_intra, problem)
@@ -539,12 +543,23 @@ class PlannerService:
                     log.error("planner: intra plan failed (%s: %s); planning pipeline stages", type(exc).__name__, exc)
                     await self._publish_error(type(exc).__name__, f"intra plan failed: {exc}")
             result = await asyncio.to_thread(self._solve, problem)
+            self._phases["solve"] = time.monotonic()
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
             await self._publish_error("InfeasiblePlan", str(exc))
             await self._publish_infeasible(command, str(exc), membership)
             return
         await self._adopt(problem, result, command.epoch, membership)
+
+    def _log_phases(self, epoch: int) -> None:
+        """How long this epoch's re-plan took, phase by phase (costs, solve, slicing, assign+load)."""
+        marks = sorted(self._phases.items(), key=lambda kv: kv[1])
+        if not marks or marks[0][0] != "start":
+            return
+        parts = [f"{name} {1000 * (t - prev):.0f} ms" for (_, prev), (name, t) in itertools.pairwise(marks)]
+        log.info("planner: epoch %d re-plan took %.0f ms (%s)", epoch, 1000 * (marks[-1][1] - marks[0][1]),
+                 ", ".join(parts))
+        self._phases = {}
 
     def _fallback_for(self, alive: tuple[str, ...]) -> tuple[str, tuple[Any, Any]] | None:
         """The precomputed plan for exactly ``alive`` (the last problem's devices minus one), if there is one."""
@@ -705,6 +720,7 @@ class PlannerService:
 
         assert self.model is not None
         stage_slices = await asyncio.to_thread(self._slices, result)
+        self._phases["slices"] = time.monotonic()
         names = problem.device_names
         stages = []
         for k, (stage, (data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
@@ -770,7 +786,9 @@ class PlannerService:
             await self._restore_committed()
             return None
         self._published_epoch = epoch
+        self._phases["loaded"] = time.monotonic()
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))  # the commit
+        self._log_phases(epoch)
         self._committed = {t: p for t, p in self._retained.items() if topics.parse(t)[0] is topics.NODE_ASSIGN}
         return plan
 
