@@ -10,7 +10,9 @@ frames continuously, kills the node holding the middle stage, and measures:
 
 Times are also given as multiples of the health interval (the failure detector's unit). By default the
 fleet runs at the default timing (health interval 1 s, lease 3.5 s): issue 21 targets p95 <= 3 intervals
-there. ``--quick`` runs at a 0.2 s interval (development). ``--role first|middle|last`` picks the victim.
+there. ``--quick`` runs at a 0.2 s interval (development). ``--role`` picks the fault: kill -9 of the first,
+middle or last stage's node, of two nodes at once (``two``), of the planner, or SIGSTOP of the middle node.
+Not here: a broker restart and a crash while loading (tests/integration/test_faults.py, test_fault_items.py).
 Usage: .venv/bin/python bench/faults.py [--runs 10] [--role middle] [--quick] [--json]
 """
 
@@ -26,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,10 +51,15 @@ HEALTH_S = timing.HEALTH_INTERVAL_S
 ENV: dict[str, str] = {}
 
 
-def _victim(plan: object, role: str) -> str:
+ROLES = ("first", "middle", "last", "two", "sigstop", "planner")
+
+
+def _victims(plan: object, role: str) -> list[str]:
+    """Who is hit: a stage's node (first/middle/last, sigstop: the middle one), two nodes at once, or the planner."""
     stages = plan.stages  # type: ignore[attr-defined]
-    k = {"first": 0, "middle": len(stages) // 2, "last": len(stages) - 1}[role]
-    return str(stages[k].nodes[0])
+    at = {"first": [0], "middle": [len(stages) // 2], "last": [len(stages) - 1], "sigstop": [len(stages) // 2],
+          "two": sorted({len(stages) // 2, len(stages) - 1}), "planner": []}[role]
+    return [str(stages[k].nodes[0]) for k in at] or ["planner"]
 
 
 def one_run(run: int, tmp: Path, console: Console, role: str = "middle") -> dict[str, float]:
@@ -63,9 +71,11 @@ def one_run(run: int, tmp: Path, console: Console, role: str = "middle") -> dict
     base = [sys.executable, "-m", "fleetpipe"]
     fleet = f"faults{run}"
     with LocalBroker() as broker, _processes() as procs:
-        names = {}
-        procs.append(_spawn([*base, "planner", "--broker", broker.url, "--model", str(model), "--fleet", fleet,
-                             "--expect-nodes", "4", "--bits", "32", "--no-announce"], tmp / "planner.log", env))
+        names: dict[str, Any] = {}
+        names["planner"] = _spawn([*base, "-v", "planner", "--broker", broker.url, "--model", str(model), "--fleet",
+                                   fleet, "--expect-nodes", "4", "--bits", "32", "--no-announce"], tmp / "planner.log",
+                                  env)
+        procs.append(names["planner"])
         for i in range(4):
             name = f"n{i}"
             names[name] = _spawn([*base, "node", "--broker", broker.url, "--fleet", fleet, "--name", name,
@@ -87,23 +97,29 @@ def one_run(run: int, tmp: Path, console: Console, role: str = "middle") -> dict
             feeder.start()
             time.sleep(3.0)
             plan = client.plan  # the current epoch: the planner may have fine-tuned since start-up
-            victim = _victim(plan, role)
+            victims = _victims(plan, role)
+            victim = "+".join(victims)
             killed_at = time.monotonic()
-            os.killpg(names[victim].pid, signal.SIGKILL)
-            while client.plan.epoch == plan.epoch and time.monotonic() - killed_at < 60:
+            for v in victims:
+                os.killpg(names[v].pid, signal.SIGSTOP if role == "sigstop" else signal.SIGKILL)
+            replans = role != "planner"  # the pipeline runs on without its planner: no new epoch to wait for
+            while replans and client.plan.epoch == plan.epoch and time.monotonic() - killed_at < 60:
                 time.sleep(0.005)
-            replanned = time.monotonic() - killed_at
+            replanned = time.monotonic() - killed_at if replans else float("nan")
             restored = None
             while time.monotonic() - killed_at < 60 and restored is None:
                 for sent, fut in list(futures):
                     if (sent > killed_at and fut.done() and fut.exception() is None
-                            and fut.result().epoch > plan.epoch):
+                            and (fut.result().epoch > plan.epoch or not replans)):
                         restored = time.monotonic() - killed_at
                         break
                 time.sleep(0.005)
             time.sleep(1.0)
             stop.set()
             feeder.join()
+            if role == "sigstop":
+                for v in victims:
+                    os.killpg(names[v].pid, signal.SIGCONT)
             lost = 0
             ids = []
             for _, fut in futures:
@@ -135,7 +151,7 @@ def _replan_own_ms(log: Path) -> tuple[float, str] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--role", choices=["first", "middle", "last"], default="middle")
+    parser.add_argument("--role", choices=ROLES, default="middle")
     parser.add_argument("--quick", action="store_true", help="0.2 s health interval (development), not the default")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -164,7 +180,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    table = Table(title=f"kill -9 of the {args.role}-stage node mid-stream (4 emulated nodes, resnet18), health "
+    table = Table(title=f"{args.role} fault mid-stream (4 emulated nodes, resnet18), health "
                         f"interval {HEALTH_S} s: restored p50 {summary['restored_intervals_p50']:.1f} / p95 "
                         f"{summary['restored_intervals_p95']:.1f} intervals")
     for col in ("run", "frames", "kill->new plan", "kill->restored", "restored / health interval", "re-plan own",

@@ -49,13 +49,21 @@ class WaitForNodes:
 Command = Replan | WaitForNodes
 
 
+def _only_losses(state: FleetState, alive: dict[str, object]) -> bool:
+    """Members of the current plan are gone and nobody joined: nothing to batch, no reason to wait."""
+    if state.plan is None:
+        return False
+    planned = {n for s in state.plan.stages for n in s.nodes}
+    return bool(planned - set(alive)) and set(alive) <= planned
+
+
 def decide(state: FleetState, now: float, policy: Policy, first_seen: float | None = None) -> list[Command]:
     """Return what the planner should do now."""
     if state.membership == state.planned_membership:
         return []
-    if now - state.membership_changed_at < policy.debounce_s:
-        return []
     alive = state.alive()
+    if now - state.membership_changed_at < policy.debounce_s and not _only_losses(state, alive):
+        return []  # batch joins; a member's death (last will, lease) re-plans at once
     needed = max(policy.min_nodes, 1)
     if len(alive) < needed:
         return [WaitForNodes(len(alive), needed)]
