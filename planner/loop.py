@@ -227,6 +227,12 @@ class PlannerService:
         # background after each plan, so a node's death re-plans without solving on the critical path.
         self._fallbacks: dict[str, tuple[Any, Any]] = {}
         self._phases: dict[str, float] = {}  # re-plan phase -> monotonic time it ended ("start": when it began)
+        # The last cost matrix (reports version, node names, compute_ms): a re-plan for a subset of those nodes
+        # (a death) takes its columns instead of re-fitting the estimator (seconds on a Pi-class host).
+        self._costs_version = 0
+        self._costs_changed_at = 0.0
+        self._cost_refresh: asyncio.Task[Any] | None = None
+        self._cost_cache: tuple[int, tuple[str, ...], np.ndarray] | None = None
         self._fallback_task: asyncio.Task[None] | None = None
         # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
         self.costs: Any = None if model is None else self._reported_costs(model)
@@ -273,7 +279,7 @@ class PlannerService:
         try:
             await self.should_exit.wait()
         finally:
-            for task in [*tasks, self._replanning, self._fallback_task]:
+            for task in [*tasks, self._replanning, self._fallback_task, self._cost_refresh]:
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
@@ -393,6 +399,8 @@ class PlannerService:
             if topics.parse(message.topic)[1].get("node_id") != msg.node_id:
                 raise DecodeError(f"profile of {msg.node_id!r} on {message.topic}")
             if self.costs.add(msg):
+                self._costs_version += 1
+                self._costs_changed_at = now
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))
         elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.planner_id != self.planner_id:
@@ -450,6 +458,7 @@ class PlannerService:
             await asyncio.sleep(min(timing.HEALTH_INTERVAL_S, 0.25))
             self.state = state.apply(self.state, state.Tick(time.monotonic(), timing.LEASE_S))
             self._step()
+            self._refresh_costs()
             sdnotify.notify("WATCHDOG=1")
             if time.monotonic() - last_metrics >= 1.0:
                 last_metrics = time.monotonic()
@@ -635,15 +644,36 @@ class PlannerService:
         return ReportedCosts(model.model_id, model.host_ms, model.host_speed,
                              layer_x=lambda: layer_features(model.proto, model.graph))
 
+    def _refresh_costs(self) -> None:
+        """Refit the cost matrix for the alive nodes in the background once new profiles have settled, so the
+        next re-plan for them (or a subset: a death) finds it ready (the fit takes seconds on a busy host)."""
+        busy = self._replanning is not None and not self._replanning.done()
+        if busy or self.costs is None or not self.costs.reports or self.state.plan is None or \
+                (self._cost_refresh is not None and not self._cost_refresh.done()):
+            return
+        if self._cost_cache is not None and self._cost_cache[0] == self._costs_version:
+            return
+        if time.monotonic() - self._costs_changed_at < 2 * timing.HEALTH_INTERVAL_S:
+            return
+        alive = dict(self.state.alive())
+        if alive:
+            self._cost_refresh = asyncio.create_task(asyncio.to_thread(self._compute_ms, alive), name="costs")
+
     def _compute_ms(self, nodes: Mapping[str, Any]) -> np.ndarray | None:
         """Per-layer times of ``nodes`` from what they reported (``fleetpipe.planner.reported``), or None (scaled)."""
         if self.costs is None or not self.costs.reports:
             return None
         assert self.model is not None
         names = list(nodes)
+        version = self._costs_version
+        cached = self._cost_cache
+        if cached is not None and cached[0] == self._costs_version and set(names) <= set(cached[1]):
+            columns = [cached[1].index(n) for n in names]
+            return cached[2][:, columns]
         matrix = self.costs.matrix(names, [nodes[n].birth for n in names],
                                    lambda birth: node_slowdown(birth, self.model.host_speed))  # type: ignore[union-attr]
         log.info("planner: layer costs: %s", matrix.summary(names))
+        self._cost_cache = (version, tuple(names), np.asarray(matrix.compute_ms))
         return matrix.compute_ms
 
     def _solve(self, problem: Any) -> Any:
