@@ -27,6 +27,8 @@ class Policy:
     # Before the first plan, wait up to this long (since the first member appeared) for every alive node's
     # health: it says which epoch the node runs, so a restarted planner never plans under a stale epoch.
     health_grace_s: float = 0.0
+    # A loss with nobody joining waits only this long (deaths of nodes killed together arrive together).
+    loss_debounce_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,9 @@ def decide(state: FleetState, now: float, policy: Policy, first_seen: float | No
     if state.membership == state.planned_membership:
         return []
     alive = state.alive()
-    if now - state.membership_changed_at < policy.debounce_s and not _only_losses(state, alive):
-        return []  # batch joins; a member's death (last will, lease) re-plans at once
+    wait = policy.loss_debounce_s if _only_losses(state, alive) else policy.debounce_s
+    if now - state.membership_changed_at < wait:
+        return []  # batch joins; a member's death (last will, lease) re-plans almost at once
     needed = max(policy.min_nodes, 1)
     if len(alive) < needed:
         return [WaitForNodes(len(alive), needed)]

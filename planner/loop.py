@@ -538,8 +538,12 @@ class PlannerService:
             return
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
+            # Only losses: the last cost matrix's columns do, even if profiles came in since (the run-time
+            # fine-tuning corrects what they change); a refit takes seconds on the critical path.
+            members = {n for st in getattr(self.state.plan, "stages", ()) for n in st.nodes}
+            losses = bool(members) and set(nodes) <= members
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits,
-                                    await asyncio.to_thread(self._compute_ms, nodes))
+                                    await asyncio.to_thread(self._compute_ms, nodes, losses))
             self._phases["costs"] = time.monotonic()
             if self.config.intra:
                 try:
@@ -659,7 +663,7 @@ class PlannerService:
         if alive:
             self._cost_refresh = asyncio.create_task(asyncio.to_thread(self._compute_ms, alive), name="costs")
 
-    def _compute_ms(self, nodes: Mapping[str, Any]) -> np.ndarray | None:
+    def _compute_ms(self, nodes: Mapping[str, Any], stale_ok: bool = False) -> np.ndarray | None:
         """Per-layer times of ``nodes`` from what they reported (``fleetpipe.planner.reported``), or None (scaled)."""
         if self.costs is None or not self.costs.reports:
             return None
@@ -667,7 +671,7 @@ class PlannerService:
         names = list(nodes)
         version = self._costs_version
         cached = self._cost_cache
-        if cached is not None and cached[0] == self._costs_version and set(names) <= set(cached[1]):
+        if cached is not None and (stale_ok or cached[0] == version) and set(names) <= set(cached[1]):
             columns = [cached[1].index(n) for n in names]
             return cached[2][:, columns]
         matrix = self.costs.matrix(names, [nodes[n].birth for n in names],
