@@ -62,7 +62,7 @@ def _victims(plan: object, role: str) -> list[str]:
     return [str(stages[k].nodes[0]) for k in at] or ["planner"]
 
 
-def one_run(run: int, tmp: Path, console: Console, role: str = "middle") -> dict[str, float]:
+def one_run(run: int, tmp: Path, console: Console, role: str = "middle", warmup_s: float = 10.0) -> dict[str, float]:
     kw = {"width": 0.5, "resolution": 64, "num_classes": 10}
     model = tmp / "m.onnx"
     onnx.save(zoo.build("resnet18", **kw), model)
@@ -95,7 +95,7 @@ def one_run(run: int, tmp: Path, console: Console, role: str = "middle") -> dict
 
             feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
-            time.sleep(3.0)
+            time.sleep(warmup_s)
             plan = client.plan  # the current epoch: the planner may have fine-tuned since start-up
             victims = _victims(plan, role)
             victim = "+".join(victims)
@@ -153,6 +153,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--role", choices=ROLES, default="middle")
     parser.add_argument("--quick", action="store_true", help="0.2 s health interval (development), not the default")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds of streaming before the fault: a running fleet (nodes have reported their "
+                             "layer times and the planner has fitted its costs to them)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     global HEALTH_S
@@ -163,7 +166,7 @@ def main() -> int:
     rows = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="fleetpipe-faults-") as tmp:
-            rows.append(one_run(run, Path(tmp), console, args.role))
+            rows.append(one_run(run, Path(tmp), console, args.role, args.warmup))
     restored = sorted(r["restored_s"] / HEALTH_S for r in rows)
     summary = {
         "health_interval_s": HEALTH_S,
