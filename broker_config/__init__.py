@@ -16,7 +16,14 @@ def path(name: str) -> str:
 
 
 def render(name: str, **values: object) -> str:
-    """Return a shipped config with ``{key}`` placeholders replaced."""
+    """Return a shipped config with ``{key}`` placeholders replaced.
+
+    ``{max_packet_size}`` defaults to ``fleetpipe.wire.MAX_PACKET_BYTES``, the limit every fleetpipe client
+    announces, so the broker and the nodes agree on one bound.
+    """
+    from fleetpipe.wire import MAX_PACKET_BYTES
+
+    values = {"max_packet_size": MAX_PACKET_BYTES, **values}
     text = resources.files(__name__).joinpath(name).read_text()
     for key, value in values.items():
         text = text.replace("{" + key + "}", str(value))

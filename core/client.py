@@ -13,6 +13,13 @@ Frame ids are 128 random bits (nobody can predict the next one to answer it firs
 accepted only for a frame id this client issued and still has pending; a result for an id it never
 issued is logged (rate-limited) and dropped, not counted as a duplicate.
 
+A frame ends in an error instead of a result when a node reports that the frame itself is wrong
+(``InferenceError``: wrong shape, rank or dtype; ``DecodeError``): re-sending it would fail the same way.
+When the planner publishes an *infeasible* plan (the alive nodes cannot run the model), every pending
+and new frame fails at once with ``FleetUnavailable`` naming what is short; the next feasible plan
+lifts that and new frames run again. The client follows only plans of the planner whose birth
+(``PlannerState``) it sees, so a plan forged on an open broker does not redirect its frames.
+
 ``AsyncFleetClient`` is the asyncio core; ``FleetClient`` runs it on a private loop thread for
 synchronous callers (``infer``, ``submit`` returning a ``concurrent.futures.Future``, ``stream``).
 """
@@ -35,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
-from fleetpipe.errors import BrokerUnavailable, DecodeError, FleetpipeError
+from fleetpipe.errors import (
+    BrokerUnavailable,
+    DecodeError,
+    FleetpipeError,
+    FleetUnavailable,
+    InferenceError,
+    VersionMismatch,
+)
 from fleetpipe.ratelog import RateLimitedLog
 from fleetpipe.transport.mqtt import MqttBus
 
@@ -81,7 +95,12 @@ class ClientStats:
     foreign: int = 0  # results for frame ids this client never issued (forged or misrouted): dropped
     stale_reports: int = 0
     early_exits: int = 0
+    failed: int = 0  # frames that ended with an error (a node's InferenceError, FleetUnavailable)
     errors: list[str] = field(default_factory=list)
+
+
+#: Error kinds a node reports about a frame that would fail the same way again: the frame ends with it.
+FRAME_FATAL = {"InferenceError": InferenceError, "DecodeError": DecodeError, "VersionMismatch": VersionMismatch}
 
 
 @dataclass(slots=True)
@@ -109,6 +128,11 @@ class AsyncFleetClient:
         self.resend_s = resend_s
         self.stats = ClientStats()
         self.plan: Any = None
+        # The planner whose birth we saw (its session id and whether it is online); None until one is seen.
+        self.planner: Any = None
+        # Set while the planner says the fleet is infeasible: every frame fails with it.
+        self.unavailable: FleetUnavailable | None = None
+        self._seen_epoch = -1
         self._bus = MqttBus(url, client_id=f"fp-{fleet}-{self.client_id}", username=username, password=password,
                             tls=tls, on_connect=self._on_connect)
         self._pending: dict[str, _Pending] = {}
@@ -134,6 +158,8 @@ class AsyncFleetClient:
         await self._bus.__aexit__(None, None, None)
 
     async def _on_connect(self, _bus: object) -> None:
+        # The planner's state first: its retained birth arrives before the retained plan it vouches for.
+        await self._bus.subscribe(topics.planner_state(self.fleet), qos=1)
         await self._bus.subscribe(topics.plan(self.fleet), qos=1)
         await self._bus.subscribe(topics.result(self.fleet, self.client_id), qos=1)
         await self._bus.subscribe(topics.error(self.fleet), qos=1)
@@ -147,10 +173,21 @@ class AsyncFleetClient:
                      frame_id: str | None = None) -> asyncio.Future[FrameResult]:
         """Send one frame (waits for a window slot); returns a future of its result."""
         await self.wait_plan()
+        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        if self.unavailable is not None:
+            self.stats.submitted += 1
+            self.stats.failed += 1
+            future.set_exception(self.unavailable)
+            return future
         await self._credits.acquire()
+        if self.unavailable is not None:  # the fleet went infeasible while we waited for a slot
+            self._credits.release()
+            self.stats.submitted += 1
+            self.stats.failed += 1
+            future.set_exception(self.unavailable)
+            return future
         feeds = self._feeds(inputs)
         fid = frame_id or secrets.token_hex(16)  # 128 random bits: nobody else can guess a pending id
-        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(fid, feeds, future, first_sent=time.monotonic())
         self._pending[fid] = pending
         self.stats.submitted += 1
@@ -162,8 +199,13 @@ class AsyncFleetClient:
         future = await self.submit(inputs)
         return await asyncio.wait_for(future, timeout_s)
 
-    async def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> AsyncIterator[FrameResult]:
-        """Yield results in input order, keeping up to ``window`` frames in flight."""
+    async def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]],
+                     timeout_s: float | None = None) -> AsyncIterator[FrameResult]:
+        """Yield results in input order, keeping up to ``window`` frames in flight.
+
+        A frame that fails raises its error (``FleetUnavailable``, ``InferenceError``, ...); with ``timeout_s``
+        a result that does not come within that long raises ``TimeoutError``.
+        """
         queue: asyncio.Queue[asyncio.Future[FrameResult] | None] = asyncio.Queue(maxsize=self.window)
 
         async def feed() -> None:
@@ -174,7 +216,7 @@ class AsyncFleetClient:
         feeder = asyncio.create_task(feed())
         try:
             while (future := await queue.get()) is not None:
-                yield await future
+                yield await asyncio.wait_for(future, timeout_s)
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -223,6 +265,8 @@ class AsyncFleetClient:
                 continue
             if isinstance(msg, wire.Plan):
                 await self._on_plan(msg)
+            elif isinstance(msg, wire.PlannerState) and msg.fleet == self.fleet:
+                self._on_planner(msg)
             elif isinstance(msg, wire.Result):
                 try:
                     topics.check(message.topic, msg)
@@ -234,20 +278,50 @@ class AsyncFleetClient:
                 self._on_result(msg)
             elif isinstance(msg, wire.ErrorReport) and msg.frame_id in self._pending:
                 self.stats.errors.append(f"{msg.source}: {msg.kind}: {msg.detail}")
-                if msg.kind == "StaleEpoch":
+                if msg.kind in FRAME_FATAL:
+                    self._fail(self._pending[msg.frame_id], FRAME_FATAL[msg.kind](f"{msg.source}: {msg.detail}"))
+                elif msg.kind == "StaleEpoch":
                     self.stats.stale_reports += 1
                     pending = self._pending[msg.frame_id]
                     if self.plan is not None and pending.epoch < self.plan.epoch:
                         await self._resend(pending, "stale epoch")
 
+    def _on_planner(self, msg: Any) -> None:
+        if self.planner is not None and msg.planner_id == self.planner.planner_id and msg.seq < self.planner.seq:
+            return  # an older state of the same planner
+        if msg.online or self.planner is None or msg.planner_id == self.planner.planner_id:
+            self.planner = msg
+
     async def _on_plan(self, plan: Any) -> None:
-        if self.plan is not None and plan.epoch <= self.plan.epoch:
+        if plan.fleet != self.fleet or plan.epoch <= self._seen_epoch:
             return
+        if self.planner is not None and self.planner.online and plan.planner_id != self.planner.planner_id:
+            log.warning("client %s: ignoring plan epoch %d of planner %r (the planner is %r)", self.client_id,
+                        plan.epoch, plan.planner_id, self.planner.planner_id)
+            return
+        self._seen_epoch = int(plan.epoch)
+        if plan.status == "infeasible":
+            self.unavailable = FleetUnavailable(f"the fleet cannot run the model: {plan.detail or 'infeasible plan'}")
+            log.warning("client %s: %s", self.client_id, self.unavailable)
+            for pending in list(self._pending.values()):
+                self._fail(pending, self.unavailable)
+            self._plan_event.set()
+            return
+        self.unavailable = None
         self.plan = plan
         self._plan_event.set()
         for pending in list(self._pending.values()):
             if pending.epoch < plan.epoch and pending.attempts:
                 await self._resend(pending, f"new plan epoch {plan.epoch}")
+
+    def _fail(self, pending: _Pending, exc: FleetpipeError) -> None:
+        """End a pending frame with an error (frees its window slot; a late result counts as a duplicate)."""
+        if self._pending.pop(pending.frame_id, None) is None:
+            return
+        self._credits.release()
+        self.stats.failed += 1
+        if not pending.future.done():
+            pending.future.set_exception(exc)
 
     def _on_result(self, result: Any) -> None:
         pending = self._pending.pop(result.frame_id, None)
@@ -352,16 +426,36 @@ class FleetClient:
         """Run one frame and return its full result (outputs, latency, hops)."""
         return self._call(self._client.infer(inputs, timeout_s), timeout_s + 5)
 
-    def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[FrameResult]:
-        """Yield results in order, keeping a window of frames in flight."""
+    def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]], timeout_s: float | None = None, *,
+               deadline: float | None = None) -> Iterator[FrameResult]:
+        """Yield results in order, keeping a window of frames in flight.
+
+        A frame that fails raises its error: ``FleetUnavailable`` while the planner says the fleet cannot run
+        the model (a later call runs again once it can), ``InferenceError`` for a frame a node rejects.
+        ``timeout_s`` bounds the wait for each result (and for each window slot); ``deadline`` (a
+        ``time.monotonic()`` instant) bounds the whole stream. Either raises ``TimeoutError``.
+        """
         futures: list[concurrent.futures.Future[FrameResult]] = []
-        it = iter(frames)
-        for frame in it:
-            futures.append(self.submit(frame))
+
+        def left() -> float | None:
+            if deadline is None:
+                return timeout_s
+            remaining = max(deadline - time.monotonic(), 0.0)
+            return remaining if timeout_s is None else min(timeout_s, remaining)
+
+        def result(future: concurrent.futures.Future[FrameResult]) -> FrameResult:
+            try:
+                return future.result(left())
+            except concurrent.futures.TimeoutError:
+                raise TimeoutError(f"no result within {timeout_s if deadline is None else 'the deadline'}"
+                                   f"{' s' if deadline is None else ''}") from None
+
+        for frame in frames:
+            futures.append(self.submit(frame, left()))
             while len(futures) >= self._client.window:
-                yield futures.pop(0).result()
+                yield result(futures.pop(0))
         for future in futures:
-            yield future.result()
+            yield result(future)
 
     def close(self) -> None:
         """Disconnect, cancel what is still pending and stop the loop thread."""

@@ -19,12 +19,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input", required=True, nargs="+", help=".npy file(s), one frame each (or a batch with --batch)")
     p.add_argument("--output", help="write the outputs to this .npy (stacked)")
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds for the whole call: connect, plan, every result (default 120)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Stream the inputs and print one line per result."""
+    import time
+
     import numpy as np
 
     from fleetpipe.cliargs import broker_from_args
@@ -32,21 +35,23 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.errors import FleetpipeError
 
     arrays = [np.load(path, allow_pickle=False) for path in args.input]
+    deadline = time.monotonic() + args.timeout
     try:
         broker = broker_from_args(args)
         # On a secure broker the ACL grants a client its own result topic, named after its username.
         with FleetClient(broker.url or "", fleet=args.fleet, window=args.window, client_id=broker.username,
                          username=broker.username, password=broker.password(), tls=broker.tls()) as client:
-            client.wait_plan(args.timeout)
+            client.wait_plan(max(deadline - time.monotonic(), 0.1))
             outputs = []
-            for path, result in zip(args.input, client.stream(arrays), strict=True):
+            for path, result in zip(args.input, client.stream(arrays, deadline=deadline), strict=True):
                 out = result.output
                 outputs.append(out)
                 top = int(np.argmax(out)) if out.size else -1
                 print(f"{path}: frame {result.frame_id} shape {tuple(out.shape)} argmax {top} "
                       f"latency {result.latency_ms:.1f} ms")
     except (FleetpipeError, TimeoutError) as exc:
-        print(f"fleetpipe infer: {exc}", file=sys.stderr)
+        print(f"fleetpipe infer: {type(exc).__name__}: {exc}" if str(exc) else f"fleetpipe infer: {exc!r}",
+              file=sys.stderr)
         return 1
     if args.output:
         np.save(args.output, np.stack(outputs), allow_pickle=False)

@@ -41,6 +41,7 @@ import numpy as np
 from fleetpipe.errors import DecodeError
 
 __all__ = [
+    "MAX_DECODED_BYTES",
     "MAX_ELEMENTS",
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
@@ -56,6 +57,9 @@ __all__ = [
 
 #: Largest element count a tensor may have (2**28, i.e. 1 GiB of float32).
 MAX_ELEMENTS = 2**28
+#: Largest size a tensor may decode to: a 2-bit tensor expands 16x (float32) or 32x (float64), so the packet limit
+#: alone does not bound a node's memory. Checked on the header, before anything is allocated.
+MAX_DECODED_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 32
 SUPPORTED_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 16, 32})
 SUPPORTED_DTYPES = frozenset(
@@ -125,6 +129,10 @@ class EncodedTensor:
                 object.__setattr__(self, "data", data)
         elif not isinstance(data, bytes | bytearray):
             raise TypeError(f"data must be bytes or memoryview, not {type(data).__name__}")
+        decoded = math.prod(shape) * np.dtype(self.dtype).itemsize
+        if decoded > MAX_DECODED_BYTES:
+            raise ValueError(f"{self.dtype}{list(shape)} would decode to {decoded} bytes, more than "
+                             f"MAX_DECODED_BYTES={MAX_DECODED_BYTES}")
         expected = encoded_nbytes(self.dtype, shape, self.bits)
         if len(data) != expected:
             raise ValueError(
@@ -149,6 +157,11 @@ class EncodedTensor:
     def nbytes(self) -> int:
         """Size of the packed payload in bytes."""
         return len(self.data)
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Size of the array this tensor decodes to (from the header alone)."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 def encode_tensor(

@@ -18,7 +18,8 @@ on the fleet's error topic and dropped; it never crashes a daemon.
     │   ├── UnsupportedModel        corrupt or unsupported file, unknown dynamic shape
     │   └── SliceError              a cut or slice that would be invalid
     ├── PlanningError               the planner
-    │   └── InfeasiblePlan          no plan satisfies the constraints (says what is short)
+    │   ├── InfeasiblePlan          no plan satisfies the constraints (says what is short)
+    │   └── FleetUnavailable        a client's frame cannot run: the planner says the fleet is infeasible now
     ├── StageError                  running a stage on a node
     │   ├── RuntimeLoadError        a slice cannot be loaded
     │   │   └── UntrustedSlice      refused before loading: unsigned or badly signed assignment, external
@@ -42,6 +43,7 @@ __all__ = [
     "DiscoveryError",
     "DuplicateFrame",
     "EncodeError",
+    "FleetUnavailable",
     "FleetpipeError",
     "FlowError",
     "InfeasiblePlan",
@@ -122,6 +124,14 @@ class PlanningError(FleetpipeError):
 
 class InfeasiblePlan(PlanningError):
     """No plan satisfies the constraints; the message says what is short."""
+
+
+class FleetUnavailable(PlanningError):
+    """The fleet cannot run the model now (the planner published an infeasible plan); says what is short.
+
+    Every pending and new frame of a client fails with it; once the planner publishes a feasible plan again,
+    new frames run.
+    """
 
 
 class StageError(FleetpipeError):

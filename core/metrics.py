@@ -199,6 +199,9 @@ class FleetView:
         self.metrics: dict[str, wire.Metrics] = {}
         self.errors_seen = 0
         self._nodes: dict[str, _Node] = {}
+        # The planner's last PlannerState (birth or death) and when it changed (a will's ts 0: our arrival time).
+        self.planner: Any = None
+        self.planner_since: float | None = None
 
     def apply(self, msg: Any, now: float | None = None) -> bool:
         """Fold one decoded message (``now`` = receive time); returns whether it belonged to this view."""
@@ -218,6 +221,10 @@ class FleetView:
                     node.dead, node.death_reason = True, msg.reason or "gone"
             case wire.NodeHealth():
                 self._apply_health(msg, now)
+            case wire.PlannerState():
+                if self.planner is None or (msg.planner_id, msg.seq, msg.online) != (
+                        self.planner.planner_id, self.planner.seq, self.planner.online):
+                    self.planner, self.planner_since = msg, msg.ts or now
             case wire.Metrics():
                 self.metrics[msg.node_id] = msg
                 if msg.node_id in self._nodes:

@@ -3,6 +3,7 @@
 Layout (all under ``fleetpipe/v1/<fleet>/``)::
 
     node/<node_id>/state     NodeBirth | NodeDeath   qos1 retained  (the last will is a NodeDeath here)
+    node/planner/state       PlannerState            qos1 retained  (the planner's birth and last-will death)
     node/<node_id>/health    NodeHealth              qos0
     node/<node_id>/assign    StageAssign             qos1 retained
     node/<node_id>/metrics   Metrics                 qos0
@@ -48,6 +49,7 @@ from fleetpipe.wire import (
     PartReply,
     PartRequest,
     Plan,
+    PlannerState,
     Result,
     SliceChunk,
     SliceRequest,
@@ -55,6 +57,7 @@ from fleetpipe.wire import (
 )
 
 __all__ = [
+    "PLANNER_ID",
     "PREFIX",
     "SPECS",
     "TopicSpec",
@@ -72,6 +75,7 @@ __all__ = [
     "part_gather",
     "part_in",
     "plan",
+    "planner_state",
     "result",
     "shared",
     "slice_chunk",
@@ -85,6 +89,8 @@ __all__ = [
 ]
 
 PREFIX = "fleetpipe/v1"
+#: The node id under which the planner publishes its state and metrics (no node may take it).
+PLANNER_ID = "planner"
 _NAME = re.compile(NAME_PATTERN + r"\Z")
 _HASH = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 _INT = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
@@ -145,7 +151,8 @@ class TopicSpec:
 
 _P = PREFIX + "/{fleet}"
 _NODE = (("node_id", "node_id"),)
-NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath), 1, True, _NODE)
+NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath, PlannerState), 1, True,
+                       _NODE)
 NODE_HEALTH = TopicSpec("node_health", _P + "/node/{node_id}/health", (NodeHealth,), 0, False, _NODE)
 NODE_ASSIGN = TopicSpec("node_assign", _P + "/node/{node_id}/assign", (StageAssign,), 1, True, _NODE)
 NODE_METRICS = TopicSpec("node_metrics", _P + "/node/{node_id}/metrics", (Metrics,), 0, False, _NODE)
@@ -176,6 +183,11 @@ SPECS: Mapping[str, TopicSpec] = MappingProxyType(
 def node_state(fleet: str, node_id: str) -> str:
     """Retained birth/death of a node (its last will goes here too)."""
     return NODE_STATE.topic(fleet=fleet, node_id=node_id)
+
+
+def planner_state(fleet: str) -> str:
+    """Retained birth/death of the fleet's planner (``PlannerState``; its last will goes here too)."""
+    return NODE_STATE.topic(fleet=fleet, node_id=PLANNER_ID)
 
 
 def node_health(fleet: str, node_id: str) -> str:
@@ -314,8 +326,10 @@ def check(topic: str, msg: object) -> dict[str, Any]:
     if fleet != params["fleet"]:
         raise ValueError(f"a message of fleet {fleet!r} on {topic}")
     for param, name in spec.binds:
-        if getattr(msg, name) != params[param]:
-            raise ValueError(f"{type(msg).__name__} naming {name}={getattr(msg, name)!r} on {topic}")
+        # The planner's birth and death live on the state topic of the reserved node name PLANNER_ID.
+        value = PLANNER_ID if isinstance(msg, PlannerState) and name == "node_id" else getattr(msg, name)
+        if value != params[param]:
+            raise ValueError(f"{type(msg).__name__} naming {name}={value!r} on {topic}")
     return params
 
 

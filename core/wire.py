@@ -35,13 +35,15 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-from fleetpipe.codec import EncodedTensor, from_wire, to_wire
+from fleetpipe.codec import MAX_DECODED_BYTES, EncodedTensor, from_wire, to_wire
 from fleetpipe.errors import DecodeError, EncodeError, VersionMismatch
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_PACKET_BYTES",
     "MESSAGE_TYPES",
     "NAME_PATTERN",
+    "PLAN_STATUSES",
     "WIRE_VERSION",
     "Activation",
     "EmulationControl",
@@ -58,6 +60,7 @@ __all__ = [
     "PartRequest",
     "Plan",
     "PlanStage",
+    "PlannerState",
     "Result",
     "SliceChunk",
     "SliceRequest",
@@ -73,6 +76,11 @@ __all__ = [
 WIRE_VERSION = 1
 #: Inputs larger than this are rejected by :func:`decode` unless the caller passes ``max_bytes``.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+PLAN_STATUSES = frozenset({"active", "infeasible"})
+#: The one bound on an MQTT packet: a payload of DEFAULT_MAX_BYTES plus room for the topic and properties. The
+#: shipped broker configs set ``max_packet_size`` to it and every MqttBus announces it as its CONNECT Maximum
+#: Packet Size, so the broker refuses (and never forwards) what no fleetpipe process would accept.
+MAX_PACKET_BYTES = DEFAULT_MAX_BYTES + 64 * 1024
 #: Fleet names, node ids and client ids appear in topics, so they are restricted to this.
 NAME_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 
@@ -152,6 +160,30 @@ class NodeDeath(_Msg):
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
         _nonneg(self, "seq", "ts")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerState(_Msg):
+    """The planner's birth (``online``) and death, retained on ``node/planner/state`` (Sparkplug's primary host
+    STATE). ``planner_id`` is a fresh session id per process start; ``seq`` grows with every (re)connect.
+
+    The last will is fixed at connect, so a will says ``ts=0`` (time unknown when it was written): a receiver
+    stamps its arrival. A clean shutdown publishes its death with the real time.
+    """
+
+    TAG: ClassVar[str] = "planner_state"
+    fleet: str
+    planner_id: str
+    seq: int
+    online: bool
+    ts: float
+    reason: str = ""
+
+    def _validate(self) -> None:
+        _names(self, "fleet")
+        _nonneg(self, "seq", "ts")
+        if not self.planner_id or len(self.planner_id) > 64:
+            raise ValueError("planner_id must be 1..64 characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,11 +295,23 @@ class Plan(_Msg):
     ts: float
     bottleneck_ms: float = 0.0
     latency_ms: float = 0.0
+    # The session id of the planner that published it (its PlannerState birth names the same id); nodes and
+    # clients follow only the plan of the planner whose birth they see. "" from builds before planner births.
+    planner_id: str = ""
+    # "active", or "infeasible": the fleet cannot run the model now (no stages; ``detail`` says what is short).
+    status: str = "active"
+    detail: str = ""
 
     def _validate(self) -> None:
         _names(self, "fleet")
         _nonneg(self, "epoch", "ts", "bottleneck_ms", "latency_ms")
         _text(self.model_id, "model_id")
+        if self.status not in PLAN_STATUSES:
+            raise ValueError(f"plan status {self.status!r} is not one of {sorted(PLAN_STATUSES)}")
+        if self.status == "infeasible" and self.stages:
+            raise ValueError("an infeasible plan has no stages")
+        if len(self.planner_id) > 64 or len(self.detail) > 1000:
+            raise ValueError("planner_id or detail too long")
         for i, st in enumerate(self.stages):
             if st.index != i:
                 raise ValueError(f"stage {i} has index {st.index}")
@@ -644,7 +688,7 @@ class EmulationControl(_Msg):
 
 Message = Union[  # noqa: UP007  (a runtime alias that isinstance and match understand)
     NodeBirth, NodeDeath, NodeHealth, Plan, StageAssign, Activation, Result, ErrorReport, SliceChunk,
-    SliceRequest, Metrics, EmulationControl, PartRequest, PartReply, NodeProfile,
+    SliceRequest, Metrics, EmulationControl, PartRequest, PartReply, NodeProfile, PlannerState,
 ]
 #: Tag -> class of every top-level message type.
 MESSAGE_TYPES: Mapping[str, type[Any]] = types.MappingProxyType(
@@ -1122,5 +1166,8 @@ def _tensors(ts: tuple[tuple[str, EncodedTensor], ...]) -> None:
     names = [n for n, _ in ts]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names")
+    decoded = sum(t.decoded_nbytes for _, t in ts if isinstance(t, EncodedTensor))
+    if decoded > MAX_DECODED_BYTES:
+        raise ValueError(f"tensors would decode to {decoded} bytes, more than MAX_DECODED_BYTES={MAX_DECODED_BYTES}")
     for n in names:
         _text(n, "tensor name")

@@ -16,9 +16,14 @@ response topic. Preparer, worker and finisher hand over through one-frame queues
 computes, frame n+1 is decoded and frame n-1 encoded (a stage's period is its compute, not compute
 plus codec), and frames leave in arrival order.
 
-The node keeps the previous epoch's slice for a grace period after a switch, so frames already in
-flight under the old plan still complete; a frame whose epoch it no longer holds is reported on
-the error topic (``StaleEpoch``) and the client re-sends it under the new plan. Nothing bad from
+Epochs switch in two phases: a new assignment is loaded (and reported loaded in the health) while
+the previous epoch keeps serving; the switch happens when the planner publishes the plan of the new
+epoch (the commit). Only then does the previous epoch's grace period start, so frames already in
+flight under the old plan still complete, and an epoch the planner abandons (a member died while
+loading) never takes the running one down; an empty assignment (left out of the plan) likewise
+waits for the plan that leaves the node out. The node follows only plans of the planner whose birth
+(``PlannerState``) it sees. A frame whose epoch it no longer holds is reported on the error topic
+(``StaleEpoch``) and the client re-sends it under the new plan. Nothing bad from
 the network crashes the daemon: each frame's failure becomes one error report.
 
 A split stage (the assignment carries a ``SplitAssign``) runs on a group: the lead takes the stage's
@@ -142,6 +147,8 @@ class NodeDaemon(SplitMember):
         self.stats = _Stats()
         self.slots: dict[int, _Slot] = {}
         self.epoch = -1
+        self.committed = -1  # the newest epoch whose plan we saw (the planner's commit)
+        self.planner: Any = None  # the planner's last PlannerState: we follow the plans of the one that is born
         self.bus: MqttBus | None = None
         self.bucket = TokenBucket(self.device.bandwidth_mbps) if self.device.bandwidth_mbps else None
         self.cache_dir = Path(os.path.expanduser(config.cache_dir))
@@ -281,6 +288,7 @@ class NodeDaemon(SplitMember):
         """After every (re)connect: subscriptions are restored by the bus; re-announce ourselves."""
         assert self.bus is not None
         await self.bus.subscribe(topics.node_assign(self.fleet, self.name), qos=1)
+        await self.bus.subscribe(topics.planner_state(self.fleet), qos=1)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
         if self.config.emulate:
             await self.bus.subscribe(topics.node_control(self.fleet, self.name), qos=1)
@@ -329,12 +337,37 @@ class NodeDaemon(SplitMember):
             self._emulation_control(self._decode_as(message, wire.EmulationControl))
         elif spec is topics.PLAN:
             if message.payload:
-                msg = self._decode_as(message, wire.Plan)
-                self.plans[msg.epoch] = msg
-                for old in sorted(self.plans)[:-3]:  # the newest three, however the epochs arrive
-                    del self.plans[old]
+                self._on_plan(self._decode_as(message, wire.Plan))
+        elif spec is topics.NODE_STATE:
+            if message.payload:
+                msg = self._decode_as(message, wire.PlannerState)
+                if self.planner is None or msg.planner_id != self.planner.planner_id or msg.seq >= self.planner.seq:
+                    self.planner = msg
         elif spec is topics.SLICE_CHUNK:
             self._on_chunk(self._decode_as(message, wire.SliceChunk))
+
+    def _on_plan(self, plan: Any) -> None:
+        """A plan: the commit of its epoch (the older epochs' grace starts now), if our planner published it."""
+        if self.planner is not None and self.planner.online and plan.planner_id != self.planner.planner_id:
+            raise DecodeError(f"plan epoch {plan.epoch} of planner {plan.planner_id!r} ignored: the planner is "
+                              f"{self.planner.planner_id!r}")
+        if plan.status != "active":
+            return  # infeasible: keep serving what we hold until the planner can plan again
+        self.plans[plan.epoch] = plan
+        for old in sorted(self.plans)[:-3]:  # the newest three, however the epochs arrive
+            del self.plans[old]
+        if plan.epoch <= self.committed:
+            return
+        self.committed = int(plan.epoch)
+        now = time.monotonic()
+        for epoch, slot in self.slots.items():
+            if epoch < plan.epoch and slot.retired_at is None:
+                slot.retired_at = now
+        if plan.epoch in self.slots or any(self.name in s.nodes for s in plan.stages):
+            log.info("node %s: epoch %d committed", self.name, plan.epoch)
+        elif self.slots:
+            log.info("node %s: epoch %d committed without this node; draining %s", self.name, plan.epoch,
+                     sorted(self.slots))
 
     def _decode_as(self, message: Message, cls: type[Any], *, check: bool = True) -> Any:
         """The message's payload decoded, if it is a ``cls`` that belongs on its topic; else DecodeError."""
@@ -423,9 +456,13 @@ class NodeDaemon(SplitMember):
                                                lead=self.name),)
         elif role is not None:  # a part node never takes the stage's frames, only part requests from its lead
             group, extra = "", (topics.part_in(self.fleet, assign.epoch, assign.stage, self.name, assign.split.lead),)
+        # Two-phase switch: the committed epoch keeps serving until the plan of this one arrives (``_on_plan``);
+        # an older epoch that was never committed (abandoned by the planner) is dropped now.
+        for epoch in [e for e in self.slots if self.committed < e < assign.epoch]:
+            self._drop_slot(epoch)
         now = time.monotonic()
-        for old in self.slots.values():
-            if old.retired_at is None:
+        for epoch, old in self.slots.items():
+            if epoch < self.committed and old.retired_at is None:
                 old.retired_at = now
         slot = _Slot(assign, runtime, executor, group, exit_cache=_exit_cache(assign.exit_cache), split=role,
                      extra_topics=extra)
@@ -483,10 +520,10 @@ class NodeDaemon(SplitMember):
                  sum(msg.layer_ms))
 
     async def _unassign(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots.values():
-            if slot.retired_at is None:
-                slot.retired_at = now
+        # Left out of the next plan: the slots retire when that plan commits (``_on_plan``), not now; an
+        # empty message from anyone else on an open broker must not take the node out.
+        log.info("node %s: assignment cleared; serving epochs %s until the next plan commits", self.name,
+                 sorted(self.slots))
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("unassign")
 
@@ -618,6 +655,8 @@ class NodeDaemon(SplitMember):
                                  f"{sorted(assign.input_names)}")
         if slot.split is not None and not slot.split.lead:
             raise StageError(f"frame {frame.frame_id}: node {self.name} is a part node of stage {assign.stage}")
+        if slot.split is None:
+            _check_headers(frame, slot.runtime)
         return slot, {name: codec.decode_tensor(t) for name, t in frame.tensors}
 
     async def _finish(self, frame: Any, recv_ts: float, slot: _Slot, outputs: dict[str, Any],
@@ -743,12 +782,15 @@ class NodeDaemon(SplitMember):
         now = time.monotonic()
         for epoch, slot in list(self.slots.items()):
             if slot.retired_at is not None and now - slot.retired_at > EPOCH_GRACE_S:
-                del self.slots[epoch]
-                slot.executor.shutdown()
-                for topic in slot.topics if self.bus is not None else ():
-                    task = asyncio.create_task(self._quiet_unsubscribe(topic))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                self._drop_slot(epoch)
+
+    def _drop_slot(self, epoch: int) -> None:
+        slot = self.slots.pop(epoch)
+        slot.executor.shutdown()
+        for topic in slot.topics if self.bus is not None else ():
+            task = asyncio.create_task(self._quiet_unsubscribe(topic))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _quiet_unsubscribe(self, topic: str) -> None:
         with contextlib.suppress(FleetpipeError):
@@ -816,6 +858,20 @@ class NodeDaemon(SplitMember):
             idle_ms_avg=_mean(self.stats.idle_ms), bits=_bits_in_use(slot),
             bandwidth_mbps_est=_bandwidth_estimate(slot, self.device.bandwidth_mbps),
             msg_ms_est=round(float(np.median(self.stats.msg_ms)), 3) if len(self.stats.msg_ms) >= 5 else None)
+
+
+def _check_headers(frame: Any, runtime: Any) -> None:
+    """Every tensor's declared dtype and shape against the slice's input specs, before anything is decoded:
+    a forged header costs a comparison, never a 16x-expanded allocation (the wire bounds the total already)."""
+    try:
+        specs = {spec.name: spec for spec in runtime.input_specs()}
+    except Exception:  # a runtime that cannot say: the runtime's own check after decoding still applies
+        return
+    for name, tensor in frame.tensors:
+        spec = specs.get(name)
+        problem = spec.header_mismatch(tensor.dtype, tensor.shape) if spec is not None else None
+        if problem:
+            raise InferenceError(f"frame {frame.frame_id}: input tensor {name!r} has {problem}")
 
 
 def tune_malloc() -> bool:

@@ -27,6 +27,8 @@ class Policy:
     # Before the first plan, wait up to this long (since the first member appeared) for every alive node's
     # health: it says which epoch the node runs, so a restarted planner never plans under a stale epoch.
     health_grace_s: float = 0.0
+    # A loss with nobody joining waits only this long (deaths of nodes killed together arrive together).
+    loss_debounce_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +51,22 @@ class WaitForNodes:
 Command = Replan | WaitForNodes
 
 
+def _only_losses(state: FleetState, alive: dict[str, object]) -> bool:
+    """Members of the current plan are gone and nobody joined: nothing to batch, no reason to wait."""
+    if state.plan is None:
+        return False
+    planned = {n for s in state.plan.stages for n in s.nodes}
+    return bool(planned - set(alive)) and set(alive) <= planned
+
+
 def decide(state: FleetState, now: float, policy: Policy, first_seen: float | None = None) -> list[Command]:
     """Return what the planner should do now."""
     if state.membership == state.planned_membership:
         return []
-    if now - state.membership_changed_at < policy.debounce_s:
-        return []
     alive = state.alive()
+    wait = policy.loss_debounce_s if _only_losses(state, alive) else policy.debounce_s
+    if now - state.membership_changed_at < wait:
+        return []  # batch joins; a member's death (last will, lease) re-plans almost at once
     needed = max(policy.min_nodes, 1)
     if len(alive) < needed:
         return [WaitForNodes(len(alive), needed)]

@@ -7,9 +7,23 @@ capabilities, solves it, slices the model, publishes the slices (retained chunks
 addressed), then each node's retained assignment under a new epoch. It publishes the retained plan
 (the signal clients switch on) only when every assigned node reports in its health that it has
 loaded the new epoch, so a client never sends a frame to a stage nobody has subscribed yet. Nodes
-left out of the plan get their retained assignment cleared. On start the retained plan (if any)
-is read back, so a restarted planner resumes the epoch count and leaves a running pipeline alone
-when the same nodes are alive.
+left out of the plan get their retained assignment cleared.
+
+Two-phase epochs. Publishing the plan is the commit: nodes keep serving the previous epoch until
+they see the new plan, and only then start the old epoch's grace timer. When an assigned node dies
+(or stops answering) while loading, the epoch is abandoned whole: the previous epoch's assignments
+are restored (nodes that joined with it are cleared) and the plan is not published, so the fleet
+runs on as before, and the control step re-plans from the live set if it differs from the plan.
+
+The planner has a birth and a last-will death (``PlannerState`` on ``node/planner/state``, with a
+session id fresh per process) and stamps that id on its plans. Nodes and clients follow only the
+plan of the planner whose birth they see. On start the retained plan is resumed (epoch count kept,
+running pipeline left alone) only if the previous planner (the one on the state topic) published
+it, and only after it is checked against the live fleet: a member that is gone triggers a re-plan.
+A plan or assignment it did not publish (a forgery on an open broker, junk) is overwritten with its
+own. When no plan fits the alive nodes, it publishes an *infeasible* plan (no stages, naming what is
+short) so clients fail their frames with ``FleetUnavailable`` instead of re-sending them to nodes
+that are gone; the next membership change re-plans.
 
 With ``intra="latency"`` (``"pipeline"``: single-device stages only) a re-plan solves
 ``fleetpipe.planner.intra.solve_intra`` instead (stages may be replicated or split across a device
@@ -27,9 +41,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +60,7 @@ from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, Infeasibl
 from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
 from fleetpipe.ratelog import RateLimitedLog
-from fleetpipe.transport import Message
+from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
 
 __all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
@@ -202,6 +218,25 @@ class PlannerService:
         # Measured split parts of this model (fleetpipe.planner.split_profile), kept across re-plans.
         self._part_factors: dict[tuple[int, int, str, int], tuple[float, ...]] = {}
         self._msg_est: dict[str, float] = {}
+        # Sparkplug primary host: this process's session id, stamped on its plans, birth and death.
+        self.planner_id = uuid.uuid4().hex[:16]
+        self._seq = 0
+        # The planner that held the state topic before us (the one whose retained plan we may resume), if any.
+        self._previous_planner: str | None = None
+        # The committed epoch's assignments (topic -> payload), restored when a newer epoch is abandoned.
+        self._committed: dict[str, bytes] = {}
+        self._restored_at: dict[str, float] = {}
+        # Galaxy+ fast restore: per node of the current plan, the plan without it (problem, result), solved in the
+        # background after each plan, so a node's death re-plans without solving on the critical path.
+        self._fallbacks: dict[str, tuple[Any, Any]] = {}
+        self._phases: dict[str, float] = {}  # re-plan phase -> monotonic time it ended ("start": when it began)
+        # The last cost matrix (reports version, node names, compute_ms): a re-plan for a subset of those nodes
+        # (a death) takes its columns instead of re-fitting the estimator (seconds on a Pi-class host).
+        self._costs_version = 0
+        self._costs_changed_at = 0.0
+        self._cost_refresh: asyncio.Task[Any] | None = None
+        self._cost_cache: tuple[int, tuple[str, ...], np.ndarray] | None = None
+        self._fallback_task: asyncio.Task[None] | None = None
         # Per-layer times the nodes measured on their slices (wire.NodeProfile); set once the model is loaded.
         self.costs: Any = None if model is None else self._reported_costs(model)
 
@@ -230,8 +265,11 @@ class PlannerService:
             self.calibration = _load_calibration(self.config, self.model)
             self.costs = self._reported_costs(self.model)
         broker = self.config.broker
+        will = Will(topics.planner_state(self.fleet), wire.encode(self._state_msg(False, "connection lost", ts=0.0)),
+                    qos=1, retain=True)
         self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
+                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True,
+                           will=will)
         try:
             await self.bus.__aenter__()
         except FleetpipeError as exc:
@@ -244,12 +282,19 @@ class PlannerService:
         try:
             await self.should_exit.wait()
         finally:
-            for task in [*tasks, self._replanning]:
+            for task in [*tasks, self._replanning, self._fallback_task, self._cost_refresh]:
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
+            with contextlib.suppress(FleetpipeError):
+                await self.bus.publish(topics.planner_state(self.fleet),
+                                       wire.encode(self._state_msg(False, "clean shutdown")), qos=1, retain=True)
             await self.bus.__aexit__(None, None, None)
         return 0
+
+    def _state_msg(self, online: bool, reason: str = "", ts: float | None = None) -> Any:
+        return wire.PlannerState(fleet=self.fleet, planner_id=self.planner_id, seq=self._seq, online=online,
+                                 ts=time.time() if ts is None else ts, reason=reason)
 
     async def _announce(self) -> None:
         from fleetpipe.discovery import Announcer
@@ -277,10 +322,15 @@ class PlannerService:
         # A broker restarted without persistence has lost our retained plan, assignments and slices.
         for topic, payload in list(self._retained.items()):
             await self.bus.publish(topic, payload, qos=1, retain=True)
+        # node/+/state holds node/planner/state too: the previous planner's retained state comes before the plan.
         await self.bus.subscribe(topics.NODE_STATE.filter(fleet=self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_HEALTH.filter(fleet=self.fleet), qos=0)
         await self.bus.subscribe(topics.plan(self.fleet), qos=1)
         await self.bus.subscribe(topics.NODE_PROFILE.filter(fleet=self.fleet), qos=1)
+        await self.bus.subscribe(topics.NODE_ASSIGN.filter(fleet=self.fleet), qos=1)
+        self._seq += 1
+        await self.bus.publish(topics.planner_state(self.fleet), wire.encode(self._state_msg(True)), qos=1,
+                               retain=True)
 
     async def _receive(self) -> None:
         assert self.bus is not None
@@ -289,7 +339,38 @@ class PlannerService:
                 self._fold(message)
             except (DecodeError, ValueError) as exc:
                 self._bad.warning("planner: bad message on %s: %s", message.topic, exc)
+            await self._guard_retained(message)
             self._step()
+
+    async def _guard_retained(self, message: Message) -> None:
+        """A retained topic we own (plan, assignments, our state) now holds something we did not publish (junk,
+        a forgery, the late will of the planner before us): publish ours again (at most once a second each)."""
+        assert self.bus is not None
+        topic = message.topic
+        if topic == topics.planner_state(self.fleet):
+            ours = wire.encode(self._state_msg(True))
+            if self._is_our_birth(message.payload):
+                return
+        elif topic in self._retained:
+            ours = self._retained[topic]
+            if bytes(message.payload) == ours:
+                return
+        else:
+            return
+        now = time.monotonic()
+        if now - self._restored_at.get(topic, -1e9) < 1.0:
+            return
+        self._restored_at[topic] = now
+        log.warning("planner: %s holds a message we did not publish; restoring ours", topic)
+        with contextlib.suppress(FleetpipeError):
+            await self.bus.publish(topic, ours, qos=1, retain=True)
+
+    def _is_our_birth(self, payload: bytes) -> bool:
+        try:
+            msg = wire.decode(payload)
+        except DecodeError:
+            return False
+        return isinstance(msg, wire.PlannerState) and msg.planner_id == self.planner_id and msg.online
 
     def _fold(self, message: Message) -> None:
         if not message.payload:
@@ -300,7 +381,11 @@ class PlannerService:
         topics.check(message.topic, msg)
         now = time.monotonic()
         self.view.apply(msg)
-        if isinstance(msg, wire.NodeBirth):
+        if isinstance(msg, wire.PlannerState):
+            if msg.fleet == self.fleet and msg.planner_id != self.planner_id and self._previous_planner is None \
+                    and self.state.plan is None and self._published_epoch < 0:
+                self._previous_planner = msg.planner_id
+        elif isinstance(msg, wire.NodeBirth):
             if msg.fleet != self.fleet:
                 return
             if self._first_seen is None:
@@ -317,15 +402,37 @@ class PlannerService:
                 self._msg_est[msg.node_id] = float(msg.msg_ms_est)
         elif isinstance(msg, wire.NodeProfile) and msg.fleet == self.fleet and self.costs is not None:
             if self.costs.add(msg):
+                self._costs_version += 1
+                self._costs_changed_at = now
                 log.debug("planner: %s timed layers %d..%d: %.2f ms", msg.node_id, msg.first_layer, msg.last_layer,
                           sum(msg.layer_ms))
-        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.epoch > self._published_epoch and (
-                self.state.plan is None or msg.epoch > self.state.plan.epoch) and self._same_model(msg):
-            # A retained plan from an earlier planner instance: resume from it, leave the pipeline alone.
-            log.info("planner: resuming from retained plan epoch %d", msg.epoch)
-            self.state = state.apply(self.state, state.PlanPublished(msg, self.state.membership, now))
-            self._assigned = {n for s in msg.stages for n in s.nodes}
-            self._retained[message.topic] = bytes(message.payload)
+        elif isinstance(msg, wire.Plan) and msg.fleet == self.fleet and msg.planner_id != self.planner_id:
+            self._foreign_plan(msg, message, now)
+        elif isinstance(msg, wire.StageAssign) and message.topic not in self._retained and self.state.plan is not None \
+                and msg.epoch == self.state.plan.epoch and msg.node_id in self._assigned and not self._committed_full():
+            # A resumed plan's retained assignments: the committed epoch we restore if a newer one is abandoned.
+            self._retained[message.topic] = self._committed[message.topic] = bytes(message.payload)
+
+    def _committed_full(self) -> bool:
+        return len(self._committed) >= len(self._assigned)
+
+    def _foreign_plan(self, msg: Any, message: Message, now: float) -> None:
+        """A plan we did not publish: resume it once at start if the planner before us published it and it is
+        active; otherwise supersede it (our next epoch outnumbers it; ``_guard_retained`` restores ours)."""
+        resumable = (self.state.plan is None and self._published_epoch < 0 and msg.status == "active"
+                     and msg.planner_id == (self._previous_planner or "") and self._same_model(msg))
+        if not resumable:
+            log.warning("planner: superseding plan epoch %d of planner %r (not ours)", msg.epoch, msg.planner_id)
+            self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, int(msg.epoch)))
+            return
+        log.info("planner: resuming from retained plan epoch %d (checked against the live fleet first)", msg.epoch)
+        mine = dataclasses.replace(msg, planner_id=self.planner_id)
+        # planned_membership -1: the control step compares the plan's members with the live fleet before it
+        # leaves the pipeline alone, and re-plans if one is gone.
+        self.state = state.apply(self.state, state.PlanPublished(mine, -1, now))
+        self._assigned = {n for s in msg.stages for n in s.nodes}
+        self._published_epoch = int(msg.epoch)
+        self._retained[message.topic] = wire.encode(mine)  # re-stamped with our id (same epoch): _guard_retained
 
     def _same_model(self, plan: Any) -> bool:
         """A retained plan is resumed only if it runs this planner's model (else the next plan replaces it)."""
@@ -354,6 +461,7 @@ class PlannerService:
             await asyncio.sleep(min(timing.HEALTH_INTERVAL_S, 0.25))
             self.state = state.apply(self.state, state.Tick(time.monotonic(), timing.LEASE_S))
             self._step()
+            self._refresh_costs()
             sdnotify.notify("WATCHDOG=1")
             if time.monotonic() - last_metrics >= 1.0:
                 last_metrics = time.monotonic()
@@ -378,6 +486,13 @@ class PlannerService:
                 return
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
+                plan = self.state.plan
+                if plan is not None and plan.status == "active" and self.model is not None and \
+                        not {n for s in plan.stages for n in s.nodes} <= set(self.state.alive()):
+                    why = f"{command.alive} alive node(s), the planner needs {command.needed}"
+                    replan = control.Replan(why, tuple(self.state.alive()), self.state.epoch + 1)
+                    self._replanning = asyncio.create_task(
+                        self._publish_infeasible(replan, why, self.state.membership))
                 return
         recal = self._exchange_recalibration()
         if recal is not None:
@@ -414,13 +529,25 @@ class PlannerService:
         return bool(deviation.ratio * predicted > result.report.bottleneck_ms * (1 + self.config.replan_threshold))
 
     async def _replan(self, command: control.Replan) -> None:
-        """Solve for the alive nodes from scratch and publish a new epoch."""
+        """Solve for the alive nodes from scratch (or take the precomputed plan without a lost node) and publish
+        a new epoch."""
         assert self.model is not None
         membership = self.state.membership
+        self._phases = {"start": time.monotonic()}
+        fallback = self._fallback_for(command.node_ids)
+        if fallback is not None:
+            log.info("planner: epoch %d from the precomputed plan without %s", command.epoch, fallback[0])
+            await self._adopt(*fallback[1], command.epoch, membership)
+            return
         nodes = {n: self.state.nodes[n] for n in command.node_ids}
         try:
+            # Only losses: the last cost matrix's columns do, even if profiles came in since (the run-time
+            # fine-tuning corrects what they change); a refit takes seconds on the critical path.
+            members = {n for st in getattr(self.state.plan, "stages", ()) for n in st.nodes}
+            losses = bool(members) and set(nodes) <= members
             problem = build_problem(self.model, nodes, self.config.bits, self.min_bits,
-                                    await asyncio.to_thread(self._compute_ms, nodes))
+                                    await asyncio.to_thread(self._compute_ms, nodes, losses))
+            self._phases["costs"] = time.monotonic()
             if self.config.intra:
                 try:
                     plan, ip = await asyncio.to_thread(self._solve_intra, problem)
@@ -432,13 +559,59 @@ class PlannerService:
                     log.error("planner: intra plan failed (%s: %s); planning pipeline stages", type(exc).__name__, exc)
                     await self._publish_error(type(exc).__name__, f"intra plan failed: {exc}")
             result = await asyncio.to_thread(self._solve, problem)
+            self._phases["solve"] = time.monotonic()
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
             await self._publish_error("InfeasiblePlan", str(exc))
-            self.state = state.apply(self.state, state.PlanPublished(
-                self.state.plan or _NoPlan(self.state.epoch), membership, time.monotonic()))
+            await self._publish_infeasible(command, str(exc), membership)
             return
         await self._adopt(problem, result, command.epoch, membership)
+
+    def _log_phases(self, epoch: int) -> None:
+        """How long this epoch's re-plan took, phase by phase (costs, solve, slicing, assign+load)."""
+        marks = sorted(self._phases.items(), key=lambda kv: kv[1])
+        if not marks or marks[0][0] != "start":
+            return
+        parts = [f"{name} {1000 * (t - prev):.0f} ms" for (_, prev), (name, t) in itertools.pairwise(marks)]
+        log.info("planner: epoch %d re-plan took %.0f ms (%s)", epoch, 1000 * (marks[-1][1] - marks[0][1]),
+                 ", ".join(parts))
+        self._phases = {}
+
+    def _fallback_for(self, alive: tuple[str, ...]) -> tuple[str, tuple[Any, Any]] | None:
+        """The precomputed plan for exactly ``alive`` (the last problem's devices minus one), if there is one."""
+        if self.config.intra or self.current is None:
+            return None
+        names = tuple(self.current[0].device_names)
+        lost = [n for n in names if n not in alive]
+        if len(lost) != 1 or len(names) != len(alive) + 1 or lost[0] not in self._fallbacks:
+            return None
+        problem, result = self._fallbacks[lost[0]]
+        return (lost[0], (problem, result)) if tuple(problem.device_names) == tuple(alive) else None
+
+    async def _precompute_fallbacks(self, problem: Any, result: Any) -> None:
+        """Solve the current problem without each node its plan uses, one at a time, off the critical path."""
+        used = sorted({d for st in result.stages for d in st.devices})
+        for d in used:
+            try:
+                sub = problem.without_devices([d])
+                self._fallbacks[problem.device_names[d]] = (sub, await asyncio.to_thread(self._solve, sub))
+            except (FleetpipeError, ValueError):
+                continue  # no plan without it: the re-plan will say so (infeasible)
+        log.info("planner: fallback plans ready without each of %s",
+                 ",".join(problem.device_names[d] for d in used))
+
+    async def _publish_infeasible(self, command: control.Replan, why: str, membership: int) -> None:
+        """Tell clients (retained) that the fleet cannot run the model now, and which planned nodes are gone."""
+        assert self.model is not None
+        gone = sorted({n for s in getattr(self.state.plan, "stages", ()) for n in s.nodes} - set(command.node_ids))
+        detail = why + (f" (nodes gone: {', '.join(gone)})" if gone else "") + \
+            f"; alive: {', '.join(command.node_ids) or 'none'}"
+        plan = wire.Plan(fleet=self.fleet, epoch=command.epoch, model_id=self.model.model_id, stages=(),
+                         ts=time.time(), planner_id=self.planner_id, status="infeasible", detail=detail[:1000])
+        self._published_epoch = command.epoch
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        # The infeasible plan names no members: the next change of the alive set re-plans.
+        self.state = state.apply(self.state, state.PlanPublished(plan, membership, time.monotonic()))
 
     async def _fine_tune(self, deviations: list[Any]) -> None:
         """ScalPipe: a stage runs off its prediction for a while; move boundary layers instead of re-solving."""
@@ -478,15 +651,36 @@ class PlannerService:
         return ReportedCosts(model.model_id, model.host_ms, model.host_speed,
                              layer_x=lambda: layer_features(model.proto, model.graph))
 
-    def _compute_ms(self, nodes: Mapping[str, Any]) -> np.ndarray | None:
+    def _refresh_costs(self) -> None:
+        """Refit the cost matrix for the alive nodes in the background once new profiles have settled, so the
+        next re-plan for them (or a subset: a death) finds it ready (the fit takes seconds on a busy host)."""
+        busy = self._replanning is not None and not self._replanning.done()
+        if busy or self.costs is None or not self.costs.reports or self.state.plan is None or \
+                (self._cost_refresh is not None and not self._cost_refresh.done()):
+            return
+        if self._cost_cache is not None and self._cost_cache[0] == self._costs_version:
+            return
+        if time.monotonic() - self._costs_changed_at < 2 * timing.HEALTH_INTERVAL_S:
+            return
+        alive = dict(self.state.alive())
+        if alive:
+            self._cost_refresh = asyncio.create_task(asyncio.to_thread(self._compute_ms, alive), name="costs")
+
+    def _compute_ms(self, nodes: Mapping[str, Any], stale_ok: bool = False) -> np.ndarray | None:
         """Per-layer times of ``nodes`` from what they reported (``fleetpipe.planner.reported``), or None (scaled)."""
         if self.costs is None or not self.costs.reports:
             return None
         assert self.model is not None
         names = list(nodes)
+        version = self._costs_version
+        cached = self._cost_cache
+        if cached is not None and (stale_ok or cached[0] == version) and set(names) <= set(cached[1]):
+            columns = [cached[1].index(n) for n in names]
+            return cached[2][:, columns]
         matrix = self.costs.matrix(names, [nodes[n].birth for n in names],
                                    lambda birth: node_slowdown(birth, self.model.host_speed))  # type: ignore[union-attr]
         log.info("planner: layer costs: %s", matrix.summary(names))
+        self._cost_cache = (version, tuple(names), np.asarray(matrix.compute_ms))
         return matrix.compute_ms
 
     def _solve(self, problem: Any) -> Any:
@@ -563,6 +757,7 @@ class PlannerService:
 
         assert self.model is not None
         stage_slices = await asyncio.to_thread(self._slices, result)
+        self._phases["slices"] = time.monotonic()
         names = problem.device_names
         stages = []
         for k, (stage, (data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
@@ -581,6 +776,10 @@ class PlannerService:
             return
         self.last_result = result
         self.current = (problem, result)
+        if self._fallback_task is not None:
+            self._fallback_task.cancel()
+        self._fallbacks = {}
+        self._fallback_task = asyncio.create_task(self._precompute_fallbacks(problem, result), name="fallbacks")
         predicted = [max(sr.compute_ms, 1e-9) for sr in result.report.stages]
         self.monitor = DeviationMonitor(predicted, threshold=self.config.replan_threshold,
                                         window_s=max(5 * timing.HEALTH_INTERVAL_S, 1.0))
@@ -616,15 +815,29 @@ class PlannerService:
             await self._publish_retained(topics.node_assign(self.fleet, node_id), b"")
         self._assigned = assigned
         plan = wire.Plan(fleet=self.fleet, epoch=epoch, model_id=self.model.model_id, stages=tuple(stages),
-                         bottleneck_ms=bottleneck_ms, latency_ms=latency_ms, ts=time.time())
+                         bottleneck_ms=bottleneck_ms, latency_ms=latency_ms, ts=time.time(),
+                         planner_id=self.planner_id)
         if not await self._wait_loaded(assigned, epoch):
-            # An assigned node died or stopped answering while loading: this epoch can never run. Skip its
-            # number (nodes may already hold it) and let the next step re-plan for the members still alive.
+            # An assigned node died or stopped answering while loading: this epoch can never run. Abandon it
+            # whole: nodes still serve the committed epoch (they switch only on the plan), so restore its
+            # assignments and skip the number; the next step re-plans if the live set differs from the plan.
             self.state = dataclasses.replace(self.state, epoch=max(self.state.epoch, epoch))
+            await self._restore_committed()
             return None
-        self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
-        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        self._published_epoch = epoch
+        self._phases["loaded"] = time.monotonic()
+        await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))  # the commit
+        self._log_phases(epoch)
+        self._committed = {t: p for t, p in self._retained.items() if topics.parse(t)[0] is topics.NODE_ASSIGN}
         return plan
+
+    async def _restore_committed(self) -> None:
+        """Put back the committed epoch's retained assignments; clear those of nodes it does not name."""
+        committed = {topics.parse(t)[1]["node_id"]: t for t in self._committed}
+        for node_id in sorted(self._assigned | set(committed)):
+            topic = committed.get(node_id) or topics.node_assign(self.fleet, node_id)
+            await self._publish_retained(topic, self._committed.get(topic, b""))
+        self._assigned = set(committed)
 
     def _exit_cache(self, stage: Any, n_stages: int) -> Any:
         """COACH early exit for a stage that ends at a calibrated cut (never the last stage), or None."""
@@ -686,12 +899,6 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
     log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
              list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
     return cal
-
-
-@dataclass(frozen=True, slots=True)
-class _NoPlan:
-    epoch: int
-    stages: tuple[Any, ...] = ()
 
 
 def _bw(birth: Any) -> float:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fleetpipe import topics
 from fleetpipe.topics import SPECS, matches, parse, shared
-from fleetpipe.wire import Activation, NodeBirth, NodeDeath, Plan, Result, StageAssign
+from fleetpipe.wire import Activation, NodeBirth, NodeDeath, Plan, PlannerState, Result, StageAssign
 
 EXPECTED = {
     "node_state": ("fleetpipe/v1/{fleet}/node/{node_id}/state", 1, True),
@@ -30,7 +30,7 @@ EXPECTED = {
 
 def test_table() -> None:
     assert {n: (s.pattern, s.qos, s.retain) for n, s in SPECS.items()} == EXPECTED
-    assert SPECS["node_state"].payload == (NodeBirth, NodeDeath)
+    assert SPECS["node_state"].payload == (NodeBirth, NodeDeath, PlannerState)
     assert SPECS["plan"].payload == (Plan,)
     assert SPECS["node_assign"].payload == (StageAssign,)
     assert SPECS["stage_in"].payload == (Activation,)

@@ -30,6 +30,7 @@ from fleetpipe.wire import (
     PartRequest,
     Plan,
     PlanStage,
+    PlannerState,
     Result,
     SliceChunk,
     SliceRequest,
@@ -80,8 +81,11 @@ def plans(draw: st.DrawFn) -> Plan:
         stages.append(PlanStage(i, first, last, nodes, draw(bits), draw(st.one_of(st.just(""), hashes)),
                                 tuple(draw(st.lists(label_text, max_size=2))), ("out",), draw(pos_float)))
         first = last + 1
+    if not stages and draw(st.booleans()):  # the planner says the fleet cannot run the model
+        return Plan(draw(names), draw(nat), draw(label_text), (), draw(ts), planner_id=draw(names),
+                    status="infeasible", detail=draw(text))
     return Plan(draw(names), draw(nat), draw(label_text), tuple(stages), draw(ts), draw(pos_float),
-                draw(pos_float))
+                draw(pos_float), draw(st.just("") | names))
 
 
 @st.composite
@@ -123,6 +127,7 @@ MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
                          st.floats(0.001, 1e6), st.floats(0, 100),
                          st.none() | st.floats(0.001, 1e5), st.none() | float_maps),
     NodeDeath: st.builds(NodeDeath, names, names, nat, ts, text),
+    PlannerState: st.builds(PlannerState, names, names, nat, st.booleans(), ts, text),
     NodeHealth: st.builds(NodeHealth, names, names, nat, ts, pos_float, nat, small, nat, nat, nat,
                           st.none() | small, nat, pos_float, pos_float, pos_float, bits,
                           st.none() | pos_float, st.none() | pos_float),

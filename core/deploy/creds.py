@@ -16,16 +16,17 @@ are built from the topic table (:mod:`fleetpipe.topics`: each grant is a spec wi
 fixed to the identity, the rest ``+``), so moving a topic needs no edit here::
 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
-              read  F/node/n/assign  F/node/n/control  F/plan  F/slice/+/+
+              read  F/node/n/assign  F/node/n/control  F/plan  F/slice/+/+  F/node/planner/state
               readwrite F/epoch/+/stage/+/in/+            (its stage's frames; the next stage's, any client's)
               read  F/epoch/+/stage/+/part/n/+   write F/epoch/+/stage/+/part/+/n     (split stages: as itself)
               read  F/epoch/+/stage/+/gather/n/+ write F/epoch/+/stage/+/gather/+/n
               write F/result/+  F/error  F/slice/request
-    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
-              read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/node/+/profile  F/plan  F/error
+    planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics  F/node/planner/state
+              read  F/node/+/state  F/node/+/assign  F/node/+/health  F/node/+/metrics  F/node/+/profile
+              read  F/plan  F/error
               read  F/slice/request
     client c  write F/epoch/+/stage/0/in/c                (frames only as itself)
-              read  F/result/c  F/plan  F/error
+              read  F/result/c  F/plan  F/error  F/node/planner/state
     observer  read  the control plane and metrics: F/node/+/{state,health,assign,metrics,profile,control},
               F/plan, F/error, F/slice/request; never frames, part messages, results or slices (model weights)
 
@@ -207,11 +208,13 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapp
             ("write", t.ERROR, {}),
             ("write", t.SLICE_REQUEST, {}),
             ("read", t.SLICE_CHUNK, {}),
+            # A node follows only the planner whose birth it sees (PlannerState on the reserved node name).
+            ("read", t.NODE_STATE, {"node_id": t.PLANNER_ID}),
         ]
     if role == "planner":
         return [
             ("readwrite", t.PLAN, {}),
-            ("write", t.NODE_ASSIGN, {}),
+            ("readwrite", t.NODE_ASSIGN, {}),  # read: restore an assignment someone overwrote
             ("write", t.SLICE_CHUNK, {}),
             ("readwrite", t.ERROR, {}),
             ("read", t.NODE_STATE, {}),
@@ -219,7 +222,8 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapp
             ("read", t.NODE_METRICS, {}),
             ("read", t.NODE_PROFILE, {}),
             ("read", t.SLICE_REQUEST, {}),
-            ("write", t.NODE_METRICS, {"node_id": "planner"}),  # pipeline metrics (planner/loop.py publishes them)
+            ("write", t.NODE_METRICS, {"node_id": t.PLANNER_ID}),  # pipeline metrics (planner/loop.py publishes them)
+            ("write", t.NODE_STATE, {"node_id": t.PLANNER_ID}),  # its birth and last-will death (PlannerState)
         ]
     if role == "client":
         return [
@@ -227,6 +231,7 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapp
             ("read", t.RESULT, {"client_id": name}),
             ("read", t.PLAN, {}),
             ("read", t.ERROR, {}),
+            ("read", t.NODE_STATE, {"node_id": t.PLANNER_ID}),
         ]
     return [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE]  # observer
 
@@ -240,6 +245,8 @@ def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Itera
     for role, names in groups:
         for name in names:
             validate_name(f"{role} name", name)
+            if role == "node" and name == topics.PLANNER_ID:
+                raise ConfigError(f"{name!r} is reserved for the planner's state topic; name the node otherwise")
             if name in roles:
                 raise ConfigError(f"identity {name!r} given twice ({roles[name]} and {role})")
             roles[name] = role

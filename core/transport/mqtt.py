@@ -55,7 +55,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleetpipe import timing
-from fleetpipe.errors import AckTimeout, BrokerUnavailable, TransportError
+from fleetpipe.errors import AckTimeout, BrokerUnavailable, EncodeError, TransportError
 from fleetpipe.transport import (
     BrokerUrl,
     Message,
@@ -71,8 +71,12 @@ from fleetpipe.transport import (
     _check_user_properties,
     parse_broker_url,
 )
+from fleetpipe.wire import MAX_PACKET_BYTES
 
 __all__ = ["MqttBus"]
+
+#: Bytes an MQTT v5 PUBLISH spends beside its topic and payload (fixed header, properties: ours stay well under).
+_PACKET_HEADROOM = 4096
 
 _log = logging.getLogger(__name__)
 
@@ -396,6 +400,8 @@ class MqttBus:
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self._queue_maxsize
+        # The broker never forwards us a packet larger than any fleetpipe process accepts (its own max_packet_size).
+        props.MaximumPacketSize = MAX_PACKET_BYTES
         if self._session_expiry_s:
             props.SessionExpiryInterval = self._session_expiry_s
         return props
@@ -420,8 +426,12 @@ class MqttBus:
         _check_qos(qos)
         client = self._require_open()
         props = _publish_properties(response_topic, correlation_data, user_properties, expiry_s)
+        data = _as_bytes(payload)
+        if len(data) + len(topic) + _PACKET_HEADROOM > MAX_PACKET_BYTES:  # the broker would disconnect us for it
+            raise EncodeError(f"cannot publish {len(data)} bytes to {topic!r}: more than a packet holds "
+                              f"(MAX_PACKET_BYTES={MAX_PACKET_BYTES})")
         try:
-            info = client.publish(topic, _as_bytes(payload), qos=qos, retain=retain, properties=props)
+            info = client.publish(topic, data, qos=qos, retain=retain, properties=props)
         except ValueError as exc:  # paho: bad topic / payload too large
             raise TransportError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):

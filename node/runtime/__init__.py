@@ -55,12 +55,16 @@ class TensorSpec:
 
     def mismatch(self, array: np.ndarray) -> str | None:
         """Why ``array`` does not fit this spec, or None if it does."""
-        if array.dtype.name != self.dtype:
-            return f"dtype {array.dtype.name}, expected {self.dtype}"
-        if len(array.shape) != len(self.shape) or any(
-            want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True)
+        return self.header_mismatch(array.dtype.name, tuple(array.shape))
+
+    def header_mismatch(self, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """Why a tensor of ``dtype`` and ``shape`` does not fit this spec, or None (checkable before decoding)."""
+        if dtype != self.dtype:
+            return f"dtype {dtype}, expected {self.dtype}"
+        if len(shape) != len(self.shape) or any(
+            want not in (-1, got) for want, got in zip(self.shape, shape, strict=True)
         ):
-            return f"shape {tuple(array.shape)}, expected {self.shape}"
+            return f"shape {tuple(shape)}, expected {self.shape}"
         return None
 
 

@@ -75,6 +75,13 @@ def test_lost_node_triggers_replan_with_reason() -> None:
     s = state.apply(s, state.PlanPublished(plan, s.membership, 0.5))
     assert control.decide(s, 1.0, control.Policy()) == []
     s = state.apply(s, state.Death(wire.NodeDeath(fleet=FLEET, node_id="b", seq=1, ts=0.0), 1.0))
-    assert control.decide(s, 1.1, control.Policy(debounce_s=0.5)) == []  # debounced
-    (cmd,) = control.decide(s, 2.0, control.Policy(debounce_s=0.5))
+    # A loss with nobody joining is not debounced: the death re-plans at once (issue 21.2).
+    assert control.decide(s, 1.05, control.Policy(debounce_s=0.5)) == []  # other deaths of the same event
+    (cmd,) = control.decide(s, 1.15, control.Policy(debounce_s=0.5))
     assert isinstance(cmd, control.Replan) and cmd.reason == "lost b" and cmd.epoch == 4
+    # A join is still batched: b comes back (a new incarnation) and c joins.
+    s = state.apply(s, state.Birth(_birth("b", seq=2), 1.2))
+    s = state.apply(s, state.Birth(_birth("c"), 1.2))
+    assert control.decide(s, 1.3, control.Policy(debounce_s=0.5)) == []  # debounced
+    (cmd,) = control.decide(s, 2.0, control.Policy(debounce_s=0.5))
+    assert isinstance(cmd, control.Replan) and "joined c" in cmd.reason
