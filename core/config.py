@@ -125,6 +125,11 @@ class PlannerConfig:
     intra_measure_parts: bool = True
     # JSON file of per-layer host times: read when it matches the model, else profiled and written.
     profile: str | None = None
+    # Bit floors: without a calibration, each cut ships at least the lowest width whose end-to-end output error
+    # on probe inputs stays within bit_tolerance (relative L2 per output; fleetpipe.planner.bitwidth). Off:
+    # every cut ships ``bits`` as given (experiments only: accuracy is then unchecked).
+    bit_tolerance: float = 0.01
+    bit_floors: bool = True
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)
@@ -136,6 +141,8 @@ class PlannerConfig:
             raise ConfigError(f"intra must be '', 'latency' or 'pipeline', not {self.intra!r}")
         if not 1 <= self.intra_tiles <= 16:
             raise ConfigError(f"intra_tiles must be 1..16, not {self.intra_tiles}")
+        if not (0 < self.bit_tolerance < 1e6):
+            raise ConfigError(f"bit_tolerance must be > 0, not {self.bit_tolerance}")
 
 
 T = TypeVar("T")

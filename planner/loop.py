@@ -192,6 +192,9 @@ class PlannerService:
         self._cooldown_until = 0.0
         self._published_epoch = -1
         self.calibration = _load_calibration(config, model)
+        # Per-cut bit floors without a calibration (fleetpipe.planner.bitwidth), and the last plan's choice.
+        self._finder: Any = None
+        self.bit_plan: Any = None
         self.last_result: Any = None
         self._split_info: list[Any] | None = None
         # Intra plans: the fixed cost of one message the plan assumes, raised to what split leads measure.
@@ -428,7 +431,7 @@ class PlannerService:
                         raise
                     log.error("planner: intra plan failed (%s: %s); planning pipeline stages", type(exc).__name__, exc)
                     await self._publish_error(type(exc).__name__, f"intra plan failed: {exc}")
-            result = await asyncio.to_thread(self._solve, problem)
+            problem, result = await asyncio.to_thread(self._solve_bits, problem)
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
             await self._publish_error("InfeasiblePlan", str(exc))
@@ -491,6 +494,47 @@ class PlannerService:
 
         return solve(problem, time_limit_s=self.config.time_limit_s)
 
+    def _solve_bits(self, problem: Any) -> tuple[Any, Any]:
+        """Solve with per-cut bit floors (calibrated, or probed within the tolerance); the problem as solved."""
+        from fleetpipe.planner.bitwidth import solve_problem
+
+        def unprobeable(text: str) -> None:
+            log.error("planner: %s", text)
+            self._finder = False
+
+        problem, result, self.bit_plan = solve_problem(
+            problem, self._solve, self.config.bits, finder=self._floor_finder(), calibration=self.calibration,
+            tolerance=self.config.bit_tolerance, warn=unprobeable)
+        log.info("planner: %s", self.bit_plan.summary())
+        return problem, result
+
+    def _floor_finder(self) -> Any:
+        """The probe floor finder of this model (None: calibrated, floors off, or 32 bits asked)."""
+        if self.calibration is not None or not self.config.bit_floors or self.config.bits >= 32:
+            return None
+        if self._finder is None:
+            from fleetpipe.planner.bitwidth import FloorFinder
+
+            assert self.model is not None
+            self._finder = FloorFinder(self.model.proto, self.model.graph, tolerance=self.config.bit_tolerance,
+                                       key=self.model.model_id)
+        return self._finder or None
+
+    def _cut_floor(self, cut: int) -> int | None:
+        """The accuracy floor of the cut after layer ``cut``: calibrated, probed, 32 when unprobeable, None (off)."""
+        from fleetpipe.planner.bitwidth import BitFloorUnavailable
+
+        if self.calibration is not None:
+            return int(self.calibration.min_bits[cut])
+        if self._finder is False and self.config.bit_floors and self.config.bits < 32:
+            return 32
+        try:
+            finder = self._floor_finder()
+            return None if finder is None else int(finder.floor(cut, at_most=self.config.bits))
+        except BitFloorUnavailable as exc:
+            log.error("planner: cannot probe the bit floor of cut %d (%s); sending it at 32 bits", cut, exc)
+            return 32
+
     def _solve_intra(self, problem: Any) -> tuple[Any, Any]:
         """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
         from fleetpipe.planner import split_deploy
@@ -526,8 +570,10 @@ class PlannerService:
         for k, dep in enumerate(deployed):
             for digest, data in dep.blobs.items():
                 await self._publish_slice(digest, data)
+            floor = None if k + 1 == len(deployed) else await asyncio.to_thread(self._cut_floor, dep.last)
             stages.append(wire.PlanStage(
-                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes, bits=self.config.bits,
+                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes,
+                bits=max(self.config.bits, floor or 0), min_bits=floor,
                 slice_hash=dep.slice_hash, input_names=tuple(self.model.graph.inputs_of(dep.first)),
                 output_names=tuple(self.model.graph.crossing(dep.last)), predicted_ms=float(dep.predicted_ms)))
         msg = await self._publish_epoch(stages, [d.slice_size for d in deployed],
@@ -565,9 +611,12 @@ class PlannerService:
         for k, (stage, (data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
             await self._publish_slice(digest, data)
             report = result.report.stages[k]
+            # Never below the cut's floor, also for a fine-tuned plan whose moved boundary was never probed.
+            floor = None if k + 1 == len(result.stages) else await asyncio.to_thread(self._cut_floor, stage.last)
             stages.append(wire.PlanStage(
                 index=k, first_layer=stage.first, last_layer=stage.last, nodes=tuple(names[d] for d in stage.devices),
-                bits=int(stage.bits), slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
+                bits=max(int(stage.bits), floor or 0), min_bits=None if floor is None else min(floor, 32),
+                slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
                 output_names=tuple(self.model.graph.crossing(stage.last)),
                 predicted_ms=float(max(report.compute_ms, report.transfer_ms)), compute_ms=float(report.compute_ms),
                 transfer_ms=float(report.transfer_ms)))
@@ -602,7 +651,7 @@ class PlannerService:
                     fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
                     first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
                     slice_size=sizes[s.index], model_id=self.model.model_id, input_names=s.input_names,
-                    output_names=s.output_names, bits=s.bits,
+                    output_names=s.output_names, bits=s.bits, min_bits=s.min_bits,
                     next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
                     **extra[s.index])
                 await self._publish_retained(topics.node_assign(self.fleet, node_id), wire.encode(assign))

@@ -1,0 +1,430 @@
+"""Per-cut bit-width floors at plan time: never ship a width that costs more output error than allowed.
+
+Two sources of a cut's floor (the lowest activation bit-width the cut may be sent at):
+
+- a **calibration** (``fleetpipe calibrate``, COACH): its per-cut ``min_bits``, measured on real samples;
+- otherwise **probe tolerance**: the lowest width whose *end-to-end* output error on synthetic probe inputs
+  stays within ``tolerance`` (relative L2 per model output, worst over the probes; default 1 %). Probes match
+  the model's input specs: uniform noise, a smoothed random field (image-like, what detectors see), the same
+  field thresholded into flat regions with edges (a page), and standard normal values. Bisection over the
+  codec's widths (2..8, 16); a cut that misses the tolerance even at 16 bits is sent at 32.
+
+A plan ships ``max(requested, floor)`` per cut (a calibration ships its floors, as COACH does), and the whole
+chain is then checked on the probes with every chosen cut quantized at once: while the end-to-end error is
+over the tolerance, the cut with the largest error of its own is raised one width and the plan re-solved.
+Only the cuts a solver actually picks are probed (a re-solve probes the new ones), and errors are cached
+per model, cut and width for the life of the process, so a re-plan costs nothing new.
+
+:func:`plan_with_floors` is the planner's entry point; :func:`choose_bits` is what a script (the corpus
+bench) calls for a model and a list of cuts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+
+from fleetpipe.accuracy import DEFAULT_TOLERANCE, rel_l2
+from fleetpipe.errors import FleetpipeError
+
+__all__ = [
+    "CANDIDATES",
+    "BitChoice",
+    "BitFloorUnavailable",
+    "BitPlan",
+    "FloorFinder",
+    "choose_bits",
+    "plan_with_floors",
+    "probe_inputs",
+    "solve_problem",
+]
+
+#: Widths the codec quantizes to below float32, tried by bisection.
+CANDIDATES = (2, 3, 4, 5, 6, 7, 8, 16)
+FULL_BITS = 32
+PROBES = ("uniform", "smooth", "edges", "normal")
+_MAX_ROUNDS = 8
+# (model key, cut, bits) -> worst error; (model key, stage cuts, bits) -> chain error. Process-wide.
+_ERRORS: dict[tuple[Any, ...], float] = {}
+
+
+class BitFloorUnavailable(FleetpipeError):
+    """The model cannot be run split on this host, so no probe floor can be measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class BitChoice:
+    """The width shipped at one cut and why."""
+
+    cut: int  # after this layer (0-based)
+    bits: int
+    floor: int
+    source: str  # "calibrated floor", "probe tolerance", "requested" (floors off)
+    error: float | None = None  # probe error at ``bits`` (worst rel L2 over outputs and probes)
+    requested: int = FULL_BITS
+
+    def why(self) -> str:
+        """``cut 3: 16 bits (probe tolerance: floor 16, 8 bits exceed it)`` and the like."""
+        err = "" if self.error is None else f", probe error {self.error:.2g}"
+        if self.source == "requested":
+            return f"cut {self.cut}: {self.bits} bits (as requested, floors off)"
+        if self.source == "calibrated floor":
+            return f"cut {self.cut}: {self.bits} bits (calibrated floor {self.floor})"
+        raised = f"raised from {self.requested}" if self.bits > self.requested else "within it"
+        return f"cut {self.cut}: {self.bits} bits ({self.source}: {raised}{err})"
+
+
+@dataclass(frozen=True, slots=True)
+class BitPlan:
+    """Every shipped cut's choice, and the chain's end-to-end probe error (None: not probed)."""
+
+    choices: tuple[BitChoice, ...]
+    source: str  # "calibrated floor" | "probe tolerance" | "requested"
+    tolerance: float
+    end_to_end: float | None = None
+
+    def summary(self) -> str:
+        """The one log line per plan."""
+        how = {"calibrated floor": "calibrated floors (COACH)",
+               "probe tolerance": f"probe tolerance {100 * self.tolerance:g} % rel L2 per output",
+               "requested": "as requested (bit floors off)"}[self.source]
+        cuts = "; ".join(c.why() for c in self.choices) or "no cut (one stage)"
+        e2e = "" if self.end_to_end is None else f"; end-to-end probe error {self.end_to_end:.2g}"
+        return f"bit-widths from {how}: {cuts}{e2e}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"source": self.source, "tolerance": self.tolerance, "end_to_end_error": self.end_to_end,
+                "cuts": [{"after_layer": c.cut, "bits": c.bits, "floor": c.floor, "source": c.source,
+                          "error": c.error} for c in self.choices]}
+
+    def floor_of(self, cut: int) -> int | None:
+        """The floor of a shipped cut (None when not shipped)."""
+        return next((c.floor for c in self.choices if c.cut == cut), None)
+
+
+def probe_inputs(graph: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """One frame per probe kind (:data:`PROBES`), stacked on axis 0, for every model input."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in graph.inputs:
+        shape = tuple(int(d) for d in spec.shape) or (1,)
+        frames = [_probe(kind, shape, np.dtype(spec.dtype), rng) for kind in PROBES]
+        feeds[spec.name] = np.concatenate(frames) if len(spec.shape) else np.stack(frames).reshape(-1)
+    return feeds
+
+
+class FloorFinder:
+    """Probe errors and floors of one ONNX model, cached; see the module docstring."""
+
+    def __init__(self, proto: Any, graph: Any, *, tolerance: float = DEFAULT_TOLERANCE,
+                 candidates: Sequence[int] = CANDIDATES, feeds: Mapping[str, np.ndarray] | None = None,
+                 key: str | None = None) -> None:
+        if not (tolerance > 0 and math.isfinite(tolerance)):
+            raise ValueError(f"tolerance must be finite and > 0, not {tolerance}")
+        onnx_model = hasattr(proto, "graph") and hasattr(proto, "SerializeToString")
+        # Raised on first use (so a planner falls back to 32 bits, never to unchecked widths).
+        self._unavailable = None if onnx_model else f"probe floors need an ONNX model, not {type(proto).__name__}"
+        self.proto, self.graph, self.tolerance = proto, graph, float(tolerance)
+        self.candidates = sorted({int(b) for b in candidates})
+        self.feeds = dict(feeds) if feeds is not None else probe_inputs(graph)
+        self.batch = int(graph.inputs[0].shape[0]) if graph.inputs and graph.inputs[0].shape else 1
+        self.key = key or (_model_key(proto) if onnx_model else str(id(proto)))
+        self._all: dict[str, np.ndarray] | None = None
+        self._runners: dict[tuple[Any, ...], _FrameRunner] = {}
+
+    @property
+    def n_probes(self) -> int:
+        """Probe frames."""
+        return next(iter(self.feeds.values())).shape[0] // max(self.batch, 1)
+
+    def error(self, cut: int, bits: int) -> float:
+        """Worst rel L2 over outputs and probes with only ``cut`` sent at ``bits``."""
+        if bits >= FULL_BITS:
+            return 0.0
+        k = (self.key, self._probe_key(), int(cut), int(bits))
+        if k not in _ERRORS:
+            from fleetpipe.models.calibrate import _roundtrip
+
+            values = self._values()
+            sent = {n: _roundtrip(values[n], bits, self.batch) for n in self.graph.crossing(cut)}
+            _ERRORS[k] = self._worst(self._run(cut + 1, len(self.graph.layers) - 1, {**self.feeds, **sent}))
+        return _ERRORS[k]
+
+    def floor(self, cut: int, at_most: int | None = None) -> int:
+        """The lowest candidate width within the tolerance at ``cut`` (32 when even the highest misses it).
+
+        With ``at_most``, a width within the tolerance there ends the search: the floor is reported as
+        ``at_most`` (the planner ships ``max(requested, floor)``, so lower widths need no probing).
+        """
+        from fleetpipe.models.calibrate import _bisect
+
+        cands = self.candidates
+        if at_most is not None and at_most in cands:
+            if self.error(cut, at_most) <= self.tolerance:
+                return int(at_most)
+            cands = [b for b in cands if b > at_most]
+            if not cands:
+                return FULL_BITS
+        return _bisect(cands, lambda b: self.error(cut, b), self.tolerance)
+
+    def chain_error(self, cut_bits: Mapping[int, int]) -> float:
+        """Worst rel L2 with every cut in ``cut_bits`` sent at its width (the stages run one after another)."""
+        from fleetpipe.models.calibrate import _roundtrip
+
+        cuts = sorted(cut_bits)
+        if not cuts:
+            return 0.0
+        if len(cuts) == 1:
+            return self.error(cuts[0], int(cut_bits[cuts[0]]))
+        k = (self.key, self._probe_key(), tuple((c, int(cut_bits[c])) for c in cuts))
+        if k not in _ERRORS:
+            values = self._values()
+            sent = {n: _roundtrip(values[n], int(cut_bits[cuts[0]]), self.batch) for n in self.graph.crossing(cuts[0])}
+            for a, b in pairwise(cuts):
+                out = self._run(a + 1, b, {**self.feeds, **sent})
+                sent = {n: _roundtrip(v, int(cut_bits[b]), self.batch) for n, v in out.items()}
+            _ERRORS[k] = self._worst(self._run(cuts[-1] + 1, len(self.graph.layers) - 1, {**self.feeds, **sent}))
+        return _ERRORS[k]
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _probe_key(self) -> tuple[Any, ...]:
+        return tuple((n, v.shape, str(v.dtype)) for n, v in sorted(self.feeds.items()))
+
+    def _values(self) -> dict[str, np.ndarray]:
+        """Every cut's crossing tensors and the model outputs on the probes, from one run of the whole model."""
+        if self._all is None:
+            import onnx
+            from onnx import helper
+
+            if self._unavailable:
+                raise BitFloorUnavailable(self._unavailable)
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self.proto)
+            have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+            wanted = {t for c in range(len(self.graph.layers) - 1) for t in self.graph.crossing(c)} - have
+            for name in sorted(wanted):
+                info = self.graph.tensors.get(name)
+                if info is None:
+                    continue
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
+                proto.graph.output.append(helper.make_tensor_value_info(name, elem, list(info.shape)))
+            self._all = {**self.feeds, **self._session(proto, ("all",)).run(self.feeds)}
+        return self._all
+
+    def _run(self, first: int, last: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from fleetpipe.models.slicing import slice_model
+
+        if self._unavailable:
+            raise BitFloorUnavailable(self._unavailable)
+        key = (first, last)
+        if key not in self._runners:
+            try:
+                self._session(slice_model(self.proto, self.graph, first, last), key)
+            except BitFloorUnavailable:
+                raise
+            except Exception as exc:
+                raise BitFloorUnavailable(f"cannot slice layers {first}..{last}: {type(exc).__name__}: {exc}") from exc
+        return self._runners[key].run(feeds)
+
+    def _session(self, proto: Any, key: tuple[Any, ...]) -> _FrameRunner:
+        if key not in self._runners:
+            self._runners[key] = _FrameRunner(proto, self.batch)
+        return self._runners[key]
+
+    def _worst(self, outs: Mapping[str, np.ndarray]) -> float:
+        values = self._values()
+        worst = 0.0
+        b = max(self.batch, 1)
+        for spec in self.graph.outputs:
+            ref, got = values[spec.name], outs[spec.name]
+            if ref.ndim == 0 or ref.shape[0] % b or ref.shape[0] // b != self.n_probes:
+                worst = max(worst, rel_l2(got, ref))
+                continue
+            for s in range(0, ref.shape[0], b):
+                worst = max(worst, rel_l2(got[s : s + b], ref[s : s + b]))
+        return worst
+
+
+class _FrameRunner:
+    """One onnxruntime session run one probe frame (``batch`` rows) at a time, outputs stacked."""
+
+    def __init__(self, proto: Any, batch: int) -> None:
+        from fleetpipe.models.slicing import make_session
+
+        try:
+            self.session = make_session(proto)
+        except Exception as exc:  # onnxruntime cannot load it here: no floor can be measured
+            raise BitFloorUnavailable(f"onnxruntime cannot load the model: {type(exc).__name__}: {exc}") from exc
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.batch = max(int(batch), 1)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from fleetpipe.models.slicing import run_model
+
+        n = next(iter(feeds[k] for k in self.names)).shape[0] if self.names else self.batch
+        try:
+            parts = [run_model(self.session, {k: feeds[k][s : s + self.batch] for k in self.names})
+                     for s in range(0, n, self.batch)]
+        except Exception as exc:
+            raise BitFloorUnavailable(f"onnxruntime failed on a probe: {type(exc).__name__}: {exc}") from exc
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def plan_with_floors(solve: Callable[[np.ndarray], Any], n_layers: int, requested: int, *,
+                     finder: FloorFinder | None = None, calibration: Any = None,
+                     tolerance: float = DEFAULT_TOLERANCE) -> tuple[Any, BitPlan]:
+    """Solve with per-cut floors; ``solve(min_bits)`` returns a result with ``.stages`` (``.last``, ``.bits``).
+
+    With ``calibration``, its floors are the widths (COACH). With a ``finder``, each cut the solver picks is
+    probed and ships ``max(requested, floor)``, then the chain is checked as a whole. With neither, every cut
+    ships ``requested`` (floors off).
+    """
+    if calibration is not None:
+        mb = np.asarray(calibration.min_bits_array(), dtype=np.int64)
+        result = solve(mb)
+        choices = tuple(BitChoice(s.last, int(s.bits), int(mb[s.last]), "calibrated floor", None, int(requested))
+                        for s in result.stages[:-1])
+        return result, BitPlan(choices, "calibrated floor", float(calibration.floor))
+    base = np.full(n_layers, int(requested), dtype=np.int64)
+    base[-1] = FULL_BITS
+    if finder is None or requested >= FULL_BITS:
+        result = solve(base)
+        src = "requested" if finder is None else "probe tolerance"
+        choices = tuple(BitChoice(s.last, int(s.bits), int(s.bits), src, None if finder is None else 0.0,
+                                  int(requested)) for s in result.stages[:-1])
+        return result, BitPlan(choices, src, tolerance, None if finder is None else 0.0)
+    floors: dict[int, int] = {}
+    raised: dict[int, int] = {}  # widths lifted by the chain check
+    for _ in range(_MAX_ROUNDS):
+        mb = base.copy()
+        for c, f in floors.items():
+            mb[c] = max(mb[c], f, raised.get(c, 0))
+        result = solve(mb)
+        cuts = [s.last for s in result.stages[:-1]]
+        new = [c for c in cuts if c not in floors]
+        for c in new:
+            floors[c] = finder.floor(c, at_most=int(requested))
+        if any(floors[c] > mb[c] for c in new):
+            continue  # a picked cut needs more bits than the plan gave it: re-solve with its floor
+        shipped = {s.last: int(s.bits) for s in result.stages[:-1]}
+        e2e = finder.chain_error(shipped)
+        if e2e <= finder.tolerance or not shipped:
+            return result, _probe_plan(result, floors, finder, requested, e2e)
+        worst = max((c for c in shipped if shipped[c] < FULL_BITS), key=lambda c: finder.error(c, shipped[c]),
+                    default=None)
+        if worst is None:
+            return result, _probe_plan(result, floors, finder, requested, e2e)
+        raised[worst] = next((b for b in [*finder.candidates, FULL_BITS] if b > shipped[worst]), FULL_BITS)
+    # Out of rounds (the solver keeps moving its cuts): every cut at its floor, whatever it picks.
+    mb = base.copy()
+    for c in range(n_layers - 1):
+        mb[c] = max(mb[c], floors.get(c) or finder.floor(c, at_most=int(requested)), raised.get(c, 0))
+    result = solve(mb)
+    shipped = {s.last: int(s.bits) for s in result.stages[:-1]}
+    floors = {**floors, **{c: finder.floor(c, at_most=int(requested)) for c in shipped}}
+    return result, _probe_plan(result, floors, finder, requested,
+                               finder.chain_error(shipped))
+
+
+def solve_problem(problem: Any, solve: Callable[[Any], Any], requested: int, *, finder: FloorFinder | None = None,
+                  calibration: Any = None, tolerance: float = DEFAULT_TOLERANCE,
+                  warn: Callable[[str], None] | None = None) -> tuple[Any, Any, BitPlan]:
+    """:func:`plan_with_floors` for a planner ``Problem``: ``(problem as solved, result, bit plan)``.
+
+    When the floors cannot be probed (:class:`BitFloorUnavailable`), every cut ships 32 bits and ``warn`` is
+    told why.
+    """
+    from fleetpipe.planner.problem import _replace
+
+    solved: dict[str, Any] = {}
+
+    def run(min_bits: np.ndarray) -> Any:
+        solved["problem"] = _replace(problem, min_bits=min_bits)
+        return solve(solved["problem"])
+
+    n = len(problem.layer_names)
+    try:
+        result, bit_plan = plan_with_floors(run, n, requested, finder=finder, calibration=calibration,
+                                            tolerance=tolerance)
+    except BitFloorUnavailable as exc:
+        if warn is not None:
+            warn(f"cannot probe bit floors ({exc}); shipping 32 bits at every cut (give a calibration, or turn "
+                 f"bit floors off to ship the requested bits unchecked)")
+        result, bit_plan = plan_with_floors(run, n, FULL_BITS)
+    return solved["problem"], result, bit_plan
+
+
+def choose_bits(proto: Any, graph: Any, cuts: Sequence[int], requested: int = 8, *,
+                tolerance: float = DEFAULT_TOLERANCE, calibration: Any = None) -> BitPlan:
+    """The widths a planner ships at fixed ``cuts`` (after-layer indices) of a model, and the probe error.
+
+    For scripts (the corpus bench): the same rule as :func:`plan_with_floors` with the cuts given.
+    """
+    from types import SimpleNamespace
+
+    cuts = sorted({int(c) for c in cuts})
+    n = len(graph.layers)
+    bounds = [-1, *cuts, n - 1]
+
+    def solve(mb: np.ndarray) -> Any:
+        stages = [SimpleNamespace(first=a + 1, last=b, bits=int(mb[b])) for a, b in pairwise(bounds)]
+        return SimpleNamespace(stages=stages)
+
+    finder = None if calibration is not None else FloorFinder(proto, graph, tolerance=tolerance)
+    return plan_with_floors(solve, n, requested, finder=finder, calibration=calibration, tolerance=tolerance)[1]
+
+
+def _probe_plan(result: Any, floors: Mapping[int, int], finder: FloorFinder, requested: int,
+                e2e: float) -> BitPlan:
+    choices = tuple(BitChoice(s.last, int(s.bits), int(floors.get(s.last, s.bits)), "probe tolerance",
+                              finder.error(s.last, int(s.bits)), int(requested)) for s in result.stages[:-1])
+    return BitPlan(choices, "probe tolerance", finder.tolerance, e2e)
+
+
+def _model_key(proto: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()[:16]
+
+
+def _probe(kind: str, shape: tuple[int, ...], dtype: np.dtype[Any], rng: np.random.Generator) -> np.ndarray:
+    """One probe frame of ``shape``: see :data:`PROBES`."""
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(dtype)
+    if dtype.kind in "iu":  # ids, indices, masks: small values any embedding or gather accepts
+        return rng.integers(0, 2, shape).astype(dtype)
+    if kind == "uniform":
+        x = rng.random(shape)
+    elif kind == "normal":
+        x = rng.standard_normal(shape)
+    else:
+        x = _smooth_field(shape, rng)
+        if kind == "edges":
+            x = np.where(x > np.median(x), 0.9, 0.1) + 0.02 * rng.standard_normal(shape)
+    return x.astype(dtype)
+
+
+def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-filtered noise over the (up to two) largest axes, scaled to [0, 1]: an image-like frame."""
+    noise = rng.standard_normal(shape)
+    axes = sorted((a for a in range(len(shape)) if shape[a] > 4), key=lambda a: -shape[a])[:2]
+    if not axes:
+        return rng.random(shape)
+    spec = np.fft.rfftn(noise, axes=axes)
+    gain: np.ndarray = np.ones(1)
+    for i, a in enumerate(axes):
+        freq = np.fft.rfftfreq(shape[a]) if i == len(axes) - 1 else np.fft.fftfreq(shape[a])
+        g = np.exp(-0.5 * (freq * shape[a] / 3.0) ** 2)  # keeps some 3 cycles across the axis
+        view = [1] * len(shape)
+        view[a] = len(freq)
+        gain = gain * g.reshape(view)
+    field = np.fft.irfftn(spec * gain, s=[shape[a] for a in axes], axes=axes)
+    lo, hi = float(field.min()), float(field.max())
+    return (field - lo) / (hi - lo) if hi > lo else np.full(shape, 0.5)
