@@ -39,6 +39,7 @@ __all__ = [
     "BitPlan",
     "FloorFinder",
     "choose_bits",
+    "plan_model_bits",
     "plan_with_floors",
     "probe_inputs",
     "solve_problem",
@@ -359,6 +360,28 @@ def solve_problem(problem: Any, solve: Callable[[Any], Any], requested: int, *, 
                  f"bit floors off to ship the requested bits unchecked)")
         result, bit_plan = plan_with_floors(run, n, FULL_BITS)
     return solved["problem"], result, bit_plan
+
+
+def plan_model_bits(problem: Any, info: Any, requested: int, solve: Callable[[Any], Any], *,
+                    tolerance: float = DEFAULT_TOLERANCE, floors: bool = True,
+                    calibration: str | None = None) -> tuple[Any, Any, BitPlan]:
+    """``fleetpipe plan --model``: :func:`solve_problem` for a loaded model (``loop.ModelInfo``)."""
+    import sys
+
+    cal = None
+    if calibration:
+        from fleetpipe.models.calibrate import Calibration
+
+        try:
+            with open(calibration) as fh:
+                cal = Calibration.from_json(fh.read())
+        except OSError as exc:
+            raise ValueError(f"cannot read calibration {calibration}: {exc}") from exc
+        if cal.model_id != info.model_id:
+            raise ValueError(f"calibration {calibration} is for model {cal.model_id}, not {info.model_id}")
+    finder = FloorFinder(info.proto, info.graph, tolerance=tolerance, key=info.model_id) if floors else None
+    return solve_problem(problem, solve, requested, finder=finder, calibration=cal, tolerance=tolerance,
+                         warn=lambda text: print(f"fleetpipe plan: {text}", file=sys.stderr))
 
 
 def choose_bits(proto: Any, graph: Any, cuts: Sequence[int], requested: int = 8, *,

@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--fleet", help="fleet description (TOML, see fleetpipe.planner.fleetfile)")
     parser.add_argument("--bits", type=int, default=32, help="activation bit-width between stages (--model)")
     parser.add_argument("--input-shape", help="input shape for models with dynamic dims, e.g. 1,3,224,224")
+    parser.add_argument("--bit-tolerance", type=float, default=0.01,
+                        help="--model without --calibration: each cut ships at least the lowest bit-width whose "
+                             "end-to-end output error on probe inputs stays within this relative L2 per output")
+    parser.add_argument("--no-bit-floors", dest="bit_floors", action="store_false",
+                        help="--model: ship --bits at every cut unchecked")
+    parser.add_argument("--calibration", help="--model: calibration JSON (`fleetpipe calibrate`): its per-cut floors")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--time-limit", type=float, default=8.0, help="exact solver time limit (s)")
     parser.add_argument("--method", choices=METHODS, default="exact", help="planner to use")
@@ -103,21 +109,37 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.intra:
         return _run_intra(args)
+    bit_plan = None
     try:
-        problem = load_problem(args.problem) if args.problem else _model_problem(args)
+        info = _model_info(args) if args.model else None
+        problem = load_problem(args.problem) if args.problem else _model_problem(args, info)
     except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        result = plan_problem(problem, args.method, time_limit_s=args.time_limit)
+        if info is None:
+            result = plan_problem(problem, args.method, time_limit_s=args.time_limit)
+        else:  # per-cut bit floors (fleetpipe.planner.bitwidth)
+            from fleetpipe.planner.bitwidth import plan_model_bits
+
+            problem, result, bit_plan = plan_model_bits(
+                problem, info, args.bits, lambda p: plan_problem(p, args.method, time_limit_s=args.time_limit),
+                tolerance=args.bit_tolerance, floors=args.bit_floors, calibration=args.calibration)
     except InfeasiblePlan as exc:
         print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
+    except (FleetpipeError, ValueError) as exc:
+        print(f"fleetpipe plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     doc = plan_to_json(problem, result)
+    if bit_plan is not None:
+        doc["bit_widths"] = bit_plan.as_dict()
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
         _print_table(doc)
+        if bit_plan is not None:
+            print(bit_plan.summary())
     return EXIT_OK
 
 

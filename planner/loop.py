@@ -719,6 +719,8 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
     """The calibration file (``fleetpipe calibrate``: per-cut minimum bits, exit caches), or None."""
     if not config.calibration:
         return None
+    if config.calibration.endswith((".npy", ".npz")):
+        return None if model is None else _calibrate_samples(config, model)
     from fleetpipe.models.calibrate import Calibration
 
     try:
@@ -729,6 +731,31 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
         raise ConfigError(f"calibration {config.calibration} is for model {cal.model_id}, not {model.model_id}")
     log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
              list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
+    return cal
+
+
+def _calibrate_samples(config: PlannerConfig, model: ModelInfo) -> Any:
+    """COACH floors measured now on the user's sample inputs (.npy: samples stacked on axis 0; .npz: 'x', 'y')."""
+    from fleetpipe.models.calibrate import DEFAULT_FLOOR, calibrate
+    from fleetpipe.planner.bitwidth import CANDIDATES
+
+    try:
+        data = np.load(config.calibration, allow_pickle=False)  # type: ignore[arg-type]
+        if isinstance(data, np.ndarray):
+            x, y = data, None
+        else:
+            with data:
+                x, y = data["x"], (data["y"] if "y" in data.files else None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read calibration samples {config.calibration}: {exc}") from exc
+    classifier = len(model.graph.outputs[0].shape) == 2 and model.graph.outputs[0].shape[1] > 1
+    try:
+        cal = calibrate(model.proto, model.graph, np.asarray(x), y, bits_candidates=CANDIDATES,
+                        floor=DEFAULT_FLOOR if classifier else config.bit_tolerance)
+    except ValueError as exc:
+        raise ConfigError(f"calibration samples {config.calibration}: {exc}") from exc
+    log.info("planner: calibrated on %d samples of %s (%s within %g): minimum bits per cut %s", cal.n_samples,
+             config.calibration, cal.metric, cal.floor, list(cal.min_bits))
     return cal
 
 
