@@ -1,0 +1,115 @@
+"""The front door for a user's own model (#18): input shapes, folding, formats, runnability, verify."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fleetpipe.errors import UnsupportedModel
+from fleetpipe.models.onnx_graph import load_onnx
+from fleetpipe.models.profile import random_feeds
+from fleetpipe.models.shapes import InputShapeError, parse_input_shapes, resolve_input_shapes
+from fleetpipe.models.source import open_model
+
+from ._byom import computed_reshape
+
+
+def fleetpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real ``fleetpipe`` command (this interpreter's package)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "fleetpipe", *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+# --- item 2: one --input-shape syntax, dynamic batch as 1 ------------------------------------------
+
+
+def test_parse_input_shapes_one_syntax() -> None:
+    assert parse_input_shapes(["x=1,3,224,224", "mask=1,10"]) == {"x": (1, 3, 224, 224), "mask": (1, 10)}
+    assert parse_input_shapes("x=1,3,224,224;mask=1,10") == parse_input_shapes(["x=1,3,224,224", "mask=1,10"])
+    # what a comma-split env var gives (FLEETPIPE_INPUT_SHAPE through the config loader)
+    assert parse_input_shapes(("x=1", "3", "8", "8", "y.0=2")) == {"x": (1, 3, 8, 8), "y.0": (2,)}
+    assert parse_input_shapes(None) == {} == parse_input_shapes([])
+    for bad in ("1,3,224,224", "x=", "x=1,a", "=1,2", "x=0,3", ["x=1", "x=2"]):
+        with pytest.raises(InputShapeError, match="--input-shape"):
+            parse_input_shapes(bad)
+
+
+@pytest.mark.parametrize("batch", ["N", "batch", None, "d0", "p2o.DynamicDimension.0", "?"])
+def test_dynamic_batch_is_one_with_one_log_line(batch: object, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="fleetpipe.models"):
+        assert resolve_input_shapes({"x": [batch, 3, 32, 32]}) == {"x": (1, 3, 32, 32)}
+    lines = [r for r in caplog.records if r.name == "fleetpipe.models"]
+    assert len(lines) == 1 and "batch" in lines[0].getMessage() and "taken as 1" in lines[0].getMessage()
+
+
+def test_dynamic_batch_minus_one_in_a_file(caplog: pytest.LogCaptureFixture) -> None:
+    model = computed_reshape(height=8)
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    with caplog.at_level(logging.WARNING, logger="fleetpipe.models"):
+        loaded = open_model(model)
+    assert loaded.graph.inputs[0].shape == (1, 3, 8, 8)
+    assert sum("taken as 1" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_other_dynamic_dim_needs_the_flag() -> None:
+    with pytest.raises(InputShapeError) as err:
+        open_model(computed_reshape())  # x: [N, 3, H, 8]
+    text = str(err.value)
+    assert "'x'" in text and "[N, 3, H, 8]" in text and "--input-shape x=1,3,<H>,8" in text
+    with pytest.raises(InputShapeError, match="rank 3"):
+        open_model(computed_reshape(), {"x": (1, 3, 8)})
+    with pytest.raises(InputShapeError, match="static dims"):
+        open_model(computed_reshape(), {"x": (1, 4, 8, 8)})
+    with pytest.raises(InputShapeError, match="not model inputs"):
+        open_model(computed_reshape(), {"z": (1, 3, 8, 8)})
+
+
+# --- item 3: shapes computed inside the graph ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cast", "mul"])
+def test_computed_reshape_folds_and_slices_exactly(kind: str) -> None:
+    model = computed_reshape(kind)
+    with pytest.raises(UnsupportedModel, match="shape of tensor 'flat'"):
+        load_onnx(model, {"x": (1, 3, 16, 8)})  # onnx shape inference alone cannot tell
+    loaded = open_model(model, {"x": (1, 3, 16, 8)}, grouping="nodes")
+    assert loaded.graph.outputs[0].shape == ((1, 4, 128) if kind == "cast" else (1, 8, 64))
+    assert not {"Shape", "Cast", "Concat"} & {op for la in loaded.graph.layers for op in la.op_types}
+    n = len(loaded.graph.layers)
+    assert n >= 4
+    feeds = random_feeds(loaded.graph)
+    for cuts in ([0], [1, 2], list(range(n - 1))):
+        assert loaded.verify(cuts, feeds) <= 1e-5
+    # the reference is the user's model as given (not the folded one) run by onnxruntime
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(loaded.run(feeds)["y"], want, rtol=1e-6)
+
+
+def test_cli_input_shape_and_folding_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "user.onnx"
+    onnx.save(computed_reshape(), str(path))
+    bad = fleetpipe("model", "inspect", str(path))
+    assert bad.returncode == 1
+    err = bad.stderr.strip().splitlines()
+    assert len(err) == 1 and "--input-shape x=1,3,<H>,8" in err[0] and "Traceback" not in bad.stderr
+    ok = fleetpipe("model", "inspect", str(path), "--input-shape", "x=1,3,16,8", "--grouping", "nodes")
+    assert ok.returncode == 0, ok.stderr
+    out = tmp_path / "slices"
+    sliced = fleetpipe("model", "slice", str(path), "--input-shape", "x=1,3,16,8", "--grouping", "nodes",
+                       "--cuts", "0,2", "-o", str(out), "--verify")
+    assert sliced.returncode == 0, sliced.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["max_rel_diff"] <= 1e-5 and manifest["input_shapes"] == {"x": [1, 3, 16, 8]}
+    assert len(manifest["stages"]) == 3
