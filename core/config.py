@@ -101,7 +101,9 @@ class PlannerConfig:
     bits: int = 8
     min_nodes: int = 1
     expect_nodes: int = 0
-    input_shape: tuple[int, ...] | None = None
+    # Static shapes for model inputs with dynamic dims, "NAME=D,D,..." each (fleetpipe.models.shapes parses them):
+    # TOML input_shape = ["x=1,3,224,224"]; a dynamic batch dim alone is taken as 1 without any.
+    input_shape: tuple[str, ...] = ()
     replan_threshold: float = 0.2
     time_limit_s: float = 5.0
     calibration: str | None = None

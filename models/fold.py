@@ -66,6 +66,9 @@ def ort_reason(exc: BaseException) -> str:
     if m:
         return (f"op {m.group(1)} (opset {m.group(2)}, node {m.group(3)!r}) is not available in onnxruntime "
                 "here")
+    m = re.search(r"(?:^|\s)([\w.]+):(\w+)\(-?\d+\) is not a registered function/op", text)
+    if m:
+        return f"custom op {m.group(2)} (domain {m.group(1)}) is not available in onnxruntime here"
     m = re.search(r"Op type not registered '([^']+)'(?: in domain '([^']*)')?", text)
     if m:
         domain = f" (domain {m.group(2)})" if m.group(2) else ""

@@ -57,47 +57,68 @@ RECALIBRATE_RATIO = 1.5
 # Intra plans: split stages only when they promise at least this relative latency gain over no splits.
 SPLIT_MIN_GAIN = 0.1
 DEFAULT_BANDWIDTH_MBPS = 1000.0
+EXIT_BAD_MODEL = 2  # the model cannot be loaded, pinned or run here (said in one log line)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """The model as the planner needs it: proto, layer graph and host per-layer times."""
+    """The model as the planner needs it: proto (TFLite: bytes), layer graph and host per-layer times."""
 
     model_id: str
     proto: Any
     graph: Any
     host_ms: np.ndarray
     host_speed: float
+    # fleetpipe.models.source.LoadedModel: slices, runs and verifies the model whatever its format
+    loaded: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"onnx"`` or ``"tflite"``."""
+        return "onnx" if self.loaded is None else str(self.loaded.kind)
+
+    def slice(self, first: int, last: int) -> bytes:
+        """The standalone slice file of layers ``first..last`` (0-based, inclusive), in the model's format."""
+        if self.loaded is not None:
+            return bytes(self.loaded.slice(first, last))
+        from fleetpipe.models.slicing import slice_bytes
+
+        return bytes(slice_bytes(self.proto, self.graph, first, last))
 
 
-def load_model_info(path: str, input_shape: tuple[int, ...] | None = None, profile: str | None = None) -> ModelInfo:
-    """Load the model, group its layers and profile them on this host.
+def load_model_info(path: str, input_shape: Any = None, profile: str | None = None) -> ModelInfo:
+    """Load the model (``.onnx``, ``.tflite`` or ``zoo:NAME``), group its layers and profile them on this host.
 
-    With ``profile`` (a JSON file), per-layer host times and the host speed are read from it when it
-    holds this model's layers, else measured and written there: plans made from the same file are
-    comparable run to run (a 2-core host's profile varies by up to 2x under load).
+    ``input_shape``: ``{name: shape}`` or ``NAME=D,D,...`` strings (``fleetpipe.models.shapes``). The
+    model goes through ``fleetpipe.models.source.open_model`` (dynamic batch as 1, constants folded,
+    checked runnable here); a TFLite model is profiled with LiteRT. With ``profile`` (a JSON file),
+    per-layer host times and the host speed are read from it when it holds this model's layers, else
+    measured and written there: plans made from the same file are comparable run to run (a 2-core
+    host's profile varies by up to 2x under load).
     """
-    from fleetpipe.models.onnx_graph import load_onnx, read_model
-    from fleetpipe.models.profile import profile_layers
+    from fleetpipe.models.profile import profile_layers, profile_tflite_layers
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
     from fleetpipe.node.profile import measure_speed
 
-    if path.startswith("zoo:"):
-        from fleetpipe.models import zoo
-
-        proto = zoo.build(path.removeprefix("zoo:"))
+    shapes = dict(input_shape) if isinstance(input_shape, Mapping) else parse_input_shapes(input_shape)
+    loaded = open_model(path, shapes or None)
+    proto, graph = loaded.model, loaded.graph
+    if loaded.kind == "tflite":
+        model_id = slices.content_hash(bytes(proto))[:12]
     else:
-        proto = read_model(path)
-    shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None
-    graph = load_onnx(proto, input_shapes=shapes)
-    model_id = slices.content_hash(proto.SerializeToString())[:12]
+        model_id = slices.content_hash(loaded.reference.SerializeToString())[:12]
     cached = _read_profile(profile, model_id, len(graph.layers)) if profile else None
     if cached is not None:
-        return ModelInfo(model_id, proto, graph, cached[0], cached[1])
-    prof = profile_layers(proto, graph, runs=5)
+        return ModelInfo(model_id, proto, graph, cached[0], cached[1], loaded)
+    if loaded.kind == "tflite":
+        prof = profile_tflite_layers(proto, graph, runs=5)
+    else:
+        prof = profile_layers(proto, graph, runs=5)
     host_ms = np.asarray(prof.per_layer_ms, dtype=np.float64)
     # By CPU time, like an emulated node's own figure: nodes starting up beside the planner (a test fleet, the
     # demo) would otherwise slow the host's figure, and with it every emulated device's predicted time.
-    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2, cpu_time=True))
+    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2, cpu_time=True), loaded)
     if profile:
         import json
 
@@ -224,8 +245,12 @@ class PlannerService:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
         if self.model is None:
-            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
-                                                 self.config.profile)
+            try:
+                self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
+                                                     self.config.profile)
+            except FleetpipeError as exc:  # before anything is deployed: one line, non-zero exit
+                log.error("planner: cannot plan %s: %s", self.config.model, exc)
+                return EXIT_BAD_MODEL
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
             self.costs = self._reported_costs(self.model)
@@ -475,8 +500,8 @@ class PlannerService:
         from fleetpipe.planner.estimator import layer_features
         from fleetpipe.planner.reported import ReportedCosts
 
-        return ReportedCosts(model.model_id, model.host_ms, model.host_speed,
-                             layer_x=lambda: layer_features(model.proto, model.graph))
+        features = (lambda: layer_features(model.proto, model.graph)) if model.kind == "onnx" else None  # ONNX ops
+        return ReportedCosts(model.model_id, model.host_ms, model.host_speed, layer_x=features)
 
     def _compute_ms(self, nodes: Mapping[str, Any]) -> np.ndarray | None:
         """Per-layer times of ``nodes`` from what they reported (``fleetpipe.planner.reported``), or None (scaled)."""
@@ -591,12 +616,10 @@ class PlannerService:
                             for d in deployed))
 
     def _slices(self, result: Any) -> list[tuple[bytes, str]]:
-        from fleetpipe.models.slicing import slice_bytes
-
         assert self.model is not None
         out = []
         for stage in result.stages:
-            data = slice_bytes(self.model.proto, self.model.graph, stage.first, stage.last)
+            data = self.model.slice(stage.first, stage.last)
             out.append((data, slices.content_hash(data)))
         return out
 
