@@ -293,8 +293,7 @@ def plan_with_floors(solve: Callable[[np.ndarray], Any], n_layers: int, requeste
         choices = tuple(BitChoice(s.last, int(s.bits), int(mb[s.last]), "calibrated floor", None, int(requested))
                         for s in result.stages[:-1])
         return result, BitPlan(choices, "calibrated floor", float(calibration.floor))
-    base = np.full(n_layers, int(requested), dtype=np.int64)
-    base[-1] = FULL_BITS
+    base = np.full(n_layers, int(requested), dtype=np.int64)  # the last entry is no cut (results go out raw)
     if finder is None or requested >= FULL_BITS:
         result = solve(base)
         src = "requested" if finder is None else "probe tolerance"
