@@ -12,7 +12,7 @@ is read as ONNX (protobuf has no magic).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -87,6 +87,23 @@ class LoadedModel:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The whole reference model's outputs (onnxruntime or LiteRT) by name."""
         return run_bytes(self.kind, self.reference, feeds)
+
+    def runner(self, threads: int = 1) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+        """A function running the whole reference model on one frame's feeds, with one session kept open."""
+        if self.kind == "tflite":
+            from fleetpipe.models.profile import _LiteRT
+
+            lite = _LiteRT(bytes(self.reference), threads)
+
+            def run_lite(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                lite.feed(feeds)
+                return lite.run()
+
+            return run_lite
+        from fleetpipe.models.slicing import make_session, run_model
+
+        session = make_session(self.reference, threads=threads)
+        return lambda feeds: run_model(session, feeds)
 
     def verify(self, cuts: Sequence[int], feeds: Mapping[str, np.ndarray]) -> float:
         """Max relative difference (``rel_diff``) of the slices at ``cuts`` run in sequence vs the whole."""

@@ -41,7 +41,11 @@ DEFAULT_MODEL_ARGS: dict[str, dict[str, Any]] = {
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     p = subparsers.add_parser("demo", help="run an emulated fleet on this machine and stream a real model")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo model (default {DEFAULT_MODEL}) or an .onnx file")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"zoo model (default {DEFAULT_MODEL}) or an .onnx or .tflite file (told apart by content)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D,D,...",
+                   help="static shape of a model input with dynamic dims, e.g. x=1,3,224,224 (repeatable; a dynamic "
+                        "batch dim alone is taken as 1)")
     p.add_argument("--nodes", type=int, default=len(DEFAULT_CLASSES), help="number of emulated nodes")
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                    help="device classes, cycled over the nodes (rpi3, rpi4, rpi4-wifi, rpi5, jetson-nano, x86, 2.5, "
@@ -101,10 +105,16 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    from fleetpipe.errors import FleetpipeError
+
     try:
         report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
                           window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
-                          plot=args.plot, **_accuracy_kwargs(args))
+                          plot=args.plot, input_shape=tuple(getattr(args, "input_shape", ()) or ()),
+                          **_accuracy_kwargs(args))
+    except FleetpipeError as exc:  # the model cannot be read, pinned or run here: before any process starts
+        print(f"fleetpipe demo: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; fleet stopped[/]")
         return 130
@@ -118,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] | None = None, frames: int = 48,
              window: int | None = None, bits: int = 8, console: Any = None, log_dir: str | None = None,
              plot: str | None = None, fleet: str | None = None, tolerance: float | None = None,
-             bit_floors: bool = True) -> DemoReport:
+             bit_floors: bool = True, input_shape: tuple[str, ...] = ()) -> DemoReport:
     """Start broker, planner and nodes; stream ``frames``; return the measured report."""
     import numpy as np
     from rich.console import Console
@@ -139,7 +149,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleetpipe-demo-")))
         logs = Path(log_dir) if log_dir else tmp
         logs.mkdir(parents=True, exist_ok=True)
-        model_path, input_shape, model_name = _materialise_model(model, tmp)
+        model_path, loaded, model_name = _materialise_model(model, tmp, input_shape)
         broker = stack.enter_context(LocalBroker())
         console.print(f"[bold]fleetpipe demo[/]: mosquitto on {broker.url}, fleet {fleet}, model {model_name}, "
                       f"{nodes} nodes ({', '.join(classes[i % len(classes)] for i in range(nodes))})")
@@ -150,7 +160,8 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         t0 = time.monotonic()
         procs.append(_spawn([*base, "-v", "planner", "--broker", broker.url, "--model", str(model_path), "--fleet",
                              fleet, "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1",
-                             *_planner_bit_args(tolerance, bit_floors)],
+                             *_planner_bit_args(tolerance, bit_floors),
+                             *[arg for item in input_shape for arg in ("--input-shape", item)]],
                             logs / "planner.log", env))
         # The planner profiles the model on this host first; starting the nodes only then keeps their start-up
         # from stealing cycles from that profile, which every prediction is scaled from.
@@ -170,11 +181,10 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             plan = _wait_plan(client, procs, logs)
         plan_s = time.monotonic() - t0
 
-        rng = np.random.default_rng(0)
-        inputs = [rng.standard_normal(input_shape).astype(np.float32) for _ in range(max(frames, 4))]
-        session = _local_session(model_path)
-        reference = _reference_outputs(session, inputs)
-        whole_ms = _time_local(session, inputs[0])
+        inputs = _frames(loaded.graph, max(frames, 4))
+        local = loaded.runner(threads=1)  # the whole model as given, in its own runtime (onnxruntime or LiteRT)
+        reference = _reference_outputs(local, inputs)
+        whole_ms = _time_local(local, inputs[0])
 
         # Latency: a few frames one at a time.
         latencies = [client.infer_result(x).latency_ms for x in inputs[:3]]
@@ -195,7 +205,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         steady = (len(arrivals) - 1) / span if span > 0 else len(results) / wall
 
         check = compare_demo_outputs(results, reference, tolerance)
-        stages = _stage_rows(plan, results, _stage_wire_bytes(model_path, input_shape, plan))
+        stages = _stage_rows(plan, results, _stage_wire_bytes(loaded.graph, plan))
         period = calibrated_period_ms(plan, _node_compute_ms(results))
         factors = {n: parse_emulate(c).compute_factor for n, c in node_classes.items()}
         best = min(factors, key=lambda n: factors[n])
@@ -279,11 +289,16 @@ def print_accuracy(report: DemoReport, console: Any) -> None:
                       f"(raise --bits, or drop --no-bit-floors)")
 
 
-def _reference_outputs(session: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-    """The whole model's outputs (every one, by name) for each input frame."""
-    name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(None, {name: x}), strict=True)) for x in inputs]
+def _reference_outputs(local: Any, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The whole model's outputs (every one, by name) for each input frame (``local``: LoadedModel.runner())."""
+    return [local(x) for x in inputs]
+
+
+def _frames(graph: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` seeded random frames, one array per model input (by name, at the graph's pinned shape and dtype)."""
+    from fleetpipe.models.profile import random_feeds
+
+    return [random_feeds(graph, seed + i) for i in range(n)]
 
 
 def _planner_bit_args(tolerance: float | None, bit_floors: bool) -> list[str]:
@@ -298,38 +313,36 @@ def _accuracy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _materialise_model(model: str, tmp: Path) -> tuple[Path, tuple[int, ...], str]:
+def _materialise_model(model: str, tmp: Path, input_shape: tuple[str, ...] = ()) -> tuple[Path, Any, str]:
+    """The model file the planner reads, the model loaded here (checked runnable, inputs pinned) and its label."""
     import onnx
 
-    if model.endswith(".onnx") and Path(model).exists():
-        proto = onnx.load(model)
-        dims = tuple(d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim)
-        return Path(model), dims, Path(model).stem
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
+
+    shapes = parse_input_shapes(input_shape) or None
+    if Path(model).is_file():
+        return Path(model), open_model(model, shapes), Path(model).stem
     from fleetpipe.models import zoo
 
+    if model not in zoo.names():
+        from fleetpipe.errors import UnsupportedModel
+
+        raise UnsupportedModel(f"no such model file or zoo model: {model!r}")
     kw = DEFAULT_MODEL_ARGS.get(model, {})
     proto = zoo.build(model, **kw)
     path = tmp / f"{model}.onnx"
     onnx.save(proto, path)
     args = ",".join(f"{k}={v}" for k, v in kw.items())
-    return path, tuple(zoo.input_shape(model, **kw)), f"{model}({args})" if args else model
+    return path, open_model(proto, shapes, name=model), f"{model}({args})" if args else model
 
 
-def _local_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _time_local(session: Any, x: Any, runs: int = 5) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: x})
+def _time_local(local: Any, x: dict[str, Any], runs: int = 5) -> float:
+    local(x)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        session.run(None, {name: x})
+        local(x)
         times.append((time.perf_counter() - t) * 1000)
     return float(sorted(times)[len(times) // 2])
 
@@ -355,13 +368,10 @@ def _tail(logs: Path) -> str:
     return "".join(parts)
 
 
-def _stage_wire_bytes(model_path: Path, input_shape: tuple[int, ...], plan: Any) -> dict[int, int]:
+def _stage_wire_bytes(graph: Any, plan: Any) -> dict[int, int]:
     """Bytes each stage sends per frame (its crossing tensors at the stage's bit-width)."""
     from fleetpipe.codec import encoded_nbytes
-    from fleetpipe.models.onnx_graph import load_onnx, read_model
 
-    proto = read_model(str(model_path))
-    graph = load_onnx(proto, input_shapes={proto.graph.input[0].name: input_shape})
     out = {}
     for s in plan.stages:
         last = s.index == len(plan.stages) - 1
