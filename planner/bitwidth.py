@@ -125,17 +125,20 @@ class FloorFinder:
 
     def __init__(self, proto: Any, graph: Any, *, tolerance: float = DEFAULT_TOLERANCE,
                  candidates: Sequence[int] = CANDIDATES, feeds: Mapping[str, np.ndarray] | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, loaded: Any = None) -> None:
+        """``proto``: an ONNX ModelProto, or TFLite bytes with ``loaded`` (``models.source.LoadedModel``)."""
         if not (tolerance > 0 and math.isfinite(tolerance)):
             raise ValueError(f"tolerance must be finite and > 0, not {tolerance}")
         onnx_model = hasattr(proto, "graph") and hasattr(proto, "SerializeToString")
+        self._tflite = loaded if not onnx_model and getattr(loaded, "kind", None) == "tflite" else None
         # Raised on first use (so a planner falls back to 32 bits, never to unchecked widths).
-        self._unavailable = None if onnx_model else f"probe floors need an ONNX model, not {type(proto).__name__}"
+        self._unavailable = None if onnx_model or self._tflite is not None else (
+            f"probe floors need an ONNX or TFLite model, not {type(proto).__name__}")
         self.proto, self.graph, self.tolerance = proto, graph, float(tolerance)
         self.candidates = sorted({int(b) for b in candidates})
         self.feeds = dict(feeds) if feeds is not None else probe_inputs(graph)
         self.batch = int(graph.inputs[0].shape[0]) if graph.inputs and graph.inputs[0].shape else 1
-        self.key = key or (_model_key(proto) if onnx_model else str(id(proto)))
+        self.key = key or _model_key(proto.SerializeToString() if onnx_model else bytes(proto))
         self._all: dict[str, np.ndarray] | None = None
         self._runners: dict[tuple[Any, ...], _FrameRunner] = {}
 
@@ -152,7 +155,7 @@ class FloorFinder:
         if k not in _ERRORS:
             from fleetpipe.models.calibrate import _roundtrip
 
-            values = self._values()
+            values = self._values(cut)
             sent = {n: _roundtrip(values[n], bits, self.batch) for n in self.graph.crossing(cut)}
             _ERRORS[k] = self._worst(self._run(cut + 1, len(self.graph.layers) - 1, {**self.feeds, **sent}))
         return _ERRORS[k]
@@ -185,7 +188,7 @@ class FloorFinder:
             return self.error(cuts[0], int(cut_bits[cuts[0]]))
         k = (self.key, self._probe_key(), tuple((c, int(cut_bits[c])) for c in cuts))
         if k not in _ERRORS:
-            values = self._values()
+            values = self._values(cuts[0])
             sent = {n: _roundtrip(values[n], int(cut_bits[cuts[0]]), self.batch) for n in self.graph.crossing(cuts[0])}
             for a, b in pairwise(cuts):
                 out = self._run(a + 1, b, {**self.feeds, **sent})
@@ -198,8 +201,17 @@ class FloorFinder:
     def _probe_key(self) -> tuple[Any, ...]:
         return tuple((n, v.shape, str(v.dtype)) for n, v in sorted(self.feeds.items()))
 
-    def _values(self) -> dict[str, np.ndarray]:
-        """Every cut's crossing tensors and the model outputs on the probes, from one run of the whole model."""
+    def _values(self, cut: int | None = None) -> dict[str, np.ndarray]:
+        """Every cut's crossing tensors and the model outputs on the probes, from one run of the whole model.
+
+        TFLite: the outputs from the whole model, ``cut``'s crossing from its prefix slice.
+        """
+        if self._tflite is not None:
+            if self._all is None:
+                self._all = {**self.feeds, **self._session(bytes(self.proto), ("all",)).run(self.feeds)}
+            if cut is not None and any(n not in self._all for n in self.graph.crossing(cut)):
+                self._all.update(self._run(0, cut, self.feeds))
+            return self._all
         if self._all is None:
             import onnx
             from onnx import helper
@@ -227,7 +239,10 @@ class FloorFinder:
         key = (first, last)
         if key not in self._runners:
             try:
-                self._session(slice_model(self.proto, self.graph, first, last), key)
+                if self._tflite is not None:
+                    self._session(self._tflite.slice(first, last), key)
+                else:
+                    self._session(slice_model(self.proto, self.graph, first, last), key)
             except BitFloorUnavailable:
                 raise
             except Exception as exc:
@@ -256,26 +271,41 @@ class FloorFinder:
 class _FrameRunner:
     """One onnxruntime session run one probe frame (``batch`` rows) at a time, outputs stacked."""
 
-    def __init__(self, proto: Any, batch: int) -> None:
-        from fleetpipe.models.slicing import make_session
-
-        try:
-            self.session = make_session(proto)
-        except Exception as exc:  # onnxruntime cannot load it here: no floor can be measured
-            raise BitFloorUnavailable(f"onnxruntime cannot load the model: {type(exc).__name__}: {exc}") from exc
-        self.names = [i.name for i in self.session.get_inputs()]
+    def __init__(self, model: Any, batch: int) -> None:
+        """``model``: an ONNX ModelProto (onnxruntime) or TFLite bytes (LiteRT)."""
         self.batch = max(int(batch), 1)
+        self.runtime = "LiteRT" if isinstance(model, bytes | bytearray) else "onnxruntime"
+        try:
+            if self.runtime == "LiteRT":
+                from fleetpipe.models.profile import _LiteRT
+                from fleetpipe.models.tflite import _tensor_names
+
+                self.lite = _LiteRT(bytes(model), 1)
+                names = _tensor_names(bytes(model))
+                self.names = [names[d["index"]] for d in self.lite._interp.get_input_details()]
+            else:
+                from fleetpipe.models.slicing import make_session
+
+                self.session = make_session(model)
+                self.names = [i.name for i in self.session.get_inputs()]
+        except Exception as exc:  # the runtime cannot load it here: no floor can be measured
+            raise BitFloorUnavailable(f"{self.runtime} cannot load the model: {type(exc).__name__}: {exc}") from exc
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from fleetpipe.models.slicing import run_model
-
         n = next(iter(feeds[k] for k in self.names)).shape[0] if self.names else self.batch
         try:
-            parts = [run_model(self.session, {k: feeds[k][s : s + self.batch] for k in self.names})
-                     for s in range(0, n, self.batch)]
+            parts = [self._one({k: feeds[k][s : s + self.batch] for k in self.names}) for s in range(0, n, self.batch)]
         except Exception as exc:
-            raise BitFloorUnavailable(f"onnxruntime failed on a probe: {type(exc).__name__}: {exc}") from exc
+            raise BitFloorUnavailable(f"{self.runtime} failed on a probe: {type(exc).__name__}: {exc}") from exc
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _one(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.runtime == "LiteRT":
+            self.lite.feed(feeds)
+            return {k: np.array(v) for k, v in self.lite.run().items()}  # copies: the interpreter reuses buffers
+        from fleetpipe.models.slicing import run_model
+
+        return run_model(self.session, feeds)
 
 
 def plan_with_floors(solve: Callable[[np.ndarray], Any], n_layers: int, requested: int, *,
@@ -378,13 +408,14 @@ def plan_model_bits(problem: Any, info: Any, requested: int, solve: Callable[[An
             raise ValueError(f"cannot read calibration {calibration}: {exc}") from exc
         if cal.model_id != info.model_id:
             raise ValueError(f"calibration {calibration} is for model {cal.model_id}, not {info.model_id}")
-    finder = FloorFinder(info.proto, info.graph, tolerance=tolerance, key=info.model_id) if floors else None
+    finder = FloorFinder(info.proto, info.graph, tolerance=tolerance, key=info.model_id,
+                         loaded=getattr(info, "loaded", None)) if floors else None
     return solve_problem(problem, solve, requested, finder=finder, calibration=cal, tolerance=tolerance,
                          warn=lambda text: print(f"fleetpipe plan: {text}", file=sys.stderr))
 
 
 def choose_bits(proto: Any, graph: Any, cuts: Sequence[int], requested: int = 8, *,
-                tolerance: float = DEFAULT_TOLERANCE, calibration: Any = None) -> BitPlan:
+                tolerance: float = DEFAULT_TOLERANCE, calibration: Any = None, loaded: Any = None) -> BitPlan:
     """The widths a planner ships at fixed ``cuts`` (after-layer indices) of a model, and the probe error.
 
     For scripts (the corpus bench): the same rule as :func:`plan_with_floors` with the cuts given.
@@ -399,7 +430,7 @@ def choose_bits(proto: Any, graph: Any, cuts: Sequence[int], requested: int = 8,
         stages = [SimpleNamespace(first=a + 1, last=b, bits=int(mb[b])) for a, b in pairwise(bounds)]
         return SimpleNamespace(stages=stages)
 
-    finder = None if calibration is not None else FloorFinder(proto, graph, tolerance=tolerance)
+    finder = None if calibration is not None else FloorFinder(proto, graph, tolerance=tolerance, loaded=loaded)
     return plan_with_floors(solve, n, requested, finder=finder, calibration=calibration, tolerance=tolerance)[1]
 
 
@@ -410,10 +441,10 @@ def _probe_plan(result: Any, floors: Mapping[int, int], finder: FloorFinder, req
     return BitPlan(choices, "probe tolerance", finder.tolerance, e2e)
 
 
-def _model_key(proto: Any) -> str:
+def _model_key(data: bytes) -> str:
     import hashlib
 
-    return hashlib.sha256(proto.SerializeToString()).hexdigest()[:16]
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _probe(kind: str, shape: tuple[int, ...], dtype: np.dtype[Any], rng: np.random.Generator) -> np.ndarray:

@@ -542,7 +542,7 @@ class PlannerService:
 
             assert self.model is not None
             self._finder = FloorFinder(self.model.proto, self.model.graph, tolerance=self.config.bit_tolerance,
-                                       key=self.model.model_id)
+                                       key=self.model.model_id, loaded=getattr(self.model, "loaded", None))
         return self._finder or None
 
     def _cut_floor(self, cut: int) -> int | None:
@@ -747,14 +747,23 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
     from fleetpipe.models.calibrate import Calibration
 
     try:
-        cal = Calibration.from_json(open(config.calibration).read())  # noqa: SIM115
+        cal = Calibration.from_json(Path(config.calibration).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read calibration {config.calibration}: {exc}") from exc
-    if model is not None and cal.model_id != model.model_id:
+    if model is not None and cal.model_id not in _calibration_ids(config.model, model):
         raise ConfigError(f"calibration {config.calibration} is for model {cal.model_id}, not {model.model_id}")
     log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
              list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
     return cal
+
+
+def _calibration_ids(path: str, model: ModelInfo) -> set[str]:
+    """Model ids a calibration may name: the planner's (inputs pinned), or the file's as given."""
+    ids = {model.model_id}
+    with contextlib.suppress(OSError):
+        if not path.startswith("zoo:"):
+            ids.add(slices.content_hash(Path(path).read_bytes())[:12])
+    return ids
 
 
 def _calibrate_samples(config: PlannerConfig, model: ModelInfo) -> Any:
@@ -771,6 +780,9 @@ def _calibrate_samples(config: PlannerConfig, model: ModelInfo) -> Any:
                 x, y = data["x"], (data["y"] if "y" in data.files else None)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot read calibration samples {config.calibration}: {exc}") from exc
+    if not hasattr(model.proto, "SerializeToString"):
+        raise ConfigError(f"calibration samples {config.calibration}: calibrating needs an ONNX model (without "
+                          f"--calibration the planner probes each cut's bit floor)")
     classifier = len(model.graph.outputs[0].shape) == 2 and model.graph.outputs[0].shape[1] > 1
     try:
         cal = calibrate(model.proto, model.graph, np.asarray(x), y, bits_candidates=CANDIDATES,

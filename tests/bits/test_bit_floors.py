@@ -53,7 +53,7 @@ def test_the_solver_is_re_run_with_the_floor_of_each_cut_it_picks(outlier):
                                        SimpleNamespace(first=2, last=2, bits=32)])
 
     result, plan = plan_with_floors(solve, 3, 8, finder=FloorFinder(model, graph))
-    assert calls[0] == [8, 8, 32] and calls[-1][1] == 16
+    assert calls[0] == [8, 8, 8] and calls[-1][1] == 16
     assert result.stages[0].bits == 16 and plan.floor_of(1) == 16
 
 
@@ -150,3 +150,55 @@ def test_check_outputs_exits_non_zero_over_the_tolerance(outlier, tmp_path, caps
     assert check_outputs(str(path), xs, [{"prob": r["prob"] * 1.02} for r in exact]) == 1
     out = capsys.readouterr().out
     assert "prob (1, 1, 16, 16): rel L2" in out and "EXCEEDS" in out and "top-1" not in out
+
+
+def test_tflite_floors_are_probed_with_litert(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    from fleetpipe.models.onnx_to_tflite import onnx_to_tflite
+    from fleetpipe.models.source import open_model
+
+    path = tmp_path / "outlier.tflite"
+    path.write_bytes(onnx_to_tflite(outlier_map(16)))
+    loaded = open_model(str(path))
+    assert loaded.kind == "tflite"
+    plan = choose_bits(loaded.model, loaded.graph, [0], 8, loaded=loaded)
+    assert plan.choices[0].bits == 16 and plan.end_to_end is not None and plan.end_to_end <= 0.01
+    assert FloorFinder(loaded.model, loaded.graph, loaded=loaded).error(0, 8) > 0.1
+
+
+def test_an_unprobeable_model_ships_32_bits_never_the_unchecked_width(monkeypatch):
+    from types import SimpleNamespace
+
+    import fleetpipe.planner.problem as problem_mod
+    from fleetpipe.planner.bitwidth import solve_problem
+
+    graph = SimpleNamespace(inputs=(), outputs=(), layers=(0, 1, 2), crossing=lambda c: ())
+    finder = FloorFinder(b"not a model", graph)  # neither ONNX nor a loaded TFLite model
+    monkeypatch.setattr(problem_mod, "_replace", lambda p, **kw: SimpleNamespace(**{**vars(p), **kw}))
+    said: list[str] = []
+
+    def solve(p):
+        return SimpleNamespace(stages=[SimpleNamespace(first=0, last=0, bits=int(p.min_bits[0])),
+                                       SimpleNamespace(first=1, last=2, bits=32)])
+
+    _, result, _ = solve_problem(SimpleNamespace(layer_names=("a", "b", "c")), solve, 8, finder=finder,
+                                 warn=said.append)
+    assert result.stages[0].bits == 32 and "32 bits at every cut" in said[0]
+
+
+def test_calibrate_cli_output_is_what_the_planner_uses(tmp_path):
+    import onnx
+
+    from fleetpipe.cli import main
+    from fleetpipe.config import PlannerConfig
+    from fleetpipe.planner.loop import _load_calibration
+
+    path = tmp_path / "m.onnx"
+    onnx.save(outlier_map(), path)
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).random((4, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--model", str(path), "--input-shape", "x=1,3,16,16", "--data",
+                 str(tmp_path / "data.npz"), "--floor", "0.01", "-o", str(out)]) == 0
+    info = load_model_info(str(path))
+    cal = _load_calibration(PlannerConfig(model=str(path), calibration=str(out)), info)  # same model id
+    assert list(cal.min_bits) == [16, 16]  # 8 bits miss the 1 % floor: the candidates include 16
