@@ -57,11 +57,18 @@ def test_slices_equal_whole_model(
 
 
 @pytest.mark.corpus(step="negative", expected="negative")
-@pytest.mark.parametrize("action", ["inspect", "slice"])
+@pytest.mark.parametrize("action", ["inspect", "slice", "plan", "demo"])
 def test_negative_fails_with_one_line(realmodel: RealModel, realmodel_path: Path, action: str, tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "fleetpipe", "model", action, str(realmodel_path), *realmodel.shape_flags]
-    if action == "slice":
-        args += ["--cuts", "0", "-o", str(tmp_path / "out")]
+    """Rejected before anything is deployed: one line naming the cause, no traceback, no files left."""
+    model = [str(realmodel_path), *realmodel.shape_flags]
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text('[[device]]\nname = "a"\nclass = "rpi4"\n\n[[device]]\nname = "b"\nclass = "rpi5"\n')
+    args = [sys.executable, "-m", "fleetpipe", *{
+        "inspect": ["model", "inspect", *model],
+        "slice": ["model", "slice", *model, "--cuts", "0", "-o", str(tmp_path / "out")],
+        "plan": ["plan", "--model", *model, "--fleet", str(fleet_file)],
+        "demo": ["demo", "--model", *model, "--nodes", "2", "--frames", "2"],
+    }[action]]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
     assert done.returncode != 0, done.stdout
     lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("INFO: ")]
