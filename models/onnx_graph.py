@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ __all__ = [
     "pin_inputs",
     "prepare_onnx",
     "read_model",
+    "weight_only",
 ]
 
 ORDERS = ("greedy", "dfs", "file")
@@ -176,8 +178,11 @@ def load_onnx(
             stacklevel=2,
         )
     unknown_names = {n.name for n in unknown}
-    crossings = _crossings(ordered, init_names, input_names, output_names)
-    bounds = _boundaries(ordered, crossings, infos, set(output_names), grouping)
+    # Tensors computed from weights alone (Identity/Cast/DequantizeLinear of an initializer, ...) never cross a
+    # cut: every slice that reads one recomputes it (fleetpipe.models.slicing), and no cut ends on its node.
+    weights = weight_only(nodes, init_names)
+    crossings = _crossings(ordered, init_names | weights.tensors, input_names, output_names)
+    bounds = _boundaries(ordered, crossings, infos, set(output_names), grouping, weights.nodes)
     layers: list[Layer] = []
     start = 0
     for idx, end in enumerate(bounds):
@@ -272,16 +277,20 @@ def pin_inputs(
 def prepare_onnx(
     source: str | PathLike[str] | bytes | onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    fold: bool = True,
 ) -> onnx.ModelProto:
-    """The model ready to analyse and slice: read, normalised, inputs pinned, constants folded if needed.
+    """The model ready to analyse and slice: read, normalised, inputs pinned, constants folded.
 
-    When onnx shape inference leaves a tensor's shape unknown with the inputs pinned (a Reshape target
-    computed by Shape -> Cast -> Slice -> Concat, a Pad width from Shape arithmetic, ...), the model is
-    folded by onnxruntime's own graph optimiser (``fleetpipe.models.fold``) and inferred again.
+    With ``fold`` the model is rewritten by onnxruntime's own basic graph optimiser
+    (``fleetpipe.models.fold``): constant sub-graphs folded (a Reshape target computed by Shape -> Cast
+    -> Slice -> Concat, a Pad width from Shape arithmetic, ...) and the fusions every node's session
+    would make anyway (Conv+BatchNormalization, ...), so a cut never separates what the runtime fuses
+    (which alone moved a sigmoid map by 3e-3 relative). Without ``fold`` it is folded only when onnx
+    shape inference leaves a used tensor's shape unknown with the inputs pinned.
     """
     model = pin_inputs(normalize(read_model(source)), input_shapes)
-    infos = _infos(_infer(model))
-    if not _unknown_shapes(model, infos):
+    if not fold and not _unknown_shapes(model, _infos(_infer(model))):
         return model
     from fleetpipe.models.fold import fold_constants
 
@@ -504,6 +513,26 @@ def _linearise(
     return [nodes[i] for i in result]
 
 
+@dataclass(frozen=True, slots=True)
+class WeightOnly:
+    """Nodes whose inputs are all weights (initializers or other such nodes' outputs), and what they produce."""
+
+    nodes: frozenset[str]
+    tensors: frozenset[str]
+
+
+def weight_only(nodes: Sequence[onnx.NodeProto], inits: set[str]) -> WeightOnly:
+    """The weight-only nodes of ``nodes`` (in topological order) given the initializer names."""
+    tensors: set[str] = set()
+    names: set[str] = set()
+    for n in nodes:
+        ins = _all_inputs(n)
+        if ins and all(t in inits or t in tensors for t in ins):
+            names.add(n.name)
+            tensors.update(t for t in n.output if t)
+    return WeightOnly(frozenset(names), frozenset(tensors))
+
+
 def _crossings(
     ordered: list[onnx.NodeProto], inits: set[str], inputs: list[str], outputs: list[str]
 ) -> list[tuple[str, ...]]:
@@ -551,18 +580,23 @@ def _boundaries(
     infos: Mapping[str, TensorInfo],
     outputs: set[str],
     grouping: str,
+    weight_nodes: frozenset[str] = frozenset(),
 ) -> list[int]:
-    """Last node position of every layer."""
+    """Last node position of every layer (never a weight-only node: it goes with its consumer)."""
     last = len(ordered) - 1
     if grouping == "nodes":
-        return list(range(len(ordered)))
+        return [p for p in range(last) if ordered[p].name not in weight_nodes] + [last]
 
     def counts(t: str) -> bool:
         # Model outputs and tiny integer (shape-like) tensors do not make a cut "wide".
         info = infos[t]
         return t not in outputs and not (info.dtype.startswith(("int", "uint")) and _numel(info.shape) <= 16)
 
-    cuts = [p for p in range(last) if sum(1 for t in crossings[p] if counts(t)) <= 1]
+    cuts = [
+        p
+        for p in range(last)
+        if ordered[p].name not in weight_nodes and sum(1 for t in crossings[p] if counts(t)) <= 1
+    ]
     segments: list[list[int]] = []
     start = 0
     for end in [*cuts, last]:

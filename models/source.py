@@ -1,10 +1,11 @@
 """One front door for a user's model: ``.onnx``, ``.tflite`` (told apart by content) or ``zoo:NAME``.
 
 ``open_model`` reads the file, pins its inputs (``fleetpipe.models.shapes``: a dynamic batch is 1,
-other dynamic dims need ``--input-shape NAME=D,D,...``), folds constant sub-graphs of an ONNX model
-when shape inference needs it (``fleetpipe.models.fold``), checks that the local runtime can run it
-(one onnxruntime session / one LiteRT ``allocate_tensors``, ``NotRunnable`` otherwise) and analyses
-it into a ``ModelGraph``. The returned ``LoadedModel`` slices, runs and verifies itself, whatever its
+other dynamic dims need ``--input-shape NAME=D,D,...``), has onnxruntime's basic optimiser fold an
+ONNX model (``fleetpipe.models.fold``: constant sub-graphs, computed shapes, the fusions its sessions
+make anyway), which is also the check that this onnxruntime can run it, or builds one LiteRT
+interpreter and allocates its tensors for a TFLite model (``NotRunnable`` otherwise), and analyses
+the model into a ``ModelGraph``. The returned ``LoadedModel`` slices, runs and verifies itself, whatever its
 format; every command that takes a model (``model inspect/slice``, ``plan``, ``planner``, ``demo``)
 goes through it. A TFLite flatbuffer carries the file identifier ``TFL3`` at bytes 4..8; anything else
 is read as ONNX (protobuf has no magic).
@@ -220,14 +221,11 @@ def _open_onnx(
     source: Any, input_shapes: Mapping[str, tuple[int, ...]] | None, order: str, grouping: str,
     name: str | None, check: bool,
 ) -> LoadedModel:
-    from fleetpipe.models.fold import ort_check
     from fleetpipe.models.onnx_graph import load_onnx, normalize, pin_inputs, prepare_onnx, read_model
 
     original = read_model(source)
     reference = pin_inputs(normalize(original), input_shapes)
-    model = prepare_onnx(reference)
-    if check and model is reference:  # a folded model was made by an onnxruntime session already
-        ort_check(model)
+    model = prepare_onnx(reference)  # folded by an onnxruntime session: the check that it runs here
     graph = load_onnx(model, order=order, grouping=grouping, name=name or original.graph.name or "model")
     shapes = {t.name: t.shape for t in graph.inputs}
     return LoadedModel("onnx", model, graph, reference, shapes)

@@ -98,3 +98,27 @@ def with_constant_chain() -> Any:
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w2])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def tflite_fp16_mlp() -> bytes:
+    """A float16-weight MLP as converters write it: every DEQUANTIZE of a weight first, then the FCs; fc0's
+    dequantized weight is read again by fc2 (a weight shared across layers)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from fleetpipe.models.build_tflite import TFLiteBuilder
+
+    rng = np.random.default_rng(3)
+    b = TFLiteBuilder("fp16 mlp")
+    x = b.tensor("input", (1, 16))
+    w16 = [b.const(f"w{i}_fp16", rng.standard_normal((16, 16)).astype(np.float16) / 4) for i in range(2)]
+    w32 = [b.tensor(f"w{i}", (16, 16)) for i in range(2)]
+    for src, dst in zip(w16, w32, strict=True):
+        b.op(schema.BuiltinOperator.DEQUANTIZE, [src], [dst])
+    h = x
+    for i, w in enumerate([w32[0], w32[1], w32[0]]):
+        y = b.tensor("logits" if i == 2 else f"fc{i}", (1, 16))
+        opts = schema.FullyConnectedOptionsT()
+        opts.fusedActivationFunction = schema.ActivationFunctionType.RELU if i < 2 else 0
+        b.op(schema.BuiltinOperator.FULLY_CONNECTED, [h, w, -1], [y], opts)
+        h = y
+    return b.finish([x], [h])

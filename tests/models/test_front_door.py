@@ -19,7 +19,7 @@ from fleetpipe.models.profile import random_feeds
 from fleetpipe.models.shapes import InputShapeError, parse_input_shapes, resolve_input_shapes
 from fleetpipe.models.source import open_model
 
-from ._byom import computed_reshape
+from ._byom import computed_reshape, ir3_model, tflite_fp16_mlp, with_constant_chain
 
 
 def fleetpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -113,3 +113,56 @@ def test_cli_input_shape_and_folding_end_to_end(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["max_rel_diff"] <= 1e-5 and manifest["input_shapes"] == {"x": [1, 3, 16, 8]}
     assert len(manifest["stages"]) == 3
+
+
+# --- item 6: weight-only nodes travel with their consumer --------------------------------------------
+
+
+@pytest.mark.parametrize("grouping", ["nodes", "blocks"])
+def test_onnx_identity_chains_of_weights_are_never_cut(grouping: str) -> None:
+    loaded = open_model(with_constant_chain(), grouping=grouping)
+    weight_tensors = {"wi", "w2i", "w2ii"}
+    for layer in loaded.graph.layers:
+        assert not weight_tensors & set(layer.out_tensors), layer
+        assert layer.op_types[-1] != "Identity", layer
+    n = len(loaded.graph.layers)
+    assert n == (4 if grouping == "nodes" else n)  # Conv, Relu, Conv, Relu: the Identity chains ride along
+    feeds = random_feeds(loaded.graph)
+    for cut in range(n - 1):
+        assert loaded.verify([cut], feeds) <= 1e-5
+    assert loaded.verify(list(range(n - 1)), feeds) <= 1e-5
+
+
+def test_tflite_dequantized_weights_are_never_cut() -> None:
+    from fleetpipe.models.tflite import load_tflite
+
+    data = tflite_fp16_mlp()
+    graph = load_tflite(data, grouping="nodes")
+    assert [la.op_types for la in graph.layers] == [("DEQUANTIZE", "FULLY_CONNECTED"),
+                                                     ("DEQUANTIZE", "FULLY_CONNECTED"), ("FULLY_CONNECTED",)]
+    assert not {"w0", "w1"} & {t for la in graph.layers for t in la.out_tensors}
+    loaded = open_model(data, grouping="nodes")
+    feeds = random_feeds(loaded.graph)
+    for cuts in ([0], [1], [0, 1]):
+        assert loaded.verify(cuts, feeds) <= 1e-5  # the last slice recomputes fc0's shared weight itself
+
+
+# --- item 7: IR < 4, initializers listed as inputs ----------------------------------------------------
+
+
+def test_ir3_initializers_in_inputs_load_and_slice(tmp_path: Path) -> None:
+    model = ir3_model()
+    assert model.ir_version == 3 and len(model.graph.input) == 3
+    loaded = open_model(model, grouping="nodes")
+    assert [t.name for t in loaded.graph.inputs] == ["x"]
+    feeds = random_feeds(loaded.graph)
+    assert loaded.verify([0, 1, 2], feeds) <= 1e-5
+    for first, last in ((0, 1), (2, 3)):
+        piece = onnx.load_from_string(loaded.slice(first, last))
+        onnx.checker.check_model(piece)
+        assert piece.ir_version >= 4
+    path = tmp_path / "old.onnx"
+    onnx.save(model, str(path))
+    run = fleetpipe("model", "slice", str(path), "--grouping", "nodes", "--cuts", "1", "-o", str(tmp_path / "s"),
+                    "--verify")
+    assert run.returncode == 0, run.stderr
