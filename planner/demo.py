@@ -93,6 +93,7 @@ class DemoReport:
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     tolerance: float = 0.01
     accuracy_ok: bool = True
+    bit_widths: str = ""  # the planner's line: bits shipped per cut and why (calibrated floor / probe tolerance)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (without the raw results)."""
@@ -222,6 +223,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             top1_agreement=check.top1, max_rel_error=check.worst_rel_l2, resent=client.stats.resent,
             duplicates=client.stats.duplicates, plan_s=plan_s, results=results, wall_fps=len(results) / wall,
             calibrated_fps=1000.0 / period if period else 0.0, node_classes=node_classes,
+            bit_widths=_bit_widths_line(logs / "planner.log"),
             accuracy=[dataclasses.asdict(o) for o in check.outputs], tolerance=check.tolerance,
             accuracy_ok=check.ok)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -255,6 +257,8 @@ def print_report(report: DemoReport, console: Any) -> None:
         console.print(f"the plan re-scored with the compute the nodes measured: {report.calibrated_fps:.2f} frames/s; "
                       f"measured is {100 * report.fleet_fps / report.calibrated_fps:.0f}% of that (what codec, "
                       f"MQTT and bubbles cost)")
+    if report.bit_widths:
+        console.print(report.bit_widths)
     print_accuracy(report, console)
     console.print(f"{report.frames} frames, {report.resent} re-sent, {report.duplicates} duplicate results dropped; "
                   f"fleet up and planned in {report.plan_s:.1f} s")
@@ -299,6 +303,16 @@ def _frames(graph: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
     from fleetpipe.models.profile import random_feeds
 
     return [random_feeds(graph, seed + i) for i in range(n)]
+
+
+def _bit_widths_line(log: Path) -> str:
+    """The planner's last "bit-widths from ..." log line (what it shipped per cut and why), or ""."""
+    marker = "planner: bit-widths from "
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if marker in ln]
+    except OSError:
+        return ""
+    return lines[-1][lines[-1].index(marker) + len("planner: "):] if lines else ""
 
 
 def _planner_bit_args(tolerance: float | None, bit_floors: bool) -> list[str]:

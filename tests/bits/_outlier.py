@@ -13,13 +13,16 @@ from typing import Any
 import numpy as np
 
 
-def outlier_map(size: int = 16, seed: int = 0) -> Any:
-    """``x (1, 3, size, size) -> prob (1, 1, size, size)`` with 8-bit-hostile activations between layers."""
+def outlier_map(size: int = 16, seed: int = 0, *, channels: int = 8, depth: int = 0) -> Any:
+    """``x (1, 3, size, size) -> prob (1, 1, size, size)`` with 8-bit-hostile activations between layers.
+
+    ``depth`` more 3x3 conv + relu layers (the outlier channel kept apart) make it heavy enough to pipeline.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    c = 8
+    c = channels
     w1 = rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.5
     gain = np.ones((1, c, 1, 1), np.float32)
     gain[0, 0] = 1000.0
@@ -34,8 +37,17 @@ def outlier_map(size: int = 16, seed: int = 0) -> Any:
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Mul", ["r1", "gain"], ["g1"], name="gain1"),
         helper.make_node("Conv", ["g1", "w2"], ["c2"], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2_0"], name="relu2"),
+    ]
+    for i in range(depth):  # identity at the centre tap plus a little mixing among the small channels
+        w = np.zeros((c, c, 3, 3), np.float32)
+        w[:, :, 1, 1] = np.eye(c)
+        w[1:, 1:] += (0.02 / c) * rng.standard_normal((c - 1, c - 1, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"wd{i}"))
+        nodes += [helper.make_node("Conv", [f"r2_{i}", f"wd{i}"], [f"cd{i}"], name=f"deep{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"cd{i}"], [f"r2_{i + 1}"], name=f"deeprelu{i}")]
+    nodes += [
+        helper.make_node("Conv", [f"r2_{depth}", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
         helper.make_node("Sigmoid", ["c3"], ["prob"], name="sigmoid"),
     ]
     graph = helper.make_graph(

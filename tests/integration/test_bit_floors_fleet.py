@@ -67,3 +67,30 @@ def test_fleet_ships_the_floor_and_infer_check_judges_it(mosquitto, tmp_path, fl
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "EXCEEDS the tolerance 0.01" in proc.stdout
     assert "prob (1, 1, 64, 64): rel L2" in proc.stdout and "top-1" not in proc.stdout
+
+
+def _demo(model: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "fleetpipe", "demo", "--model", str(model), "--nodes", "3",
+                           "--classes", "rpi3", "--frames", "8", "--json", *extra],
+                          capture_output=True, text=True, timeout=200, check=False)
+    return proc, (json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {})
+
+
+def test_demo_fails_red_when_the_width_is_forced_below_the_floor(tmp_path):
+    """The deep variant pipelines over three emulated Pi 3s; 8 bits forced: non-zero exit, error reported."""
+    model = tmp_path / "deep.onnx"
+    onnx.save(outlier_map(32, channels=32, depth=8), model)
+    proc, report = _demo(model, "--no-bit-floors")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert not report["accuracy_ok"] and report["max_rel_error"] > 0.1
+    assert report["top1_agreement"] is None  # a probability map: no argmax "agreement"
+    assert [o["name"] for o in report["accuracy"]] == ["prob"]
+    assert len(report["stages"]) >= 2 and report["stages"][0]["bits"] == 8
+    assert "as requested (bit floors off)" in report["bit_widths"]
+    proc, report = _demo(model)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert report["accuracy_ok"] and report["max_rel_error"] <= 0.01
+    assert "raised from 8" in report["bit_widths"]
+    assert all(s["bits"] >= 16 for s in report["stages"][:-1])
