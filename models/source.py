@@ -239,9 +239,9 @@ def _open_tflite(
         from fleetpipe.models.tflite import load_tflite
     except ImportError as exc:
         raise NotRunnable(str(exc)) from exc
+    if check:  # before the analysis: an unrunnable model says so, not what the FLOPs estimator does not know
+        litert_check(data)
     graph = load_tflite(data, name=name, grouping=grouping)  # type: ignore[arg-type]
     declared = {t.name: list(t.shape) for t in graph.inputs}
     shapes = resolve_input_shapes(declared, input_shapes)
-    if check:
-        litert_check(data)
     return LoadedModel("tflite", data, graph, data, shapes)

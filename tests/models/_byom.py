@@ -122,3 +122,29 @@ def tflite_fp16_mlp() -> bytes:
         b.op(schema.BuiltinOperator.FULLY_CONNECTED, [h, w, -1], [y], opts)
         h = y
     return b.finish([x], [h])
+
+
+def custom_op_onnx() -> Any:
+    """A model with an op no onnxruntime has (domain com.example)."""
+    node = helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+
+
+def custom_op_tflite() -> bytes:
+    """The fp16 MLP with its last FC swapped for a CUSTOM op stock LiteRT cannot resolve."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from fleetpipe.models.tflite import pack_model
+
+    model = schema.ModelT.InitFromPackedBuf(tflite_fp16_mlp(), 0)
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+    code.customCode, code.version = "MyFancyOp", 1
+    model.operatorCodes.append(code)
+    op = model.subgraphs[0].operators[-1]
+    op.opcodeIndex = len(model.operatorCodes) - 1
+    op.builtinOptionsType, op.builtinOptions = 0, None
+    op.inputs = op.inputs[:1]
+    return pack_model(model)

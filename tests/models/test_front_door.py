@@ -19,7 +19,14 @@ from fleetpipe.models.profile import random_feeds
 from fleetpipe.models.shapes import InputShapeError, parse_input_shapes, resolve_input_shapes
 from fleetpipe.models.source import open_model
 
-from ._byom import computed_reshape, ir3_model, tflite_fp16_mlp, with_constant_chain
+from ._byom import (
+    computed_reshape,
+    custom_op_onnx,
+    custom_op_tflite,
+    ir3_model,
+    tflite_fp16_mlp,
+    with_constant_chain,
+)
 
 
 def fleetpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -166,3 +173,54 @@ def test_ir3_initializers_in_inputs_load_and_slice(tmp_path: Path) -> None:
     run = fleetpipe("model", "slice", str(path), "--grouping", "nodes", "--cuts", "1", "-o", str(tmp_path / "s"),
                     "--verify")
     assert run.returncode == 0, run.stderr
+
+
+# --- item 5: runnability is found before anything is deployed ----------------------------------------
+
+
+def test_custom_ops_fail_inspect_and_slice_with_one_line(tmp_path: Path) -> None:
+    from fleetpipe.models.fold import NotRunnable
+
+    with pytest.raises(NotRunnable, match="custom op FancyOp .*not available in onnxruntime here"):
+        open_model(custom_op_onnx())
+    with pytest.raises(NotRunnable, match="custom op MyFancyOp is not available in LiteRT here"):
+        open_model(custom_op_tflite())
+    onnx_path, tfl_path = tmp_path / "custom.onnx", tmp_path / "custom.tflite"
+    onnx.save(custom_op_onnx(), str(onnx_path))
+    tfl_path.write_bytes(custom_op_tflite())
+    for path, runtime in ((onnx_path, "onnxruntime"), (tfl_path, "LiteRT")):
+        for args in (["model", "inspect", str(path)], ["model", "slice", str(path), "--cuts", "0", "-o",
+                                                        str(tmp_path / "out")]):
+            run = fleetpipe(*args)
+            lines = [ln for ln in run.stderr.splitlines() if "error" in ln]
+            assert run.returncode == 1 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+            assert f"not available in {runtime} here" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 8: --verify with a relative tolerance; a manifest or no files -------------------------------
+
+
+def test_verify_is_relative_and_a_failure_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetpipe.cli import main
+    from fleetpipe.models.source import LoadedModel
+
+    path = tmp_path / "r18.onnx"
+    assert main(["model", "zoo", "resnet18", "-o", str(path), "--width", "0.125", "--resolution", "32"]) == 0
+    out = tmp_path / "slices"
+    ok = fleetpipe("model", "slice", str(path), "--cuts", "3,7", "-o", str(out), "--verify")
+    assert ok.returncode == 0, ok.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["max_rel_diff"] <= manifest["rtol"] == 1e-5
+    assert {p.name for p in out.iterdir()} == {"manifest.json", *(s["file"] for s in manifest["stages"])}
+    # A slicer that got it wrong (the slices 2 % off the whole model): exit 1, one line, and no files at all.
+    monkeypatch.setattr(LoadedModel, "verify", lambda self, cuts, feeds: 0.02)
+    bad = tmp_path / "bad"
+    assert main(["model", "slice", str(path), "--cuts", "3,7", "-o", str(bad), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "verify failed" in err and "0.02" in err and "--rtol 1e-05" in err
+    assert not bad.exists() or not any(bad.iterdir())
+    assert main(["model", "slice", str(path), "--cuts", "3,7", "-o", str(bad), "--verify", "--rtol", "0.05"]) == 0
+    assert json.loads((bad / "manifest.json").read_text())["max_rel_diff"] == 0.02
