@@ -181,7 +181,7 @@ def test_ir3_initializers_in_inputs_load_and_slice(tmp_path: Path) -> None:
 def test_custom_ops_fail_inspect_and_slice_with_one_line(tmp_path: Path) -> None:
     from fleetpipe.models.fold import NotRunnable
 
-    with pytest.raises(NotRunnable, match="custom op FancyOp .*not available in onnxruntime here"):
+    with pytest.raises(NotRunnable, match=r"custom op FancyOp .*not available in onnxruntime here"):
         open_model(custom_op_onnx())
     with pytest.raises(NotRunnable, match="custom op MyFancyOp is not available in LiteRT here"):
         open_model(custom_op_tflite())
