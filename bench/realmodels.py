@@ -99,8 +99,10 @@ def bench_model(m: corpus.RealModel, *, frames: int, sizes: list[int]) -> dict[s
         return row
     row["slice"], row["slice_max_rel_diff"], row["layers"], row["grouping"] = step_slice(m)
     row["plan"] = step_plan(m)
+    if sizes:
+        row["local_ms"] = local_ms(m)
     for n in sizes:
-        row[f"fleet{n}"] = step_fleet(m, n, frames)
+        row[f"fleet{n}"] = step_fleet(m, n, frames, row["local_ms"])
     row["summary"] = "; ".join(
         f"{k} {v if isinstance(v, str) else v.get('status')}" for k, v in row.items()
         if k in ("slice", "plan") or k.startswith("fleet")
@@ -156,8 +158,28 @@ def step_plan(m: corpus.RealModel) -> str:
     return "ok" if done.returncode == 0 else _error_line(done)
 
 
-def step_fleet(m: corpus.RealModel, nodes: int, frames: int) -> dict[str, Any]:
-    """``fleetpipe demo --model FILE --json`` on ``nodes`` emulated nodes: bits per cut, error, fps ratio."""
+def local_ms(m: corpus.RealModel, runs: int = 15) -> float:
+    """Median time of the whole model here (one thread, as a node runs it), before any fleet process starts."""
+    feeds = corpus.random_inputs(corpus.model_input_specs(m))
+    run = corpus.runner(m.kind, m.path)
+    run(feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run(feeds)
+        times.append((time.perf_counter() - t) * 1000)
+    return float(sorted(times)[len(times) // 2])
+
+
+def step_fleet(m: corpus.RealModel, nodes: int, frames: int, whole_ms: float) -> dict[str, Any]:
+    """``fleetpipe demo --model FILE --json`` on ``nodes`` emulated nodes: bits per cut, error, fps ratio.
+
+    The baseline is the best single node of that fleet: the whole model's time here (``local_ms``, measured
+    on a quiet host before the fleet starts) times the fastest class's compute factor. The demo's own
+    ``single_fps`` is kept too; it is timed while the fleet's processes run and swings run to run.
+    """
+    from fleetpipe.node.emulate import parse_emulate
+
     args = ["demo", "--model", str(m.path), "--nodes", str(nodes), "--classes", FLEET_CLASSES,
             "--frames", str(frames), "--json", *m.shape_flags]
     done = _fleetpipe(args, timeout=600)
@@ -177,8 +199,10 @@ def step_fleet(m: corpus.RealModel, nodes: int, frames: int) -> dict[str, Any]:
         "best_single_node": rep.get("best_single_node"),
         "plan_s": rep.get("plan_s"),
     }
-    if out["fleet_fps"] and out["single_fps"]:
-        out["ratio"] = out["fleet_fps"] / out["single_fps"]
+    factor = min(parse_emulate(c).compute_factor for c in FLEET_CLASSES.split(",")[:nodes])
+    out["baseline_fps"] = 1000.0 / (whole_ms * factor)
+    if out["fleet_fps"]:
+        out["ratio"] = out["fleet_fps"] / out["baseline_fps"]
     return out
 
 
@@ -229,7 +253,7 @@ def print_table(rows: list[dict[str, Any]], sizes: list[int]) -> None:
                 fleets.append(str(f.get("status", "-")))
         table.add_row(r["id"], _mark(r["inspect"]), _mark(r.get("slice", "-")),
                       "-" if rel is None else f"{rel:.2g}", _mark(r.get("plan", "-")), *fleets)
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def plot(rows: list[dict[str, Any]], sizes: list[int], path: Path) -> None:

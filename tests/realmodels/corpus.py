@@ -7,7 +7,7 @@ it is missing and skipping elsewhere. ``KNOWN`` lists, per test step, the models
 not handle yet, with the precise reason: the tests mark them xfail(strict=True), so a fix shows as an
 XPASS failure and the entry must go.
 
-The runners here (``run_onnx``, ``run_tflite``, ``run_stages``) call onnxruntime and LiteRT directly,
+The runners here (``runner``, ``run_file``, ``run_stages``) call onnxruntime and LiteRT directly,
 independently of fleetpipe, to check fleetpipe's slices against the whole model.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,35 +153,51 @@ def random_inputs(specs: Iterable[tuple[str, str, tuple[int, ...]]], seed: int =
     return out
 
 
-def run_onnx(model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def runner(kind: str, model: Path | bytes) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A loaded model (one thread) as a function of its named inputs: onnxruntime or LiteRT."""
+    data = model.read_bytes() if isinstance(model, Path) else model
+    return _onnx_runner(data) if kind == "onnx" else _tflite_runner(data)
+
+
+def run_file(kind: str, model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runner(kind, model)(feeds)
+
+
+def _onnx_runner(data: bytes) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    data = model.read_bytes() if isinstance(model, Path) else model
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
-    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+
+    return run
 
 
-def run_tflite(model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _tflite_runner(data: bytes) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
     from ai_edge_litert.interpreter import Interpreter
 
-    data = model.read_bytes() if isinstance(model, Path) else model
     it = Interpreter(model_content=data, num_threads=1)
-    for d in it.get_input_details():
-        if tuple(d["shape"]) != feeds[d["name"]].shape:
-            it.resize_tensor_input(d["index"], list(feeds[d["name"]].shape))
-    it.allocate_tensors()
-    for d in it.get_input_details():
-        it.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]], dtype=d["dtype"]))
-    it.invoke()
-    return {d["name"]: np.array(it.get_tensor(d["index"])) for d in it.get_output_details()}
+    allocated: list[tuple[int, ...]] = []
 
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shapes = [tuple(feeds[d["name"]].shape) for d in it.get_input_details()]
+        if shapes != allocated:
+            for d, shape in zip(it.get_input_details(), shapes, strict=True):
+                if tuple(d["shape"]) != shape:
+                    it.resize_tensor_input(d["index"], list(shape))
+            it.allocate_tensors()
+            allocated[:] = shapes
+        for d in it.get_input_details():
+            it.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]], dtype=d["dtype"]))
+        it.invoke()
+        return {d["name"]: np.array(it.get_tensor(d["index"])) for d in it.get_output_details()}
 
-def run_file(kind: str, model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return run_onnx(model, feeds) if kind == "onnx" else run_tflite(model, feeds)
+    return run
 
 
 def run_stages(kind: str, stage_dir: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
