@@ -239,6 +239,8 @@ def _open_tflite(
         from fleetpipe.models.tflite import load_tflite
     except ImportError as exc:
         raise NotRunnable(str(exc)) from exc
+    if detect_kind(data) != "tflite":
+        raise UnsupportedModel("not a TFLite flatbuffer (missing 'TFL3' file identifier)")
     if check:  # before the analysis: an unrunnable model says so, not what the FLOPs estimator does not know
         litert_check(data)
     graph = load_tflite(data, name=name, grouping=grouping)  # type: ignore[arg-type]
