@@ -27,7 +27,6 @@ import pytest
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifest.json"
 TORCH_DIR = HERE / "torch"
-IN_CI = os.environ.get("CI") == "true"
 # Slices must equal the whole model to this max relative difference on every final output.
 SLICE_REL_TOL = 1e-5
 
@@ -128,7 +127,7 @@ def resolve(model: RealModel) -> Path:
     """The model's file, sha256-checked; missing: a failure under CI, else a skip naming the fix."""
     if not model.path.is_file():
         msg = f"{model.id}: {model.path} is missing; run .venv/bin/python scripts/fetch-models"
-        if IN_CI:
+        if os.environ.get("CI") == "true":
             pytest.fail(msg + " (under CI a missing corpus file is a failure; scripts/setup fetches it)")
         pytest.skip(msg)
     got = hashlib.sha256(model.path.read_bytes()).hexdigest()

@@ -51,3 +51,36 @@ def test_negatives_name_their_cause() -> None:
 def test_file_is_present_and_pinned(realmodel: corpus.RealModel, realmodel_path: object) -> None:
     """Every corpus file is there with its pinned sha256 (a failure under CI when it is missing)."""
     assert realmodel_path == realmodel.path
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_file_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci, outcome) -> None:
+    monkeypatch.setenv("FLEETPIPE_REALMODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("CI", ci)
+    model = next(m for m in corpus.corpus() if m.kind == "tflite")
+    assert model.path.parent == tmp_path
+    with pytest.raises(outcome, match="scripts/fetch-models"):
+        corpus.resolve(model)
+
+
+def test_fetch_script_is_idempotent_and_checks_hashes(tmp_path) -> None:
+    """With every file cached, fetch-models downloads nothing; a corrupted file is re-fetched, not trusted."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    script = corpus.HERE.parent.parent / "scripts" / "fetch-models"
+    model = next(m for m in corpus.corpus() if m.id == "mp_iris_landmark")
+    if not model.path.is_file():
+        pytest.skip("corpus not fetched")  # test_file_is_present_and_pinned fails for it under CI
+    shutil.copy(model.path, tmp_path / model.path.name)
+    env = {**os.environ, "FLEETPIPE_REALMODELS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(script), "--only", model.id], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "1 models cached" in done.stdout and "fetched" not in done.stdout
+    (tmp_path / model.path.name).write_bytes(b"corrupt")
+    listed = subprocess.run([sys.executable, str(script), "--only", model.id, "--list"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "missing" in listed.stdout
