@@ -93,7 +93,7 @@ class BitPlan:
         """The one log line per plan."""
         how = {"calibrated floor": "calibrated floors (COACH)",
                "probe tolerance": f"probe tolerance {100 * self.tolerance:g} % rel L2 per output",
-               "requested": "as requested (bit floors off)"}[self.source]
+               "requested": "the request (bit floors off)"}[self.source]
         cuts = "; ".join(c.why() for c in self.choices) or "no cut (one stage)"
         e2e = "" if self.end_to_end is None else f"; end-to-end probe error {self.end_to_end:.2g}"
         return f"bit-widths from {how}: {cuts}{e2e}"

@@ -202,3 +202,17 @@ def test_calibrate_cli_output_is_what_the_planner_uses(tmp_path):
     info = load_model_info(str(path))
     cal = _load_calibration(PlannerConfig(model=str(path), calibration=str(out)), info)  # same model id
     assert list(cal.min_bits) == [16, 16]  # 8 bits miss the 1 % floor: the candidates include 16
+
+
+def test_tolerance_and_floors_come_from_the_planner_toml_env_and_flags(tmp_path):
+    from fleetpipe.config import PlannerConfig, load
+    from fleetpipe.errors import ConfigError
+
+    toml = tmp_path / "planner.toml"
+    toml.write_text('[planner]\nmodel = "m.onnx"\nbit_tolerance = 0.02\nbit_floors = false\n')
+    cfg = load(PlannerConfig, file=toml)
+    assert cfg.bit_tolerance == 0.02 and cfg.bit_floors is False
+    assert load(PlannerConfig, file=toml, env={"FLEETPIPE_BIT_TOLERANCE": "0.005"}).bit_tolerance == 0.005
+    assert load(PlannerConfig, flags={"model": "m", "bit_tolerance": 0.03}).bit_tolerance == 0.03
+    with pytest.raises(ConfigError, match="bit_tolerance"):
+        PlannerConfig(model="m", bit_tolerance=0.0)

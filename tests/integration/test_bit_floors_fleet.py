@@ -63,7 +63,7 @@ def test_fleet_ships_the_floor_and_infer_check_judges_it(mosquitto, tmp_path, fl
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "within the tolerance" in proc.stdout
     else:
-        assert sent == [8] * len(sent) and "as requested (bit floors off)" in log
+        assert sent == [8] * len(sent) and "bit-widths from the request (bit floors off)" in log
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "EXCEEDS the tolerance 0.01" in proc.stdout
     assert "prob (1, 1, 64, 64): rel L2" in proc.stdout and "top-1" not in proc.stdout
@@ -88,7 +88,7 @@ def test_demo_fails_red_when_the_width_is_forced_below_the_floor(tmp_path):
     assert report["top1_agreement"] is None  # a probability map: no argmax "agreement"
     assert [o["name"] for o in report["accuracy"]] == ["prob"]
     assert len(report["stages"]) >= 2 and report["stages"][0]["bits"] == 8
-    assert "as requested (bit floors off)" in report["bit_widths"]
+    assert "bit-widths from the request (bit floors off)" in report["bit_widths"]
     proc, report = _demo(model)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert report["accuracy_ok"] and report["max_rel_error"] <= 0.01
