@@ -86,3 +86,22 @@ def _slice(model: RealModel, out: Path, cuts: str, capsys: pytest.CaptureFixture
     _, err = capsys.readouterr()
     assert rc == 0, f"model slice --cuts {cuts}: {err}"
     return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.corpus(step="slice-nodes", ids=["mp_face_detection_full_sparse", "mp_pose_detection", "caffe2_squeezenet"])
+def test_node_grouping_slices_equal_whole_model(
+    realmodel: RealModel, realmodel_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--grouping nodes`` with a cut every ~n/12 nodes, in models full of weight-only nodes (TFLite DENSIFY /
+    DEQUANTIZE of constant buffers, ONNX ConstantOfShape weights): no stage may receive a weight from another
+    (LiteRT's XNNPACK then fails to set up the stage), and the stages equal the whole model."""
+    grouping = ["--grouping", "nodes"]
+    n = _slice(realmodel, tmp_path / "whole", "", capsys, grouping)["layers"]
+    cuts = sorted({min(c, n - 2) for c in range(0, n - 1, max(1, n // 12))})
+    doc = _slice(realmodel, tmp_path / "cut", ",".join(map(str, cuts)), capsys, grouping)
+    assert len(doc["stages"]) == len(cuts) + 1
+    feeds = corpus.random_inputs(corpus.model_input_specs(realmodel))
+    want = corpus.run_file(realmodel.kind, realmodel_path, feeds)
+    got = corpus.run_stages(realmodel.kind, tmp_path / "cut", feeds)
+    for name, value in want.items():
+        assert corpus.rel_diff(got[name], value) <= corpus.SLICE_REL_TOL, name
