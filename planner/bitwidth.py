@@ -139,8 +139,10 @@ class FloorFinder:
         self.feeds = dict(feeds) if feeds is not None else probe_inputs(graph)
         self.batch = int(graph.inputs[0].shape[0]) if graph.inputs and graph.inputs[0].shape else 1
         self.key = key or _model_key(proto.SerializeToString() if onnx_model else bytes(proto))
-        self._all: dict[str, np.ndarray] | None = None
-        self._runners: dict[tuple[Any, ...], _FrameRunner] = {}
+        self._cuts: list[int] = []
+        self._exact: dict[int, dict[str, np.ndarray]] = {}
+        self._reference: dict[str, np.ndarray] | None = None
+        self._runners: dict[tuple[int, int], _FrameRunner] = {}
 
     @property
     def n_probes(self) -> int:
@@ -153,12 +155,13 @@ class FloorFinder:
             return 0.0
         k = (self.key, self._probe_key(), int(cut), int(bits))
         if k not in _ERRORS:
-            from fleetpipe.models.calibrate import _roundtrip
-
-            values = self._values(cut)
-            sent = {n: _roundtrip(values[n], bits, self.batch) for n in self.graph.crossing(cut)}
-            _ERRORS[k] = self._worst(self._run(cut + 1, len(self.graph.layers) - 1, {**self.feeds, **sent}))
+            exact = self._register([cut])
+            _ERRORS[k] = self._worst(self._tail(cut, self._send(exact[cut], bits), {}))
         return _ERRORS[k]
+
+    def add_cuts(self, cuts: Sequence[int]) -> None:
+        """Announce cuts about to be probed, so the model is sliced once at all of them (not cut by cut)."""
+        self._register(cuts)
 
     def floor(self, cut: int, at_most: int | None = None) -> int:
         """The lowest candidate width within the tolerance at ``cut`` (32 when even the highest misses it).
@@ -179,8 +182,6 @@ class FloorFinder:
 
     def chain_error(self, cut_bits: Mapping[int, int]) -> float:
         """Worst rel L2 with every cut in ``cut_bits`` sent at its width (the stages run one after another)."""
-        from fleetpipe.models.calibrate import _roundtrip
-
         cuts = sorted(cut_bits)
         if not cuts:
             return 0.0
@@ -188,48 +189,47 @@ class FloorFinder:
             return self.error(cuts[0], int(cut_bits[cuts[0]]))
         k = (self.key, self._probe_key(), tuple((c, int(cut_bits[c])) for c in cuts))
         if k not in _ERRORS:
-            values = self._values(cuts[0])
-            sent = {n: _roundtrip(values[n], int(cut_bits[cuts[0]]), self.batch) for n in self.graph.crossing(cuts[0])}
-            for a, b in pairwise(cuts):
-                out = self._run(a + 1, b, {**self.feeds, **sent})
-                sent = {n: _roundtrip(v, int(cut_bits[b]), self.batch) for n, v in out.items()}
-            _ERRORS[k] = self._worst(self._run(cuts[-1] + 1, len(self.graph.layers) - 1, {**self.feeds, **sent}))
+            exact = self._register(cuts)
+            sent = self._send(exact[cuts[0]], int(cut_bits[cuts[0]]))
+            _ERRORS[k] = self._worst(self._tail(cuts[0], sent, {c: int(cut_bits[c]) for c in cuts[1:]}))
         return _ERRORS[k]
 
     # -- internals --------------------------------------------------------------------------------
+    # The model runs as segments between the cuts probed so far (each segment slice built once, so the
+    # slices serialised add up to about one model, whatever the number of cuts); the exact values at every
+    # probed cut are kept, and a probe runs only the segments after its cut.
 
     def _probe_key(self) -> tuple[Any, ...]:
         return tuple((n, v.shape, str(v.dtype)) for n, v in sorted(self.feeds.items()))
 
-    def _values(self, cut: int | None = None) -> dict[str, np.ndarray]:
-        """Every cut's crossing tensors and the model outputs on the probes, from one run of the whole model.
+    def _send(self, values: Mapping[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+        from fleetpipe.models.calibrate import _roundtrip
 
-        TFLite: the outputs from the whole model, ``cut``'s crossing from its prefix slice.
-        """
-        if self._tflite is not None:
-            if self._all is None:
-                self._all = {**self.feeds, **self._session(bytes(self.proto), ("all",)).run(self.feeds)}
-            if cut is not None and any(n not in self._all for n in self.graph.crossing(cut)):
-                self._all.update(self._run(0, cut, self.feeds))
-            return self._all
-        if self._all is None:
-            import onnx
-            from onnx import helper
+        return {n: _roundtrip(v, bits, self.batch) for n, v in values.items()}
 
-            if self._unavailable:
-                raise BitFloorUnavailable(self._unavailable)
-            proto = onnx.ModelProto()
-            proto.CopyFrom(self.proto)
-            have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-            wanted = {t for c in range(len(self.graph.layers) - 1) for t in self.graph.crossing(c)} - have
-            for name in sorted(wanted):
-                info = self.graph.tensors.get(name)
-                if info is None:
-                    continue
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
-                proto.graph.output.append(helper.make_tensor_value_info(name, elem, list(info.shape)))
-            self._all = {**self.feeds, **self._session(proto, ("all",)).run(self.feeds)}
-        return self._all
+    def _register(self, cuts: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Add ``cuts`` to the segment boundaries; the exact crossing values at every boundary."""
+        if self._unavailable:
+            raise BitFloorUnavailable(self._unavailable)
+        self._cuts = sorted(set(self._cuts) | {int(c) for c in cuts})
+        prev = -1
+        for c in self._cuts:
+            if c not in self._exact:
+                self._exact[c] = self._run(prev + 1, c, {**self.feeds, **self._exact.get(prev, {})})
+            prev = c
+        return self._exact
+
+    def _tail(self, cut: int, values: Mapping[str, np.ndarray], quantize: Mapping[int, int]) -> dict[str, np.ndarray]:
+        """Run the segments after ``cut`` from ``values``, sending the boundaries in ``quantize`` at their bits."""
+        last = len(self.graph.layers) - 1
+        first = cut + 1
+        out = dict(values)
+        for b in [*(c for c in self._cuts if c > cut), last]:
+            out = self._run(first, b, {**self.feeds, **out})
+            if b in quantize:
+                out = self._send(out, quantize[b])
+            first = b + 1
+        return out
 
     def _run(self, first: int, last: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from fleetpipe.models.slicing import slice_model
@@ -238,28 +238,26 @@ class FloorFinder:
             raise BitFloorUnavailable(self._unavailable)
         key = (first, last)
         if key not in self._runners:
+            whole = (first, last) == (0, len(self.graph.layers) - 1)
             try:
                 if self._tflite is not None:
-                    self._session(self._tflite.slice(first, last), key)
+                    model: Any = bytes(self.proto) if whole else self._tflite.slice(first, last)
                 else:
-                    self._session(slice_model(self.proto, self.graph, first, last), key)
-            except BitFloorUnavailable:
-                raise
+                    model = self.proto if whole else slice_model(self.proto, self.graph, first, last)
             except Exception as exc:
                 raise BitFloorUnavailable(f"cannot slice layers {first}..{last}: {type(exc).__name__}: {exc}") from exc
+            self._runners[key] = _FrameRunner(model, self.batch)
         return self._runners[key].run(feeds)
 
-    def _session(self, proto: Any, key: tuple[Any, ...]) -> _FrameRunner:
-        if key not in self._runners:
-            self._runners[key] = _FrameRunner(proto, self.batch)
-        return self._runners[key]
-
     def _worst(self, outs: Mapping[str, np.ndarray]) -> float:
-        values = self._values()
+        if self._reference is None:
+            first = self._cuts[0] if self._cuts else None
+            self._reference = (self._run(0, len(self.graph.layers) - 1, self.feeds) if first is None
+                               else self._tail(first, self._exact[first], {}))
         worst = 0.0
         b = max(self.batch, 1)
         for spec in self.graph.outputs:
-            ref, got = values[spec.name], outs[spec.name]
+            ref, got = self._reference[spec.name], outs[spec.name]
             if ref.ndim == 0 or ref.shape[0] % b or ref.shape[0] // b != self.n_probes:
                 worst = max(worst, rel_l2(got, ref))
                 continue
@@ -339,6 +337,8 @@ def plan_with_floors(solve: Callable[[np.ndarray], Any], n_layers: int, requeste
         result = solve(mb)
         cuts = [s.last for s in result.stages[:-1]]
         new = [c for c in cuts if c not in floors]
+        if new:
+            finder.add_cuts(new)
         for c in new:
             floors[c] = finder.floor(c, at_most=int(requested))
         if any(floors[c] > mb[c] for c in new):
@@ -425,6 +425,8 @@ def choose_bits(proto: Any, graph: Any, cuts: Sequence[int], requested: int = 8,
     cuts = sorted({int(c) for c in cuts})
     n = len(graph.layers)
     bounds = [-1, *cuts, n - 1]
+    if cuts and cuts[-1] >= n - 1:
+        raise ValueError(f"cuts must be after layers 0..{n - 2}, got {cuts}")
 
     def solve(mb: np.ndarray) -> Any:
         stages = [SimpleNamespace(first=a + 1, last=b, bits=int(mb[b])) for a, b in pairwise(bounds)]
