@@ -216,3 +216,24 @@ def test_tolerance_and_floors_come_from_the_planner_toml_env_and_flags(tmp_path)
     assert load(PlannerConfig, flags={"model": "m", "bit_tolerance": 0.03}).bit_tolerance == 0.03
     with pytest.raises(ConfigError, match="bit_tolerance"):
         PlannerConfig(model="m", bit_tolerance=0.0)
+
+
+@pytest.mark.parametrize(("floor", "want"), [(None, 6), (8, 8)])
+def test_node_bit_relief_never_goes_below_the_floor_the_assignment_carries(tmp_path, floor, want):
+    """COACH relief lowers a clearly separable frame's width by up to 2 bits on a slow link, but the
+    assignment's ``min_bits`` (the cut's accuracy floor) stops it; an older assignment (None) does not."""
+    from fleetpipe.config import NodeConfig
+    from fleetpipe.context import SemanticCache
+    from fleetpipe.node.daemon import NodeDaemon, _Slot
+
+    daemon = NodeDaemon(NodeConfig(name="n", cache_dir=str(tmp_path)))
+    assign = wire.StageAssign(fleet="default", node_id="n", epoch=1, stage=0, n_stages=2, first_layer=0,
+                              last_layer=0, model_id="m", slice_hash="", slice_size=1, ts=0.0, output_names=("y",),
+                              bits=8, min_bits=floor, next_stage=1)
+    slot = _Slot(assign=assign, runtime=None, executor=None, topic="t",  # type: ignore[arg-type]
+                 exit_cache=SemanticCache(2, 4, threshold=1.0))
+    outputs = {"y": np.zeros((1, 1 << 16), np.float32)}
+    daemon._choose_bits(slot, outputs, 1.0, 10.0)  # creates the link's adaptive state
+    for _ in range(8):  # a link far too slow for any width: the lowest allowed one wins
+        slot.adaptive.observe_transfer(1 << 20, 10.0)
+    assert daemon._choose_bits(slot, outputs, 1.0, 10.0) == want
