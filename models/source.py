@@ -24,7 +24,7 @@ import numpy as np
 from fleetpipe.errors import SliceError, UnsupportedModel
 from fleetpipe.models.fold import NotRunnable
 from fleetpipe.models.graph import ModelGraph, split_ranges
-from fleetpipe.models.shapes import resolve_input_shapes
+from fleetpipe.models.shapes import InputShapeError, format_dims, resolve_input_shapes
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -217,6 +217,28 @@ def litert_check(data: bytes) -> None:
 # --- private helpers -------------------------------------------------------------------------------
 
 
+def _tflite_declared(data: bytes, graph: ModelGraph) -> dict[str, list[int | None]]:
+    """Each model input's dims from its shape signature (-1: dynamic, None here), else its shape."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    sub = model.Subgraphs(0)
+    sigs = []
+    for i in range(sub.InputsLength()):
+        t = sub.Tensors(sub.Inputs(i))
+        buf = model.Buffers(t.Buffer()) if t.Buffer() < model.BuffersLength() else None
+        if buf is not None and buf.DataLength() > 0:
+            continue  # a constant input is no graph input (as in fleetpipe.models.tflite)
+        sigs.append([int(d) for d in t.ShapeSignatureAsNumpy()] if t.ShapeSignatureLength() else None)
+    out: dict[str, list[int | None]] = {}
+    for info, sig in zip(graph.inputs, sigs, strict=False):
+        if sig is None or len(sig) != len(info.shape):
+            out[info.name] = list(info.shape)
+        else:
+            out[info.name] = [None if d < 0 else d for d in sig]
+    return out
+
+
 def _open_onnx(
     source: Any, input_shapes: Mapping[str, tuple[int, ...]] | None, order: str, grouping: str,
     name: str | None, check: bool,
@@ -244,6 +266,18 @@ def _open_tflite(
     if check:  # before the analysis: an unrunnable model says so, not what the FLOPs estimator does not know
         litert_check(data)
     graph = load_tflite(data, name=name, grouping=grouping)  # type: ignore[arg-type]
-    declared = {t.name: list(t.shape) for t in graph.inputs}
+    declared = _tflite_declared(data, graph)
+    for t in graph.inputs:
+        if any(d is None for d in declared[t.name][1:]):
+            raise InputShapeError(
+                f"TFLite input {t.name!r} has dynamic dims {format_dims(declared[t.name])}: fleetpipe slices TFLite "
+                f"models at their static shapes; convert it with a fixed input shape"
+            )
     shapes = resolve_input_shapes(declared, input_shapes)
+    for t in graph.inputs:
+        if shapes[t.name] != t.shape:
+            raise InputShapeError(
+                f"--input-shape {t.name}={','.join(map(str, shapes[t.name]))}: a TFLite model is sliced at its "
+                f"static shape {format_dims(list(t.shape))}"
+            )
     return LoadedModel("tflite", data, graph, data, shapes)

@@ -224,3 +224,26 @@ def test_verify_is_relative_and_a_failure_leaves_no_files(
     assert not bad.exists() or not any(bad.iterdir())
     assert main(["model", "slice", str(path), "--cuts", "3,7", "-o", str(bad), "--verify", "--rtol", "0.05"]) == 0
     assert json.loads((bad / "manifest.json").read_text())["max_rel_diff"] == 0.02
+
+
+def test_tflite_dynamic_batch_signature_is_one_other_dims_refused(caplog: pytest.LogCaptureFixture) -> None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    from fleetpipe.models.tflite import pack_model
+
+    def with_signature(sig: list[int]) -> bytes:
+        model = schema.ModelT.InitFromPackedBuf(tflite_fp16_mlp(), 0)
+        sub = model.subgraphs[0]
+        sub.tensors[sub.inputs[0]].shapeSignature = sig
+        return pack_model(model)
+
+    with caplog.at_level(logging.WARNING, logger="fleetpipe.models"):
+        loaded = open_model(with_signature([-1, 16]))
+    assert loaded.input_shapes == {"input": (1, 16)}
+    assert sum("taken as 1" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(InputShapeError, match=r"'input' has dynamic dims \[1, \?\]"):
+        open_model(with_signature([1, -1]))
+    with pytest.raises(InputShapeError, match="conflicts with the static dims"):
+        open_model(tflite_fp16_mlp(), {"input": (2, 16)})
+    with pytest.raises(InputShapeError, match="sliced at its static shape"):
+        open_model(with_signature([-1, 16]), {"input": (2, 16)})
