@@ -28,10 +28,19 @@ _TINY = 1e-12
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
-    """``||y - ref|| / ||ref||`` in float64 (0 when both are zero; inf when the shapes differ)."""
+    """``||y - ref|| / ||ref||`` in float64 (0 when both are zero; inf when the shapes differ).
+
+    Entries where the reference itself is not finite (a log of a random probe, say) are left out; a
+    non-finite value where the reference is finite makes the error inf.
+    """
     a = np.asarray(y, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if a.shape != r.shape:
+        return math.inf
+    finite = np.isfinite(r)
+    if not finite.all():
+        a, r = a[finite], r[finite]
+    if not np.isfinite(a).all():
         return math.inf
     diff = float(np.linalg.norm(a - r))
     if diff == 0.0:
@@ -116,10 +125,7 @@ def compare_outputs(fleet: Sequence[Mapping[str, np.ndarray]], reference: Sequen
         for n in names:
             y, r = np.asarray(got[n]), np.asarray(ref[n])
             rel[n].append(rel_l2(y, r))
-            if y.shape == r.shape and y.size:
-                mabs[n] = max(mabs[n], float(np.max(np.abs(y.astype(np.float64) - r.astype(np.float64)))))
-            elif y.shape != r.shape:
-                mabs[n] = math.inf
+            mabs[n] = max(mabs[n], _max_abs(y, r))
             if is_classifier_shaped(r.shape) and y.shape == r.shape:
                 agree[n].extend((y.reshape(-1, r.shape[-1]).argmax(-1) == r.reshape(-1, r.shape[-1]).argmax(-1))
                                 .tolist())
@@ -129,3 +135,15 @@ def compare_outputs(fleet: Sequence[Mapping[str, np.ndarray]], reference: Sequen
                     top1=float(np.mean(agree[n])) if agree[n] else None)
         for n in names if rel[n])
     return Comparison(outputs=outputs, tolerance=float(tolerance), skipped=skipped)
+
+
+def _max_abs(y: np.ndarray, ref: np.ndarray) -> float:
+    """Largest ``|y - ref|`` where the reference is finite (inf for a shape mismatch)."""
+    if y.shape != ref.shape:
+        return math.inf
+    r = np.asarray(ref, dtype=np.float64)
+    finite = np.isfinite(r)
+    if not finite.any():
+        return 0.0
+    d = np.abs(np.asarray(y, dtype=np.float64)[finite] - r[finite])
+    return float(np.max(d)) if np.isfinite(d).all() else math.inf

@@ -237,3 +237,12 @@ def test_node_bit_relief_never_goes_below_the_floor_the_assignment_carries(tmp_p
     for _ in range(8):  # a link far too slow for any width: the lowest allowed one wins
         slot.adaptive.observe_transfer(1 << 20, 10.0)
     assert daemon._choose_bits(slot, outputs, 1.0, 10.0) == want
+
+
+def test_rel_l2_ignores_what_the_reference_cannot_give_and_flags_what_the_fleet_breaks():
+    from fleetpipe.accuracy import rel_l2
+
+    ref = np.array([1.0, -np.inf, 2.0, np.nan])
+    assert rel_l2(np.array([1.0, 0.0, 2.0, 5.0]), ref) == 0.0
+    assert rel_l2(np.array([np.nan, 0.0, 2.0, 0.0]), ref) == np.inf
+    assert rel_l2(np.zeros(3), np.zeros(3)) == 0.0 and rel_l2(np.zeros(2), np.zeros(3)) == np.inf
