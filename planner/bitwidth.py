@@ -5,8 +5,10 @@ Two sources of a cut's floor (the lowest activation bit-width the cut may be sen
 - a **calibration** (``fleetpipe calibrate``, COACH): its per-cut ``min_bits``, measured on real samples;
 - otherwise **probe tolerance**: the lowest width whose *end-to-end* output error on synthetic probe inputs
   stays within ``tolerance`` (relative L2 per model output, worst over the probes; default 1 %). Probes match
-  the model's input specs: uniform noise, a smoothed random field (image-like, what detectors see), the same
-  field thresholded into flat regions with edges (a page), and standard normal values. Bisection over the
+  the model's input specs: uniform noise, a smoothed random field (image-like), the same field thresholded
+  into flat regions with edges, a page (rows of small dark glyph blocks on white: what text and object
+  detectors respond to), and standard normal values. A probe on which an output is near-empty (under 1 % of
+  the largest probe's norm: a detector's map on noise) is not judged on that output. Bisection over the
   codec's widths (2..8, 16); a cut that misses the tolerance even at 16 bits is sent at 32.
 
 A plan ships ``max(requested, floor)`` per cut (a calibration ships its floors, as COACH does), and the whole
@@ -48,7 +50,10 @@ __all__ = [
 #: Widths the codec quantizes to below float32, tried by bisection.
 CANDIDATES = (2, 3, 4, 5, 6, 7, 8, 16)
 FULL_BITS = 32
-PROBES = ("uniform", "smooth", "edges", "normal")
+PROBES = ("uniform", "smooth", "edges", "page", "normal")
+# A probe whose reference output has less than this share of the largest probe's norm (for that output) is not
+# judged on it: a detector's empty map on noise is all ~0, and relative error there measures nothing.
+_EMPTY_SHARE = 0.01
 _MAX_ROUNDS = 8
 # (model key, cut, bits) -> worst error; (model key, stage cuts, bits) -> chain error. Process-wide.
 _ERRORS: dict[tuple[Any, ...], float] = {}
@@ -261,8 +266,12 @@ class FloorFinder:
             if ref.ndim == 0 or ref.shape[0] % b or ref.shape[0] // b != self.n_probes:
                 worst = max(worst, rel_l2(got, ref))
                 continue
-            for s in range(0, ref.shape[0], b):
-                worst = max(worst, rel_l2(got[s : s + b], ref[s : s + b]))
+            frames = [slice(s, s + b) for s in range(0, ref.shape[0], b)]
+            norms = [_norm(ref[f]) for f in frames]
+            top = max(norms)
+            for f, n in zip(frames, norms, strict=True):
+                if n >= _EMPTY_SHARE * top:
+                    worst = max(worst, rel_l2(got[f], ref[f]))
         return worst
 
 
@@ -463,7 +472,35 @@ def _probe(kind: str, shape: tuple[int, ...], dtype: np.dtype[Any], rng: np.rand
         x = _smooth_field(shape, rng)
         if kind == "edges":
             x = np.where(x > np.median(x), 0.9, 0.1) + 0.02 * rng.standard_normal(shape)
+        elif kind == "page":
+            x = _page(shape, rng)
     return x.astype(dtype)
+
+
+def _page(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Rows of small dark blocks (glyphs) on a white background over the two largest axes, in [0, 1]."""
+    axes = sorted(sorted((a for a in range(len(shape)) if shape[a] > 4), key=lambda a: -shape[a])[:2])
+    if len(axes) < 2:
+        return np.where(_smooth_field(shape, rng) > 0.5, 0.95, 0.05)
+    h, w = shape[axes[0]], shape[axes[1]]
+    img = np.full((h, w), 0.95)
+    for _ in range(max(2, h // 12)):
+        lh = int(rng.integers(max(2, h // 40), max(3, h // 16) + 1))
+        top = int(rng.integers(0, max(1, h - lh)))
+        left = int(rng.integers(0, max(1, w // 2)))
+        right = min(w, left + int(rng.integers(max(4, w // 8), max(5, w // 2) + 1)))
+        glyph, gap = max(1, int(0.6 * lh)), max(1, int(0.4 * lh))
+        for x0 in range(left, right, glyph + gap):
+            img[top : top + lh, x0 : min(right, x0 + glyph)] = 0.05
+    view = [1] * len(shape)
+    view[axes[0]], view[axes[1]] = h, w
+    return np.broadcast_to(img.reshape(view), shape).copy()
+
+
+def _norm(a: np.ndarray) -> float:
+    r = np.asarray(a, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    return float(np.linalg.norm(r))
 
 
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -246,3 +246,19 @@ def test_rel_l2_ignores_what_the_reference_cannot_give_and_flags_what_the_fleet_
     assert rel_l2(np.array([1.0, 0.0, 2.0, 5.0]), ref) == 0.0
     assert rel_l2(np.array([np.nan, 0.0, 2.0, 0.0]), ref) == np.inf
     assert rel_l2(np.zeros(3), np.zeros(3)) == 0.0 and rel_l2(np.zeros(2), np.zeros(3)) == np.inf
+
+
+def test_a_real_text_detector_needs_more_than_8_bits_and_the_page_probe_shows_it():
+    """PP-OCR v4 det (paddle2onnx, from the corpus): on noise its probability map is empty (relative error
+    there measures nothing and is not judged); on the text-like page probe 8 bits miss 1 %, 16 bits do not."""
+    from fleetpipe.models.source import open_model
+    from fleetpipe.planner.bitwidth import PROBES
+    from tests.realmodels.corpus import by_id, resolve
+
+    loaded = open_model(str(resolve(by_id("ppocr_det_v4"))), {"x": (1, 3, 160, 160)})
+    finder = FloorFinder(loaded.model, loaded.graph)
+    assert finder.error(6, 8) > 0.01 and finder.error(6, 16) <= 0.01
+    assert finder.floor(6, at_most=8) == 16
+    ref = finder._reference["sigmoid_0.tmp_0"]
+    peak = {kind: float(ref[i].max()) for i, kind in enumerate(PROBES)}
+    assert peak["page"] > 0.5 and peak["normal"] < 0.01, peak  # only the page makes it detect
