@@ -123,6 +123,7 @@ def make_session(
     if options is None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: "removing unused initializer" warnings are no news to a user
     return ort.InferenceSession(data, so, providers=list(providers))
 
 
