@@ -4,7 +4,9 @@ One comparison for everything that checks a fleet's outputs (``fleetpipe demo``,
 the planner's bit-width probes, the corpus bench), so they all judge with the same numbers:
 
 - per output and frame, the relative L2 error ``||y - ref|| / ||ref||`` (the worst frame is reported) and the
-  largest absolute difference;
+  largest absolute difference. The reference's RMS is floored at :data:`REF_RMS_FLOOR` (1e-3) in the
+  denominator, as ``atol`` does in ``numpy.allclose``: a detector's empty probability map (values ~1e-5 on an
+  input with nothing to detect) is judged against 1e-3, not against ~0, where any rounding is "100 %";
 - top-1 agreement only for *classifier-shaped* outputs (one class vector per item: shape ``(C,)`` or
   ``(B, C)`` with ``C > 1``): an argmax over a whole detection or segmentation map says nothing;
 - the check passes when every output's worst relative L2 error is within the tolerance (default 1 %).
@@ -20,17 +22,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_TOLERANCE", "Comparison", "OutputError", "compare_outputs", "is_classifier_shaped", "rel_l2"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "REF_RMS_FLOOR",
+    "Comparison",
+    "OutputError",
+    "compare_outputs",
+    "is_classifier_shaped",
+    "rel_l2",
+]
 
 #: Relative L2 error allowed per output (1 %).
 DEFAULT_TOLERANCE = 0.01
+#: Smallest reference RMS a relative error is taken against (an absolute floor for near-empty outputs).
+REF_RMS_FLOOR = 1e-3
 _TINY = 1e-12
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
     """``||y - ref|| / ||ref||`` in float64 (0 when both are zero; inf when the shapes differ).
 
-    Entries where the reference itself is not finite (a log of a random probe, say) are left out; a
+    The denominator is at least ``REF_RMS_FLOOR * sqrt(size)`` (see the module docstring). Entries where the
+    reference itself is not finite (a log of a random probe, say) are left out; a
     non-finite value where the reference is finite makes the error inf.
     """
     a = np.asarray(y, dtype=np.float64)
@@ -45,7 +58,7 @@ def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
     diff = float(np.linalg.norm(a - r))
     if diff == 0.0:
         return 0.0
-    return diff / max(float(np.linalg.norm(r)), _TINY)
+    return diff / max(float(np.linalg.norm(r)), REF_RMS_FLOOR * math.sqrt(r.size), _TINY)
 
 
 def is_classifier_shaped(shape: Sequence[int]) -> bool:

@@ -262,3 +262,16 @@ def test_a_real_text_detector_needs_more_than_8_bits_and_the_page_probe_shows_it
     ref = finder._reference["sigmoid_0.tmp_0"]
     peak = {kind: float(ref[i].max()) for i, kind in enumerate(PROBES)}
     assert peak["page"] > 0.5 and peak["normal"] < 0.01, peak  # only the page makes it detect
+
+
+def test_an_empty_map_is_judged_against_the_rms_floor_not_against_zero():
+    """A detector's map on an input with nothing in it is ~1e-5 everywhere: 10 % "relative" wobble there is
+    1e-6 absolute and no detection changes; the same 10 % on a real map is an error."""
+    from fleetpipe.accuracy import rel_l2
+
+    rng = np.random.default_rng(0)
+    empty = 1e-5 * rng.random((1, 1, 64, 64))
+    real = rng.random((1, 1, 64, 64))
+    assert rel_l2(empty * 1.1, empty) < 1e-3
+    assert rel_l2(real * 1.1, real) == pytest.approx(0.1)
+    assert rel_l2(np.full((1, 10), 0.02), np.zeros((1, 10))) > 0.01  # a map that appears from nothing
