@@ -114,24 +114,27 @@ class BitPlan:
         return next((c.floor for c in self.choices if c.cut == cut), None)
 
 
-def probe_inputs(graph: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """One frame per probe kind (:data:`PROBES`), stacked on axis 0, for every model input."""
+def probe_inputs(graph: Any, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """One frame per probe kind (:data:`PROBES`): a value for every model input at its pinned shape and dtype."""
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in graph.inputs:
-        shape = tuple(int(d) for d in spec.shape) or (1,)
-        frames = [_probe(kind, shape, np.dtype(spec.dtype), rng) for kind in PROBES]
-        feeds[spec.name] = np.concatenate(frames) if len(spec.shape) else np.stack(frames).reshape(-1)
-    return feeds
+    return [{spec.name: _probe(kind, tuple(int(d) for d in spec.shape), np.dtype(spec.dtype), rng)
+             for spec in graph.inputs} for kind in PROBES]
+
+
+Frames = list[dict[str, np.ndarray]]
 
 
 class FloorFinder:
-    """Probe errors and floors of one ONNX model, cached; see the module docstring."""
+    """Probe errors and floors of one model (ONNX, or TFLite through ``loaded``), cached; see the module docstring.
+
+    Every probe frame runs on its own, as a node runs one message: inputs need not share a batch axis.
+    """
 
     def __init__(self, proto: Any, graph: Any, *, tolerance: float = DEFAULT_TOLERANCE,
-                 candidates: Sequence[int] = CANDIDATES, feeds: Mapping[str, np.ndarray] | None = None,
+                 candidates: Sequence[int] = CANDIDATES, feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
                  key: str | None = None, loaded: Any = None) -> None:
-        """``proto``: an ONNX ModelProto, or TFLite bytes with ``loaded`` (``models.source.LoadedModel``)."""
+        """``proto``: an ONNX ModelProto, or TFLite bytes with ``loaded`` (``models.source.LoadedModel``);
+        ``feeds``: the probe frames (default :func:`probe_inputs`)."""
         if not (tolerance > 0 and math.isfinite(tolerance)):
             raise ValueError(f"tolerance must be finite and > 0, not {tolerance}")
         onnx_model = hasattr(proto, "graph") and hasattr(proto, "SerializeToString")
@@ -141,18 +144,19 @@ class FloorFinder:
             f"probe floors need an ONNX or TFLite model, not {type(proto).__name__}")
         self.proto, self.graph, self.tolerance = proto, graph, float(tolerance)
         self.candidates = sorted({int(b) for b in candidates})
-        self.feeds = dict(feeds) if feeds is not None else probe_inputs(graph)
-        self.batch = int(graph.inputs[0].shape[0]) if graph.inputs and graph.inputs[0].shape else 1
+        self.frames: Frames = [dict(f) for f in feeds] if feeds is not None else probe_inputs(graph)
+        if not self.frames:
+            raise ValueError("no probe frames")
         self.key = key or _model_key(proto.SerializeToString() if onnx_model else bytes(proto))
         self._cuts: list[int] = []
-        self._exact: dict[int, dict[str, np.ndarray]] = {}
-        self._reference: dict[str, np.ndarray] | None = None
+        self._exact: dict[int, Frames] = {}
+        self._reference: Frames | None = None
         self._runners: dict[tuple[int, int], _FrameRunner] = {}
 
     @property
     def n_probes(self) -> int:
         """Probe frames."""
-        return next(iter(self.feeds.values())).shape[0] // max(self.batch, 1)
+        return len(self.frames)
 
     def error(self, cut: int, bits: int) -> float:
         """Worst rel L2 over outputs and probes with only ``cut`` sent at ``bits``."""
@@ -161,7 +165,7 @@ class FloorFinder:
         k = (self.key, self._probe_key(), int(cut), int(bits))
         if k not in _ERRORS:
             exact = self._register([cut])
-            _ERRORS[k] = self._worst(self._tail(cut, self._send(exact[cut], bits), {}))
+            _ERRORS[k] = self._worst(self._tail(cut, _send(exact[cut], bits), {}))
         return _ERRORS[k]
 
     def add_cuts(self, cuts: Sequence[int]) -> None:
@@ -195,7 +199,7 @@ class FloorFinder:
         k = (self.key, self._probe_key(), tuple((c, int(cut_bits[c])) for c in cuts))
         if k not in _ERRORS:
             exact = self._register(cuts)
-            sent = self._send(exact[cuts[0]], int(cut_bits[cuts[0]]))
+            sent = _send(exact[cuts[0]], int(cut_bits[cuts[0]]))
             _ERRORS[k] = self._worst(self._tail(cuts[0], sent, {c: int(cut_bits[c]) for c in cuts[1:]}))
         return _ERRORS[k]
 
@@ -205,14 +209,9 @@ class FloorFinder:
     # probed cut are kept, and a probe runs only the segments after its cut.
 
     def _probe_key(self) -> tuple[Any, ...]:
-        return tuple((n, v.shape, str(v.dtype)) for n, v in sorted(self.feeds.items()))
+        return (len(self.frames), *((n, v.shape, str(v.dtype)) for n, v in sorted(self.frames[0].items())))
 
-    def _send(self, values: Mapping[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
-        from fleetpipe.models.calibrate import _roundtrip
-
-        return {n: _roundtrip(v, bits, self.batch) for n, v in values.items()}
-
-    def _register(self, cuts: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+    def _register(self, cuts: Sequence[int]) -> dict[int, Frames]:
         """Add ``cuts`` to the segment boundaries; the exact crossing values at every boundary."""
         if self._unavailable:
             raise BitFloorUnavailable(self._unavailable)
@@ -220,23 +219,23 @@ class FloorFinder:
         prev = -1
         for c in self._cuts:
             if c not in self._exact:
-                self._exact[c] = self._run(prev + 1, c, {**self.feeds, **self._exact.get(prev, {})})
+                self._exact[c] = self._run(prev + 1, c, self._exact.get(prev, self.frames))
             prev = c
         return self._exact
 
-    def _tail(self, cut: int, values: Mapping[str, np.ndarray], quantize: Mapping[int, int]) -> dict[str, np.ndarray]:
+    def _tail(self, cut: int, values: Frames, quantize: Mapping[int, int]) -> Frames:
         """Run the segments after ``cut`` from ``values``, sending the boundaries in ``quantize`` at their bits."""
         last = len(self.graph.layers) - 1
         first = cut + 1
-        out = dict(values)
+        out = values
         for b in [*(c for c in self._cuts if c > cut), last]:
-            out = self._run(first, b, {**self.feeds, **out})
+            out = self._run(first, b, out)
             if b in quantize:
-                out = self._send(out, quantize[b])
+                out = _send(out, quantize[b])
             first = b + 1
         return out
 
-    def _run(self, first: int, last: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, first: int, last: int, values: Frames) -> Frames:
         from fleetpipe.models.slicing import slice_model
 
         if self._unavailable:
@@ -251,36 +250,30 @@ class FloorFinder:
                     model = self.proto if whole else slice_model(self.proto, self.graph, first, last)
             except Exception as exc:
                 raise BitFloorUnavailable(f"cannot slice layers {first}..{last}: {type(exc).__name__}: {exc}") from exc
-            self._runners[key] = _FrameRunner(model, self.batch)
-        return self._runners[key].run(feeds)
+            self._runners[key] = _FrameRunner(model)
+        # A slice reads model inputs too when they are live across its first cut.
+        return [self._runners[key].run({**feeds, **v}) for feeds, v in zip(self.frames, values, strict=True)]
 
-    def _worst(self, outs: Mapping[str, np.ndarray]) -> float:
+    def _worst(self, outs: Frames) -> float:
         if self._reference is None:
             first = self._cuts[0] if self._cuts else None
-            self._reference = (self._run(0, len(self.graph.layers) - 1, self.feeds) if first is None
+            self._reference = (self._run(0, len(self.graph.layers) - 1, self.frames) if first is None
                                else self._tail(first, self._exact[first], {}))
         worst = 0.0
-        b = max(self.batch, 1)
         for spec in self.graph.outputs:
-            ref, got = self._reference[spec.name], outs[spec.name]
-            if ref.ndim == 0 or ref.shape[0] % b or ref.shape[0] // b != self.n_probes:
-                worst = max(worst, rel_l2(got, ref))
-                continue
-            frames = [slice(s, s + b) for s in range(0, ref.shape[0], b)]
-            norms = [_norm(ref[f]) for f in frames]
+            refs = [r[spec.name] for r in self._reference]
+            norms = [_norm(r) for r in refs]
             top = max(norms)
-            for f, n in zip(frames, norms, strict=True):
+            for ref, got, n in zip(refs, (o[spec.name] for o in outs), norms, strict=True):
                 if n >= _EMPTY_SHARE * top:
-                    worst = max(worst, rel_l2(got[f], ref[f]))
+                    worst = max(worst, rel_l2(got, ref))
         return worst
 
 
 class _FrameRunner:
-    """One onnxruntime session run one probe frame (``batch`` rows) at a time, outputs stacked."""
+    """One onnxruntime session (ONNX proto) or LiteRT interpreter (TFLite bytes), run one frame at a time."""
 
-    def __init__(self, model: Any, batch: int) -> None:
-        """``model``: an ONNX ModelProto (onnxruntime) or TFLite bytes (LiteRT)."""
-        self.batch = max(int(batch), 1)
+    def __init__(self, model: Any) -> None:
         self.runtime = "LiteRT" if isinstance(model, bytes | bytearray) else "onnxruntime"
         try:
             if self.runtime == "LiteRT":
@@ -299,20 +292,25 @@ class _FrameRunner:
             raise BitFloorUnavailable(f"{self.runtime} cannot load the model: {type(exc).__name__}: {exc}") from exc
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = next(iter(feeds[k] for k in self.names)).shape[0] if self.names else self.batch
+        """Every output for one frame's feeds (only the inputs this model reads are passed)."""
         try:
-            parts = [self._one({k: feeds[k][s : s + self.batch] for k in self.names}) for s in range(0, n, self.batch)]
+            if self.runtime == "LiteRT":
+                self.lite.feed({k: feeds[k] for k in self.names})
+                return {k: np.array(v) for k, v in self.lite.run().items()}  # copies: the interpreter reuses buffers
+            from fleetpipe.models.slicing import run_model
+
+            return run_model(self.session, {k: feeds[k] for k in self.names})
         except Exception as exc:
             raise BitFloorUnavailable(f"{self.runtime} failed on a probe: {type(exc).__name__}: {exc}") from exc
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _one(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.runtime == "LiteRT":
-            self.lite.feed(feeds)
-            return {k: np.array(v) for k, v in self.lite.run().items()}  # copies: the interpreter reuses buffers
-        from fleetpipe.models.slicing import run_model
 
-        return run_model(self.session, feeds)
+def _send(frames: Frames, bits: int) -> Frames:
+    """Each frame's tensors as a node sends them at ``bits``: floats quantized and back, integers raw."""
+    from fleetpipe import codec
+
+    return [{n: (np.asarray(codec.decode_tensor(codec.encode_tensor(np.ascontiguousarray(v), bits)))
+                 if np.issubdtype(np.asarray(v).dtype, np.floating) else v)
+             for n, v in f.items()} for f in frames]
 
 
 def plan_with_floors(solve: Callable[[np.ndarray], Any], n_layers: int, requested: int, *,

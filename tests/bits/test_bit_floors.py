@@ -259,8 +259,8 @@ def test_a_real_text_detector_needs_more_than_8_bits_and_the_page_probe_shows_it
     finder = FloorFinder(loaded.model, loaded.graph)
     assert finder.error(6, 8) > 0.01 and finder.error(6, 16) <= 0.01
     assert finder.floor(6, at_most=8) == 16
-    ref = finder._reference["sigmoid_0.tmp_0"]
-    peak = {kind: float(ref[i].max()) for i, kind in enumerate(PROBES)}
+    assert finder._reference is not None
+    peak = {kind: float(r["sigmoid_0.tmp_0"].max()) for kind, r in zip(PROBES, finder._reference, strict=True)}
     assert peak["page"] > 0.5 and peak["normal"] < 0.01, peak  # only the page makes it detect
 
 
