@@ -21,6 +21,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds for the whole call: connect, plan, every result (default 120)")
+    p.add_argument("--check", metavar="MODEL",
+                   help="also run the whole model (.onnx) locally on each input and compare: relative L2 error and max "
+                        "abs per output, top-1 for classifier-shaped outputs; exit 1 when over --tolerance")
+    p.add_argument("--tolerance", type=float, default=None, help="--check: relative L2 error allowed per output "
+                                                                   "(default 0.01)")
     p.set_defaults(func=run)
 
 
@@ -43,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
                          username=broker.username, password=broker.password(), tls=broker.tls()) as client:
             client.wait_plan(max(deadline - time.monotonic(), 0.1))
             outputs = []
+            results: list[Any] = []
             for path, result in zip(args.input, client.stream(arrays, deadline=deadline), strict=True):
                 out = result.output
                 outputs.append(out)
+                results.append(result.outputs)
                 top = int(np.argmax(out)) if out.size else -1
                 print(f"{path}: frame {result.frame_id} shape {tuple(out.shape)} argmax {top} "
                       f"latency {result.latency_ms:.1f} ms")
@@ -55,4 +62,36 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.output:
         np.save(args.output, np.stack(outputs), allow_pickle=False)
+    if args.check:
+        return check_outputs(args.check, arrays, results, args.tolerance)
     return 0
+
+
+def check_outputs(model: str, inputs: list[Any], results: list[Any], tolerance: float | None = None) -> int:
+    """Compare the fleet's outputs with the whole model run locally; print one line per output; 0 if within."""
+    from fleetpipe.accuracy import DEFAULT_TOLERANCE, compare_outputs
+
+    try:
+        reference = _run_locally(model, inputs)
+        check = compare_outputs(results, reference, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"fleetpipe infer: --check {model}: {exc}", file=sys.stderr)
+        return 2
+    for line in check.lines():
+        print(f"check: {line}")
+    return 0 if check.ok else 1
+
+
+def _run_locally(model: str, inputs: list[Any]) -> list[dict[str, Any]]:
+    """Every output of ``model`` (an ONNX file) for each input, by name."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise RuntimeError("--check needs onnxruntime (pip install onnxruntime)") from exc
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own errors: not a loadable model
+        raise RuntimeError(f"onnxruntime cannot load it: {exc}") from exc
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(None, {name: x}), strict=True)) for x in inputs]

@@ -109,7 +109,9 @@ class PlannerConfig:
     bits: int = 8
     min_nodes: int = 1
     expect_nodes: int = 0
-    input_shape: tuple[int, ...] | None = None
+    # Static shapes for model inputs with dynamic dims, "NAME=D,D,..." each (fleetpipe.models.shapes parses them):
+    # TOML input_shape = ["x=1,3,224,224"]; a dynamic batch dim alone is taken as 1 without any.
+    input_shape: tuple[str, ...] = ()
     replan_threshold: float = 0.2
     time_limit_s: float = 5.0
     calibration: str | None = None
@@ -135,6 +137,11 @@ class PlannerConfig:
     profile: str | None = None
     # Ed25519 private key file (PEM, `broker gen-creds` writes planner.key): sign every assignment with it.
     signing_key: str | None = None
+    # Bit floors: without a calibration, each cut ships at least the lowest width whose end-to-end output error
+    # on probe inputs stays within bit_tolerance (relative L2 per output; fleetpipe.planner.bitwidth). Off:
+    # every cut ships ``bits`` as given (experiments only: accuracy is then unchecked).
+    bit_tolerance: float = 0.01
+    bit_floors: bool = True
 
     def __post_init__(self) -> None:
         validate_name("fleet", self.fleet)
@@ -146,6 +153,8 @@ class PlannerConfig:
             raise ConfigError(f"intra must be '', 'latency' or 'pipeline', not {self.intra!r}")
         if not 1 <= self.intra_tiles <= 16:
             raise ConfigError(f"intra_tiles must be 1..16, not {self.intra_tiles}")
+        if not (0 < self.bit_tolerance < 1e6):
+            raise ConfigError(f"bit_tolerance must be > 0, not {self.bit_tolerance}")
 
 
 T = TypeVar("T")

@@ -91,6 +91,8 @@ _INT_MAX = 2**63 - 1
 _STR_MAX = 65536
 _SEQ_MAX = 4096
 _BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 16, 32})
+# Fields added after a message type shipped: left out of the encoding when None, so older peers decode it.
+_OMIT_NONE = frozenset({"min_bits"})
 #: Binary values of data messages at least this large travel in the frame's blob (see the module docstring).
 BLOB_MIN = 1024
 #: msgpack ext type code of a blob reference.
@@ -269,9 +271,13 @@ class PlanStage(_Msg):
     # intra plan, an older planner): a calibration then takes the whole prediction as compute.
     compute_ms: float = 0.0
     transfer_ms: float = 0.0
+    # The cut's accuracy floor (calibrated, or probed within the planner's tolerance); None = not given (an
+    # older planner). Omitted from the encoding when None, so older decoders still read the message.
+    min_bits: int | None = None
 
     def _validate(self) -> None:
         _nonneg(self, "index", "first_layer", "last_layer", "predicted_ms", "compute_ms", "transfer_ms")
+        _floor_bits(self.min_bits, self.bits)
         _layers(self.first_layer, self.last_layer)
         if not self.nodes:
             raise ValueError("a stage needs at least one node")
@@ -343,9 +349,13 @@ class StageAssign(_Msg):
     split: SplitAssign | None = None
     # The planner's Ed25519 signature over everything else (base64; fleetpipe.signing); "" = unsigned.
     signature: str = ""
+    # The lowest width the node may send at (no per-message adaptation or context relief goes below it);
+    # None = not given (an older planner: ``bits`` is the floor). Omitted from the encoding when None.
+    min_bits: int | None = None
 
     def _validate(self) -> None:
         _names(self, "fleet", "node_id")
+        _floor_bits(self.min_bits, self.bits)
         _nonneg(self, "epoch", "stage", "first_layer", "last_layer", "slice_size", "ts", "next_stage")
         if len(self.signature) > 128:
             raise ValueError("signature longer than 128 characters")
@@ -1058,6 +1068,8 @@ def _dump_fields(msg: Any) -> dict[str, Any]:
     out = {}
     for name, _ in _schema(type(msg)):
         v = getattr(msg, name)
+        if v is None and name in _OMIT_NONE:
+            continue
         out[name] = v if type(v) in _PLAIN else _dump(v)
     return out
 
@@ -1135,6 +1147,14 @@ def _positive(msg: Any, *attrs: str) -> None:
 def _bits(b: int) -> None:
     if b not in _BITS:
         raise ValueError(f"bits must be one of {sorted(_BITS)}, got {b}")
+
+
+def _floor_bits(floor: int | None, bits: int) -> None:
+    if floor is None:
+        return
+    _bits(floor)
+    if floor > bits:
+        raise ValueError(f"min_bits {floor} above bits {bits}")
 
 
 def _layers(first: int, last: int) -> None:

@@ -44,7 +44,7 @@ _ACTIVATIONS = {
     "relu6": schema.ActivationFunctionType.RELU6,
     "tanh": schema.ActivationFunctionType.TANH,
 }
-_TYPES = {"float32": schema.TensorType.FLOAT32, "int32": schema.TensorType.INT32}
+_TYPES = {"float32": schema.TensorType.FLOAT32, "int32": schema.TensorType.INT32, "float16": schema.TensorType.FLOAT16}
 
 
 class TFLiteBuilder:

@@ -133,12 +133,14 @@ def calibrate(
     cuts: Sequence[int] | None = None,
     metric: str | None = None,
     progress: Progress | None = None,
+    model_id: str | None = None,
 ) -> Calibration:
     """Calibrate the lowest bit-width within ``floor`` for every cut (or only ``cuts``; others stay 32).
 
     ``calib_inputs`` is the model input (or a mapping input name -> array) with the samples stacked on
     axis 0; it is cut into frames of the graph's input batch size. ``labels`` (one per sample) switch the
-    classifier metric to the accuracy drop against them.
+    classifier metric to the accuracy drop against them. ``model_id`` overrides the id the planner checks the
+    calibration against (default: :func:`model_id_of` ``model``; the CLI passes the planner's id of the file).
     """
     from fleetpipe.models.slicing import slice_model
 
@@ -191,7 +193,7 @@ def calibrate(
         if progress is not None:
             progress(done, len(todo), cut, min_bits[cut])
     return Calibration(
-        model_id=model_id_of(model), floor=float(floor), metric=metric, n_samples=n_samples,
+        model_id=model_id or model_id_of(model), floor=float(floor), metric=metric, n_samples=n_samples,
         bits_candidates=tuple(cands), min_bits=tuple(min_bits),
         losses=tuple(tuple(d.items()) for d in losses), exits=exits,
     )

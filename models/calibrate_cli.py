@@ -19,13 +19,15 @@ def register(subparsers: Any) -> None:
     """Add the ``calibrate`` command to the ``fleetpipe`` parser."""
     p = subparsers.add_parser("calibrate", help="calibrate the lowest activation bit-width per cut")
     p.add_argument("--model", required=True, help="an .onnx file or zoo:NAME (zoo:digits uses its real test set)")
-    p.add_argument("--input-shape", help="input shape with batch, e.g. 1,3,224,224 (default: batch 1)")
+    p.add_argument("--input-shape", action="append",
+                   help="NAME=D,D,... for an input with dynamic dims (repeatable; a dynamic batch is taken as 1); "
+                        "a bare 1,3,224,224 names the first input")
     p.add_argument("--data", type=Path,
                    help=".npz with 'x' (samples stacked on axis 0) and optional 'y' labels; "
                         "default: the digits test set for zoo:digits, else seeded random inputs")
     p.add_argument("--floor", type=float, default=0.005, help="accuracy-loss floor (default 0.005 = 0.5 %%)")
     p.add_argument("--samples", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--bits", default="2,3,4,5,6,7,8", help="candidate bit-widths (default 2..8)")
+    p.add_argument("--bits", default="2,3,4,5,6,7,8,16", help="candidate bit-widths (default 2..8 and 16)")
     p.add_argument("--metric", choices=("labels", "agreement", "rel_l2"), help="override the automatic metric")
     p.add_argument("-o", "--out", type=Path, required=True, help="output calibration .json")
     p.set_defaults(func=cmd_calibrate)
@@ -38,18 +40,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fleetpipe.models.calibrate import calibrate
-    from fleetpipe.models.onnx_graph import load_onnx, read_model
 
     console = Console(stderr=True)
     try:
         bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
-        proto, name = _model(args.model)
-        inp = next(v for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer})
-        shape = _shape(args.input_shape) if args.input_shape else None
-        if shape is None:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-            shape = tuple(d or 1 for d in dims)
-        graph = load_onnx(read_model(proto), input_shapes={inp.name: shape})
+        proto, graph, name, model_id = _model(args.model, args.input_shape)
+        shape = graph.inputs[0].shape
         x, y = _data(args, name, shape)
         if args.samples is not None:
             x, y = x[: args.samples], (None if y is None else y[: args.samples])
@@ -58,7 +54,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                       TimeElapsedColumn(), console=console, transient=not sys.stderr.isatty()) as bar:
             task = bar.add_task(f"{name} ({len(x)} samples)", total=n_cuts)
             cal = calibrate(proto, graph, x, y, floor=args.floor, bits_candidates=bits, metric=args.metric,
-                            progress=lambda done, _total, _cut, _b: bar.update(task, completed=done))
+                            progress=lambda done, _total, _cut, _b: bar.update(task, completed=done),
+                            model_id=model_id)
     except (FleetpipeError, ValueError, OSError, KeyError) as exc:
         console.print(f"[red]calibrate: {exc}[/red]")
         return 1
@@ -76,18 +73,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(spec: str) -> tuple[Any, str]:
+def _model(spec: str, input_shape: list[str] | None) -> tuple[Any, Any, str, str]:
+    """``(proto, graph, name, model id)`` through the planner's front door, so the ids agree."""
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
+    from fleetpipe.slices import content_hash
+
+    items = list(input_shape or [])
+    if items and "=" not in items[0]:  # the older bare form names the first model input
+        from fleetpipe.models.onnx_graph import read_model
+
+        first = _first_input(read_model(_zoo(spec)) if spec.startswith("zoo:") else read_model(spec))
+        items[0] = f"{first}={items[0].replace('x', ',')}"
+    loaded = open_model(spec, parse_input_shapes(items) or None)
+    if loaded.kind != "onnx":
+        raise ValueError("calibrate needs an ONNX model (a TFLite model's floors are probed by the planner)")
+    name = spec[4:] if spec.startswith("zoo:") else Path(spec).stem
+    return loaded.model, loaded.graph, name, content_hash(loaded.reference.SerializeToString())[:12]
+
+
+def _zoo(spec: str) -> Any:
     from fleetpipe.models import zoo
-    from fleetpipe.models.onnx_graph import read_model
 
-    if spec.startswith("zoo:"):
-        name = spec[4:]
-        return zoo.build(name), name
-    return read_model(spec), Path(spec).stem
+    return zoo.build(spec[4:])
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+def _first_input(proto: Any) -> str:
+    inits = {t.name for t in proto.graph.initializer}
+    return next(v.name for v in proto.graph.input if v.name not in inits)
 
 
 def _data(args: argparse.Namespace, name: str, shape: tuple[int, ...]) -> tuple[Any, Any]:

@@ -15,9 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fleetpipe.errors import FleetpipeError
+from fleetpipe.errors import FleetpipeError, SliceError
 
 __all__ = ["register"]
+
+DEFAULT_RTOL = 1e-5  # = fleetpipe.models.source.DEFAULT_RTOL (not imported: this module stays cheap)
+
+
+class VerifyFailedError(SliceError):
+    """``--verify``: the slices do not reproduce the whole model within ``--rtol``."""
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +42,12 @@ def register(subparsers: Any) -> None:
     _model_args(sl)
     sl.add_argument("--cuts", required=True, help="cut after these layer indices, e.g. 3,7")
     sl.add_argument("-o", "--out", type=Path, required=True, help="output directory")
-    sl.add_argument("--verify", action="store_true", help="run the slices and compare with the whole model")
+    sl.add_argument("--verify", action="store_true",
+                    help="run the slices in sequence and compare with the whole model; exit 1 (and write nothing) "
+                         "when they differ by more than --rtol")
+    sl.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                    help=f"--verify: largest relative difference allowed, max |a-b| / max |a| "
+                         f"(default {DEFAULT_RTOL:g})")
     sl.set_defaults(func=cmd_slice)
 
     zoo = sub.add_parser("zoo", help="build a zoo model and save it as .onnx (or .tflite, by the suffix)")
@@ -54,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     try:
-        _, graph = _load(args)
+        graph = _load(args).graph
     except FleetpipeError as exc:
         return _fail(exc)
     console = Console()
@@ -83,30 +94,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
-    """Write the slices and a manifest."""
+    """Write the slices and a manifest: all of them, or (on any error or a failed --verify) none."""
     from fleetpipe.models.graph import split_ranges
     from fleetpipe.models.profile import random_feeds
     from fleetpipe.models.slicing import content_hash
 
     try:
-        model, graph = _load(args)
-        tflite = isinstance(model, bytes)
+        loaded = _load(args)
+        graph = loaded.graph
         cuts = [int(c) for c in args.cuts.split(",") if c.strip()]
         ranges = split_ranges(len(graph.layers), cuts)
-        args.out.mkdir(parents=True, exist_ok=True)
+        files: dict[str, bytes] = {}
         stages = []
         for i, (first, last) in enumerate(ranges):
-            data = _slice(model, graph, first, last)
+            data = loaded.slice(first, last)
             digest = content_hash(data)
-            path = args.out / f"{digest}.{'tflite' if tflite else 'onnx'}"
-            path.write_bytes(data)
+            files[f"{digest}.{loaded.kind}"] = data
             layers = graph.layers[first : last + 1]
             stages.append(
                 {
                     "stage": i,
                     "first_layer": first,
                     "last_layer": last,
-                    "file": path.name,
+                    "file": f"{digest}.{loaded.kind}",
                     "hash": digest,
                     "bytes": len(data),
                     "flops": sum(la.flops for la in layers),
@@ -117,22 +127,47 @@ def cmd_slice(args: argparse.Namespace) -> int:
             )
         manifest: dict[str, Any] = {
             "model": graph.name,
-            "format": "tflite" if tflite else "onnx",
+            "format": loaded.kind,
             "layers": len(graph.layers),
             "cuts": cuts,
             "order": graph.order,
+            "input_shapes": {name: list(shape) for name, shape in loaded.input_shapes.items()},
             "stages": stages,
         }
         if args.verify:
-            manifest["max_abs_diff"] = _verify(model, graph, cuts, random_feeds(graph))
-    except (FleetpipeError, ValueError) as exc:
+            rel = loaded.verify(cuts, random_feeds(graph))
+            manifest["max_rel_diff"] = rel
+            manifest["rtol"] = args.rtol
+            if not rel <= args.rtol:
+                raise VerifyFailedError(
+                    f"verify failed: the slices differ from the whole model by {rel:.3g} (relative: max "
+                    f"|a-b| / max |a| over the outputs), above --rtol {args.rtol:g}; no files written"
+                )
+        _write_all(args.out, files, manifest)
+    except (FleetpipeError, ValueError, OSError) as exc:
         return _fail(exc)
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for s in stages:
         print(f"stage {s['stage']}: layers {s['first_layer']}..{s['last_layer']} -> {args.out / s['file']}")
-    if "max_abs_diff" in manifest:
-        print(f"verified: max abs diff vs whole model {manifest['max_abs_diff']:.3g}")
+    if "max_rel_diff" in manifest:
+        print(f"verified: max relative difference vs the whole model {manifest['max_rel_diff']:.3g} "
+              f"(<= --rtol {args.rtol:g})")
     return 0
+
+
+def _write_all(out: Path, files: dict[str, bytes], manifest: dict[str, Any]) -> None:
+    """Stage files and manifest written to a temporary directory inside ``out``, then moved in (manifest last):
+    a failure leaves no stage file without its manifest."""
+    import os
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fleetpipe-slice-", dir=out) as tmp:
+        staging = Path(tmp)
+        for fname, data in files.items():
+            (staging / fname).write_bytes(data)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for fname in [*files, "manifest.json"]:
+            os.replace(staging / fname, out / fname)
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -169,7 +204,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=D,D,...",
-        help="static shape for a model input with dynamic dimensions (repeatable)",
+        help="static shape of a model input with dynamic dims, e.g. x=1,3,224,224 (repeatable; a dynamic "
+        "batch dim alone is taken as 1)",
     )
     p.add_argument(
         "--order", default="greedy", choices=("greedy", "dfs", "file"), help="node linearisation (ONNX only)"
@@ -203,69 +239,19 @@ def _zoo_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from fleetpipe.models import zoo
-    from fleetpipe.models.onnx_graph import load_onnx
+def _load(args: argparse.Namespace) -> Any:
+    """The model of ``args.file`` as a ``fleetpipe.models.source.LoadedModel`` (pinned, folded, checked)."""
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in args.input_shape:
-        name, sep, dims = item.partition("=")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise FleetpipeError(f"--input-shape expects NAME=D,D,..., got {item!r}")
+    shapes = parse_input_shapes(args.input_shape)
+    zoo_kwargs: dict[str, Any] = {}
     if args.file.startswith("zoo:"):
-        name = args.file[4:]
         try:
-            kw = _zoo_kwargs(args)
-            model = zoo.build(name, **kw)
-        except (KeyError, TypeError, ValueError) as exc:
+            zoo_kwargs = _zoo_kwargs(args)
+        except ValueError as exc:
             raise FleetpipeError(str(exc)) from exc
-        if name == "digits" and not shapes:
-            shapes = {"input": zoo.input_shape(name)}
-        source: Any = model
-    elif str(args.file).endswith(".tflite"):
-        if shapes:
-            raise FleetpipeError("--input-shape applies to ONNX models; a .tflite file has static shapes")
-        try:
-            from fleetpipe.models.tflite import load_tflite
-        except ImportError as exc:
-            raise FleetpipeError(str(exc)) from exc
-        path = Path(args.file)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise FleetpipeError(f"cannot read {path}: {exc}") from exc
-        return data, load_tflite(data, name=path.stem, grouping=args.grouping)
-    else:
-        from fleetpipe.models.onnx_graph import read_model
-
-        source = model = read_model(args.file)
-        name = Path(args.file).stem
-    graph = load_onnx(source, shapes or None, order=args.order, grouping=args.grouping, name=name)
-    return model, graph
-
-
-def _slice(model: Any, graph: Any, first: int, last: int) -> bytes:
-    if isinstance(model, bytes):
-        from fleetpipe.models.tflite import slice_tflite
-
-        return slice_tflite(model, graph, first, last)
-    from fleetpipe.models.slicing import slice_bytes
-
-    return bytes(slice_bytes(model, graph, first, last))
-
-
-def _verify(model: Any, graph: Any, cuts: list[int], feeds: Any) -> float:
-    if isinstance(model, bytes):
-        from fleetpipe.models.tflite import verify_tflite_slices
-
-        return verify_tflite_slices(model, graph, cuts, feeds)
-    from fleetpipe.models.slicing import verify_slices
-
-    return verify_slices(model, graph, cuts, feeds)
+    return open_model(args.file, shapes or None, order=args.order, grouping=args.grouping, zoo_kwargs=zoo_kwargs)
 
 
 def _tensor(graph: Any, name: str) -> dict[str, Any]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleetpipe.errors import ModelError, UnsupportedModel
+from fleetpipe.errors import UnsupportedModel
 from fleetpipe.models.graph import Layer, ModelGraph, TensorInfo
 
 if TYPE_CHECKING:
@@ -33,7 +34,10 @@ __all__ = [
     "UnknownOpWarning",
     "load_onnx",
     "normalize",
+    "pin_inputs",
+    "prepare_onnx",
     "read_model",
+    "weight_only",
 ]
 
 ORDERS = ("greedy", "dfs", "file")
@@ -75,14 +79,17 @@ def read_model(source: str | PathLike[str] | bytes | onnx.ModelProto) -> onnx.Mo
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give every node a unique name and turn Constant nodes into initializers (deterministic).
+    """Give every node a unique name, turn Constant nodes into initializers and drop initializers
+    listed as graph inputs (IR < 4; the IR version becomes 4) (deterministic).
 
     Returns ``model`` itself when nothing needs to change, else a modified copy.
     """
     import onnx
 
     names: set[str] = set()
-    needs = False
+    init_names = {t.name for t in model.graph.initializer}
+    # IR < 4 lists every initializer among the graph inputs too: they are weights, not inputs.
+    needs = any(v.name in init_names for v in model.graph.input)
     for node in model.graph.node:
         if not node.name or node.name in names or _constant_value(node) is not None:
             needs = True
@@ -92,6 +99,11 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    if any(v.name in init_names for v in out.graph.input):
+        real = [v for v in out.graph.input if v.name not in init_names]
+        del out.graph.input[:]
+        out.graph.input.extend(real)
+        out.ir_version = max(out.ir_version, 4)
     keep, names = [], set()
     for i, node in enumerate(out.graph.node):
         value = _constant_value(node)
@@ -122,47 +134,29 @@ def load_onnx(
     name: str | None = None,
 ) -> ModelGraph:
     """Analyse an ONNX model into a ``ModelGraph`` (see the module docstring)."""
-    import onnx
 
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
-    model = normalize(read_model(source))
+    model = pin_inputs(normalize(read_model(source)), input_shapes)
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [v for v in model.graph.input if v.name not in init_names]
-    model = _pin_inputs(model, real_inputs, dict(input_shapes or {}))
-    real_inputs = [v for v in model.graph.input if v.name not in init_names]
-    for vi in real_inputs:
-        dims = _dims(vi)
-        if dims is None or any(not isinstance(d, int) for d in dims):
-            raise UnsupportedModel(
-                f"model input {vi.name!r} has a dynamic or unknown shape {dims}; "
-                f"pass input_shapes={{{vi.name!r}: (...)}}"
-            )
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            model, check_type=False, strict_mode=False, data_prop=True
-        )
-    except Exception as exc:
-        raise UnsupportedModel(f"shape inference failed: {exc}") from exc
+    inferred = _infer(model)
     graph = inferred.graph
-    infos: dict[str, TensorInfo] = {}
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        info = _tensor_info(vi)
-        if info is not None:
-            infos[vi.name] = info
+    infos = _infos(inferred)
     init_bytes = {t.name: _initializer_nbytes(t) for t in graph.initializer}
     shapes = {name: info.shape for name, info in infos.items()}
     shapes.update({t.name: tuple(int(d) for d in t.dims) for t in graph.initializer})
     nodes = list(model.graph.node)
-    for node in nodes:
-        for t in node.output:
-            if t and t not in infos:
-                raise UnsupportedModel(
-                    f"the shape of tensor {t!r} (output of {node.op_type} node {node.name!r}) is unknown "
-                    "or dynamic; pass input_shapes=... for the model inputs"
-                )
+    unknown_shape = _unknown_shapes(model, infos)
+    if unknown_shape:
+        t, node = unknown_shape[0]
+        raise UnsupportedModel(
+            f"the shape of tensor {t!r} (output of {node.op_type} node {node.name!r}) is unknown with the inputs "
+            f"pinned to {_shapes_text(model, real_inputs)}; load the model with fleetpipe.models.source.open_model "
+            "(or prepare_onnx), which folds constant sub-graphs first"
+        )
     input_names = [v.name for v in real_inputs]
     output_names = [v.name for v in model.graph.output]
     ordered = _linearise(nodes, init_names, input_names, output_names, infos, order)
@@ -184,8 +178,11 @@ def load_onnx(
             stacklevel=2,
         )
     unknown_names = {n.name for n in unknown}
-    crossings = _crossings(ordered, init_names, input_names, output_names)
-    bounds = _boundaries(ordered, crossings, infos, set(output_names), grouping)
+    # Tensors computed from weights alone (Identity/Cast/DequantizeLinear of an initializer, ...) never cross a
+    # cut: every slice that reads one recomputes it (fleetpipe.models.slicing), and no cut ends on its node.
+    weights = weight_only(nodes, init_names)
+    crossings = _crossings(ordered, init_names | weights.tensors, input_names, output_names)
+    bounds = _boundaries(ordered, crossings, infos, set(output_names), grouping, weights.nodes)
     layers: list[Layer] = []
     start = 0
     for idx, end in enumerate(bounds):
@@ -245,36 +242,110 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
-def _pin_inputs(
-    model: onnx.ModelProto, real_inputs: list[Any], shapes: dict[str, tuple[int, ...]]
+def pin_inputs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> onnx.ModelProto:
+    """``model`` with every real input given a static shape (``fleetpipe.models.shapes`` rule).
+
+    Given shapes are checked against the declared dims; a dynamic batch dim is taken as 1 (one log
+    line); any other dynamic dim without a given shape raises InputShapeError. Returns ``model``
+    itself when every input is already static and nothing is given.
+    """
     import onnx
 
-    if not shapes:
+    from fleetpipe.models.shapes import resolve_input_shapes
+
+    init_names = {t.name for t in model.graph.initializer}
+    _check_tensors(model, [v for v in model.graph.input if v.name not in init_names])
+    declared = {v.name: _dims(v) for v in model.graph.input if v.name not in init_names}
+    shapes = resolve_input_shapes(declared, input_shapes)
+    if all(list(shapes[n]) == declared[n] for n in declared):
         return model
-    known = {v.name for v in real_inputs}
-    extra = sorted(set(shapes) - known)
-    if extra:
-        raise ModelError(f"input_shapes names {extra} are not model inputs {sorted(known)}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for vi in out.graph.input:
         if vi.name not in shapes:
             continue
-        shape = tuple(int(d) for d in shapes[vi.name])
-        dims = vi.type.tensor_type.shape.dim
-        if dims and len(dims) != len(shape):
-            raise ModelError(f"input {vi.name!r} has rank {len(dims)}, given shape {shape}")
-        old = _dims(vi) or [None] * len(shape)
-        for want, have in zip(shape, old, strict=True):
-            if isinstance(have, int) and have != want:
-                raise ModelError(f"input {vi.name!r} has static shape {old}, given {shape}")
         del vi.type.tensor_type.shape.dim[:]
-        for d in shape:
+        for d in shapes[vi.name]:
             vi.type.tensor_type.shape.dim.add().dim_value = d
     # Inferred shapes of intermediate tensors may carry the old symbols; let inference redo them.
     del out.graph.value_info[:]
     return out
+
+
+def prepare_onnx(
+    source: str | PathLike[str] | bytes | onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    fold: bool = True,
+) -> onnx.ModelProto:
+    """The model ready to analyse and slice: read, normalised, inputs pinned, constants folded.
+
+    With ``fold`` the model is rewritten by onnxruntime's own basic graph optimiser
+    (``fleetpipe.models.fold``): constant sub-graphs folded (a Reshape target computed by Shape -> Cast
+    -> Slice -> Concat, a Pad width from Shape arithmetic, ...) and the fusions every node's session
+    would make anyway (Conv+BatchNormalization, ...), so a cut never separates what the runtime fuses
+    (which alone moved a sigmoid map by 3e-3 relative). Without ``fold`` it is folded only when onnx
+    shape inference leaves a used tensor's shape unknown with the inputs pinned.
+    """
+    model = pin_inputs(normalize(read_model(source)), input_shapes)
+    if not fold and not _unknown_shapes(model, _infos(_infer(model))):
+        return model
+    from fleetpipe.models.fold import fold_constants
+
+    folded = normalize(fold_constants(model))
+    left = _unknown_shapes(folded, _infos(_infer(folded)))
+    if left:
+        t, node = left[0]
+        domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
+        init_names = {i.name for i in folded.graph.initializer}
+        pinned = _shapes_text(folded, [v for v in folded.graph.input if v.name not in init_names])
+        raise UnsupportedModel(
+            f"the shape of tensor {t!r} (output of {node.op_type}{domain} node {node.name!r}) stays unknown with "
+            f"the inputs pinned to {pinned} and constant sub-graphs folded: the model computes it from data"
+        )
+    return folded
+
+
+def _check_tensors(model: onnx.ModelProto, real_inputs: list[Any]) -> None:
+    """Inputs and outputs must be tensors (a ZipMap's sequence of maps is no activation to stream)."""
+    for kind, vis in (("input", real_inputs), ("output", list(model.graph.output))):
+        for vi in vis:
+            if not vi.type.HasField("tensor_type"):
+                what = (vi.type.WhichOneof("value") or "untyped value").removesuffix("_type").replace("_", " ")
+                raise UnsupportedModel(
+                    f"model {kind} {vi.name!r} is a {what}, not a tensor: fleetpipe streams tensors only"
+                )
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise UnsupportedModel(f"shape inference failed: {exc}") from exc
+
+
+def _infos(inferred: onnx.ModelProto) -> dict[str, TensorInfo]:
+    graph = inferred.graph
+    infos: dict[str, TensorInfo] = {}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        info = _tensor_info(vi)
+        if info is not None:
+            infos[vi.name] = info
+    return infos
+
+
+def _unknown_shapes(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> list[tuple[str, Any]]:
+    """(tensor, producing node) for every used tensor whose static shape is unknown (unused outputs are fine)."""
+    used = {t for node in model.graph.node for t in _all_inputs(node)} | {v.name for v in model.graph.output}
+    return [(t, node) for node in model.graph.node for t in node.output if t and t in used and t not in infos]
+
+
+def _shapes_text(model: onnx.ModelProto, real_inputs: list[Any]) -> str:
+    return ", ".join(f"{v.name}={','.join(str(d) for d in (_dims(v) or []))}" for v in real_inputs)
 
 
 def _dims(vi: Any) -> list[int | str | None] | None:
@@ -442,6 +513,26 @@ def _linearise(
     return [nodes[i] for i in result]
 
 
+@dataclass(frozen=True, slots=True)
+class WeightOnly:
+    """Nodes whose inputs are all weights (initializers or other such nodes' outputs), and what they produce."""
+
+    nodes: frozenset[str]
+    tensors: frozenset[str]
+
+
+def weight_only(nodes: Sequence[onnx.NodeProto], inits: set[str]) -> WeightOnly:
+    """The weight-only nodes of ``nodes`` (in topological order) given the initializer names."""
+    tensors: set[str] = set()
+    names: set[str] = set()
+    for n in nodes:
+        ins = _all_inputs(n)
+        if ins and all(t in inits or t in tensors for t in ins):
+            names.add(n.name)
+            tensors.update(t for t in n.output if t)
+    return WeightOnly(frozenset(names), frozenset(tensors))
+
+
 def _crossings(
     ordered: list[onnx.NodeProto], inits: set[str], inputs: list[str], outputs: list[str]
 ) -> list[tuple[str, ...]]:
@@ -489,18 +580,23 @@ def _boundaries(
     infos: Mapping[str, TensorInfo],
     outputs: set[str],
     grouping: str,
+    weight_nodes: frozenset[str] = frozenset(),
 ) -> list[int]:
-    """Last node position of every layer."""
+    """Last node position of every layer (never a weight-only node: it goes with its consumer)."""
     last = len(ordered) - 1
     if grouping == "nodes":
-        return list(range(len(ordered)))
+        return [p for p in range(last) if ordered[p].name not in weight_nodes] + [last]
 
     def counts(t: str) -> bool:
         # Model outputs and tiny integer (shape-like) tensors do not make a cut "wide".
         info = infos[t]
         return t not in outputs and not (info.dtype.startswith(("int", "uint")) and _numel(info.shape) <= 16)
 
-    cuts = [p for p in range(last) if sum(1 for t in crossings[p] if counts(t)) <= 1]
+    cuts = [
+        p
+        for p in range(last)
+        if ordered[p].name not in weight_nodes and sum(1 for t in crossings[p] if counts(t)) <= 1
+    ]
     segments: list[list[int]] = []
     start = 0
     for end in [*cuts, last]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleetpipe.errors import SliceError
 from fleetpipe.models.graph import ModelGraph, split_ranges
-from fleetpipe.models.onnx_graph import _all_inputs, normalize
+from fleetpipe.models.onnx_graph import _all_inputs, normalize, weight_only
 from fleetpipe.slices import content_hash
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def slice_model(model: onnx.ModelProto, graph: ModelGraph, first: int, last: int
     inputs = graph.inputs_of(first)
     outputs = graph.crossing(last)
     inits = {t.name: t for t in model.graph.initializer}
+    nodes = _with_weight_nodes(list(model.graph.node), nodes, set(inits))
     available = set(inputs)
     used_inits: list[str] = []
     for node in nodes:
@@ -122,6 +123,7 @@ def make_session(
     if options is None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: "removing unused initializer" warnings are no news to a user
     return ort.InferenceSession(data, so, providers=list(providers))
 
 
@@ -158,6 +160,25 @@ def verify_slices(
         if a.size:
             diff = max(diff, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
     return diff
+
+
+def _with_weight_nodes(
+    all_nodes: list[onnx.NodeProto], nodes: list[onnx.NodeProto], inits: set[str]
+) -> list[onnx.NodeProto]:
+    """``nodes`` preceded by the weight-only nodes (of other layers) they read from: weights never cross a cut."""
+    weights = weight_only(all_nodes, inits)
+    producer = {t: n for n in all_nodes if n.name in weights.nodes for t in n.output if t}
+    have = {n.name for n in nodes}
+    extra: set[str] = set()
+    stack = [t for n in nodes for t in _all_inputs(n) if t in producer]
+    while stack:
+        node = producer[stack.pop()]
+        if node.name not in have and node.name not in extra:
+            extra.add(node.name)
+            stack.extend(t for t in _all_inputs(node) if t in producer)
+    if not extra:
+        return nodes
+    return [n for n in all_nodes if n.name in extra] + nodes  # file order is topological
 
 
 def _value_info(graph: ModelGraph, name: str) -> onnx.ValueInfoProto:

@@ -214,6 +214,10 @@ class _Parsed:
     op_types: tuple[str, ...]
     const: tuple[bool, ...]  # tensor has constant data
     infos: tuple[TensorInfo, ...]
+    # operators whose inputs are all constant (DEQUANTIZE / DENSIFY of a weight buffer, ...), by index
+    weight_ops: frozenset[int] = frozenset()
+    # operator indices in analysis order: file order, weight-only ops moved right before their first consumer
+    order: tuple[int, ...] = ()
 
     @property
     def subgraph(self) -> Any:
@@ -286,7 +290,40 @@ def _facts(model: Any) -> _Parsed:
         nbytes = len(buffers[t.buffer].data) if const[i] else int(np.prod(shape, dtype=np.int64)) * itemsize
         infos.append(TensorInfo(names[i], dtype, shape, nbytes))
     op_names = tuple(f"{kind}:{k}" for k, kind in enumerate(op_types))
-    return _Parsed(model, names, op_names, tuple(op_types), tuple(const), tuple(infos))
+    weight_ops, order = _weight_order(sg.operators, const)
+    return _Parsed(model, names, op_names, tuple(op_types), tuple(const), tuple(infos), weight_ops, order)
+
+
+def _weight_order(ops: Sequence[Any], const: Sequence[bool]) -> tuple[frozenset[int], tuple[int, ...]]:
+    """Weight-only operators (every input constant or weight-only) and the analysis order (see ``_Parsed``)."""
+    weight_t: set[int] = set()
+    weight_ops: set[int] = set()
+    producer: dict[int, int] = {}
+    for k, op in enumerate(ops):
+        ins = [t for t in op.inputs if t >= 0]
+        if ins and all(const[t] or t in weight_t for t in ins):
+            weight_ops.add(k)
+            weight_t.update(t for t in op.outputs if t >= 0)
+        for t in op.outputs:
+            if t >= 0:
+                producer[t] = k
+    order: list[int] = []
+    placed: set[int] = set()
+
+    def place(k: int) -> None:
+        for t in ops[k].inputs:
+            j = producer.get(t)
+            if t >= 0 and j is not None and j in weight_ops and j not in placed:
+                place(j)
+        placed.add(k)
+        order.append(k)
+
+    for k in range(len(ops)):
+        if k not in weight_ops:
+            place(k)
+    for k in sorted(weight_ops - placed):  # weight-only ops nobody reads
+        place(k)
+    return frozenset(weight_ops), tuple(order)
 
 
 def _unique_names(raw_names: Sequence[str]) -> tuple[str, ...]:
@@ -309,8 +346,11 @@ def _slice(parsed: _Parsed, graph: ModelGraph, first: int, last: int) -> bytes:
         ops = [op_index[node] for layer in graph.layers[first : last + 1] for node in layer.nodes]
     except KeyError as exc:
         raise SliceError(f"graph {graph.name!r} does not describe this model: no operator {exc}") from exc
-    if ops != list(range(ops[0], ops[-1] + 1)):
+    position = {k: i for i, k in enumerate(parsed.order)}
+    at = [position[k] for k in ops]
+    if at != list(range(at[0], at[-1] + 1)):
         raise SliceError(f"layers {first}..{last} are not a contiguous operator range")
+    ops = _weight_producers(parsed, ops) + ops
     tensor_index = {t: i for i, t in enumerate(parsed.names)}
     try:
         inputs = [tensor_index[t] for t in graph.inputs_of(first)]
@@ -318,6 +358,19 @@ def _slice(parsed: _Parsed, graph: ModelGraph, first: int, last: int) -> bytes:
     except KeyError as exc:
         raise SliceError(f"graph {graph.name!r} names tensor {exc}, absent from this model") from exc
     return _extract(parsed, ops, inputs, outputs, f"{graph.name}[{first}:{last}]")
+
+
+def _weight_producers(p: _Parsed, ops: list[int]) -> list[int]:
+    """The weight-only operators outside ``ops`` that ``ops`` read from, in file (topological) order."""
+    producer = {t: k for k in p.weight_ops for t in p.subgraph.operators[k].outputs if t >= 0}
+    have, extra = set(ops), set()
+    stack = [t for k in ops for t in p.subgraph.operators[k].inputs if t in producer]
+    while stack:
+        k = producer[stack.pop()]
+        if k not in have and k not in extra:
+            extra.add(k)
+            stack.extend(t for t in p.subgraph.operators[k].inputs if t in producer)
+    return sorted(extra)
 
 
 def _text(value: Any) -> str:
@@ -333,12 +386,14 @@ def _ints(values: Any) -> list[int]:
 
 def _build_graph(p: _Parsed, name: str, grouping: Grouping) -> ModelGraph:
     sg = p.subgraph
-    ops = sg.operators
+    ops = [sg.operators[k] for k in p.order]  # by position in the analysis order
     n = len(ops)
+    # Weight-only tensors never cross a cut: a slice that reads one recomputes it (``_weight_producers``).
+    weight_t = {t for k in p.weight_ops for t in sg.operators[k].outputs if t >= 0}
     last_use = {t: -1 for t in range(len(p.names))}
     for k, op in enumerate(ops):
         for t in op.inputs:
-            if t >= 0:
+            if t >= 0 and t not in weight_t:
                 last_use[t] = k
     for t in sg.outputs:
         last_use[t] = n
@@ -351,14 +406,14 @@ def _build_graph(p: _Parsed, name: str, grouping: Grouping) -> ModelGraph:
     ends = _boundaries(p, crossings, set(sg.outputs), grouping)
     layers, start = [], 0
     for index, end in enumerate(ends):
-        span = range(start, end + 1)
+        span = [p.order[k] for k in range(start, end + 1)]  # operator indices
         flops, unknown, params = 0, [], set[int]()
         for k in span:
-            f, known = _op_flops(p, ops[k], p.op_types[k])
+            f, known = _op_flops(p, sg.operators[k], p.op_types[k])
             flops += f
             if not known:
                 unknown.append(p.op_types[k])
-            params.update(t for t in ops[k].inputs if t >= 0 and p.const[t])
+            params.update(t for t in sg.operators[k].inputs if t >= 0 and p.const[t])
         outs = tuple(p.names[t] for t in crossings[end])
         layers.append(
             Layer(
@@ -436,8 +491,10 @@ def _boundaries(
 ) -> list[int]:
     """Last operator of every layer (the ONNX side's rule, so both formats group alike)."""
     last = len(crossings) - 1
+    kinds = [p.op_types[k] for k in p.order]
+    weight = [k in p.weight_ops for k in p.order]  # a weight-only op goes with its consumer
     if grouping == "nodes":
-        return list(range(last + 1))
+        return [k for k in range(last) if not weight[k]] + [last]
 
     def counts(t: int) -> bool:
         # Model outputs and tiny integer (shape-like) tensors do not make a cut "wide".
@@ -449,7 +506,7 @@ def _boundaries(
     cuts = [
         k
         for k in range(last)
-        if p.op_types[k] not in ("PAD", "PADV2") and sum(1 for t in crossings[k] if counts(t)) <= 1
+        if kinds[k] not in ("PAD", "PADV2") and not weight[k] and sum(1 for t in crossings[k] if counts(t)) <= 1
     ]
     segments, start = [], 0
     for end in [*cuts, last]:
@@ -458,7 +515,7 @@ def _boundaries(
     merged: list[list[int]] = []
     carry: list[int] = []
     for seg in segments:
-        if any(_is_heavy(p.op_types[k]) for k in seg):
+        if any(_is_heavy(kinds[k]) for k in seg):
             merged.append(carry + seg)
             carry = []
         elif merged:
@@ -476,7 +533,7 @@ def _is_heavy(kind: str) -> bool:
     )
 
 
-def _layer_name(p: _Parsed, index: int, span: range) -> str:
+def _layer_name(p: _Parsed, index: int, span: Sequence[int]) -> str:
     """Common ``/`` prefix of the heavy ops' output tensor names (``block3``), else the first one's."""
     ops = p.subgraph.operators
     heavy = [k for k in span if _is_heavy(p.op_types[k])] or list(span)

@@ -732,7 +732,8 @@ class NodeDaemon(SplitMember):
                      separable: bool | float | None = None) -> int:
         """COACH Eq. 11 at the sending node: the highest bits whose transfer does not become the bubble.
 
-        A clearly separable frame (S from the exit cache) may go below the calibrated floor (bit relief).
+        A clearly separable frame (S from the exit cache) may go below the assigned bits (bit relief), but never
+        below the cut's accuracy floor the assignment carries (``min_bits``).
         """
         from fleetpipe.node.adapt import AdaptiveBits, BandwidthEstimator
 
@@ -753,6 +754,8 @@ class NodeDaemon(SplitMember):
         floor = None
         if isinstance(separable, float) and slot.exit_cache is not None:
             floor = slot.exit_cache.relieved_min_bits(assign.bits, separable)
+            if assign.min_bits is not None:
+                floor = max(floor, int(assign.min_bits))
         return int(slot.adaptive.decide(own, next_ms, min_bits=floor, target_ms=target).bits)
 
     async def _sender(self) -> None:

@@ -101,15 +101,20 @@ def _matmul_session() -> tuple[Any, dict[str, np.ndarray]]:
 
 
 def slice_layer_ms(data: bytes, threads: int = 1, runs: int = 5) -> tuple[float, ...]:
-    """Per-layer times (ms, medians over ``runs``) of an ONNX slice, grouped into layers like the planner groups
-    the whole model (so layer ``i`` is the slice's ``first_layer + i`` when the counts agree)."""
+    """Per-layer times (ms, medians over ``runs``) of an ONNX (or TFLite) slice, grouped into layers like the
+    planner groups the whole model (so layer ``i`` is the slice's ``first_layer + i`` when the counts agree)."""
     from fleetpipe.models.onnx_graph import load_onnx, read_model
-    from fleetpipe.models.profile import profile_layers
+    from fleetpipe.models.profile import profile_layers, profile_tflite_layers
+    from fleetpipe.node.runtime import detect_kind
 
-    proto = read_model(data)
-    graph = load_onnx(proto)
     cpu, wall = time.thread_time(), time.perf_counter()
-    ms = profile_layers(proto, graph, runs=runs, threads=threads, warmup=2).per_layer_ms
+    if detect_kind(data) == "tflite":
+        from fleetpipe.models.tflite import load_tflite
+
+        ms = profile_tflite_layers(data, load_tflite(data), runs=runs, threads=threads, warmup=2).per_layer_ms
+    else:
+        proto = read_model(data)
+        ms = profile_layers(proto, load_onnx(proto), runs=runs, threads=threads, warmup=2).per_layer_ms
     cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     # One thread runs on this one: the profiler's kernel times are wall clock, and where other processes took
     # the core from it (nodes loading together on a shared host) its CPU share says by how much.

@@ -7,7 +7,9 @@
 ``fleetpipe.planner.intra``; ``pipeline``: single-device stages only), and prints the stages with their
 units (layers, split kind, row tiles) next to the pipeline-only latency of the same cost model.
 
-JSON output uses 1-based inclusive layer numbers (the neutral format of planner-problems/README.md).
+Layers are numbered as everywhere else in fleetpipe (``model inspect``, ``model slice``, the demo): 0-based,
+inclusive, and so are stages. Only ``--problem`` files keep the neutral format's own 1-based layer numbers
+(planner-problems/README.md), in and out; the JSON says which in ``layer_base``.
 Exit codes: 0 plan printed, 1 no feasible plan (InfeasiblePlan), 2 bad input.
 """
 
@@ -36,10 +38,18 @@ def register(subparsers: Any) -> None:
                                    description=__doc__.splitlines()[0] if __doc__ else None)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--problem", help="problem file in the neutral JSON format")
-    source.add_argument("--model", help="an ONNX model (or zoo:NAME) to plan for the --fleet file")
+    source.add_argument("--model", help="an .onnx or .tflite model (or zoo:NAME) to plan for the --fleet file")
     parser.add_argument("--fleet", help="fleet description (TOML, see fleetpipe.planner.fleetfile)")
     parser.add_argument("--bits", type=int, default=32, help="activation bit-width between stages (--model)")
-    parser.add_argument("--input-shape", help="input shape for models with dynamic dims, e.g. 1,3,224,224")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D,D,...",
+                        help="static shape of a model input with dynamic dims, e.g. x=1,3,224,224 (repeatable; a "
+                             "dynamic batch dim alone is taken as 1)")
+    parser.add_argument("--bit-tolerance", type=float, default=0.01,
+                        help="--model without --calibration: each cut ships at least the lowest bit-width whose "
+                             "end-to-end output error on probe inputs stays within this relative L2 per output")
+    parser.add_argument("--no-bit-floors", dest="bit_floors", action="store_false",
+                        help="--model: ship --bits at every cut unchecked")
+    parser.add_argument("--calibration", help="--model: calibration JSON (`fleetpipe calibrate`): its per-cut floors")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--time-limit", type=float, default=8.0, help="exact solver time limit (s)")
     parser.add_argument("--method", choices=METHODS, default="exact", help="planner to use")
@@ -71,8 +81,8 @@ def plan_problem(problem: Any, method: str = "exact", *, time_limit_s: float = 8
     raise PlanningError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def plan_to_json(problem: Any, result: Any) -> dict[str, Any]:
-    """The JSON document for a plan (1-based inclusive layers)."""
+def plan_to_json(problem: Any, result: Any, base: int = 1) -> dict[str, Any]:
+    """The JSON document for a plan (inclusive layers numbered from ``base``: 0 for models, 1 for problem files)."""
     rep = result.report
     stages = []
     for sr in rep.stages:
@@ -80,14 +90,14 @@ def plan_to_json(problem: Any, result: Any) -> dict[str, Any]:
         stages.append({
             "device": problem.device_names[st.devices[0]],
             "devices": [problem.device_names[d] for d in st.devices],
-            "first_layer": st.first + 1, "last_layer": st.last + 1, "bits": st.bits,
+            "first_layer": st.first + base, "last_layer": st.last + base, "bits": st.bits,
             "compute_ms": round(sr.compute_ms, 4), "transfer_ms": round(sr.transfer_ms, 4),
             "mem_need_bytes": round(sr.mem_need_bytes), "utilisation": round(sr.utilisation, 4),
             "bubble_ms": round(sr.bubble_ms, 4),
         })
     gap = result.gap
     return {
-        "problem": problem.name, "method": result.method, "stages": stages,
+        "problem": problem.name, "method": result.method, "layer_base": base, "stages": stages,
         "bottleneck_ms": round(rep.bottleneck_ms, 4), "latency_ms": round(rep.latency_ms, 4),
         "throughput_per_s": round(rep.throughput_per_s, 4), "solve_s": round(result.solve_s, 4),
         "exact": result.exact, "latency_optimal": result.latency_optimal,
@@ -103,21 +113,37 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.intra:
         return _run_intra(args)
+    bit_plan = None
     try:
-        problem = load_problem(args.problem) if args.problem else _model_problem(args)
+        info = _model_info(args) if args.model else None
+        problem = load_problem(args.problem) if args.problem else _model_problem(args, info)
     except (FleetpipeError, ValueError) as exc:
         print(f"fleetpipe plan: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        result = plan_problem(problem, args.method, time_limit_s=args.time_limit)
+        if info is None:
+            result = plan_problem(problem, args.method, time_limit_s=args.time_limit)
+        else:  # per-cut bit floors (fleetpipe.planner.bitwidth)
+            from fleetpipe.planner.bitwidth import plan_model_bits
+
+            problem, result, bit_plan = plan_model_bits(
+                problem, info, args.bits, lambda p: plan_problem(p, args.method, time_limit_s=args.time_limit),
+                tolerance=args.bit_tolerance, floors=args.bit_floors, calibration=args.calibration)
     except InfeasiblePlan as exc:
         print(f"fleetpipe plan: infeasible: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
-    doc = plan_to_json(problem, result)
+    except (FleetpipeError, ValueError) as exc:
+        print(f"fleetpipe plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    doc = plan_to_json(problem, result, base=1 if args.problem else 0)
+    if bit_plan is not None:
+        doc["bit_widths"] = bit_plan.as_dict()
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
         _print_table(doc)
+        if bit_plan is not None:
+            print(bit_plan.summary())
     return EXIT_OK
 
 
@@ -135,22 +161,22 @@ def _model_problem(args: argparse.Namespace, info: Any = None) -> Any:
 def _model_info(args: argparse.Namespace) -> Any:
     from fleetpipe.planner.loop import load_model_info
 
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-    return load_model_info(args.model, shape)
+    return load_model_info(args.model, args.input_shape)
 
 
-def intra_to_json(problem: Any, plan: Any, pipeline: Any) -> dict[str, Any]:
-    """The JSON document of an intra plan (1-based inclusive layers) with the pipeline-only latency."""
+def intra_to_json(problem: Any, plan: Any, pipeline: Any, base: int = 0) -> dict[str, Any]:
+    """The JSON document of an intra plan (inclusive layers from ``base``) with the pipeline-only latency."""
     names = problem.device_names
     stages = [{
         "mode": st.mode, "devices": [names[d] for d in st.devices], "lead": names[st.lead],
-        "first_layer": st.first + 1, "last_layer": st.last + 1, "latency_ms": round(st.latency_ms, 4),
+        "first_layer": st.first + base, "last_layer": st.last + base, "latency_ms": round(st.latency_ms, 4),
         "period_ms": round(st.period_ms, 4),
-        "units": [{"first_layer": u.first + 1, "last_layer": u.last + 1, "kind": u.kind or "lead",
+        "units": [{"first_layer": u.first + base, "last_layer": u.last + base, "kind": u.kind or "lead",
                    "tiles": u.tiles, "latency_ms": round(u.latency_ms, 4)} for u in st.units] if st.mode == "split"
         else [],
     } for st in plan.stages]
-    return {"problem": problem.name, "method": "intra", "stages": stages, "latency_ms": round(plan.latency_ms, 4),
+    return {"problem": problem.name, "method": "intra", "layer_base": base, "stages": stages,
+            "latency_ms": round(plan.latency_ms, 4),
             "period_ms": round(plan.period_ms, 4), "pipeline_latency_ms": round(pipeline.latency_ms, 4),
             "split_units": plan.n_split_units}
 
@@ -198,7 +224,7 @@ def _run_intra(args: argparse.Namespace) -> int:
         units = ", ".join(f"{u['first_layer']}-{u['last_layer']} {u['kind']}"
                           f"{'x' + str(u['tiles']) if u['tiles'] > 1 else ''} {u['latency_ms']:.1f}"
                           for u in st["units"])
-        table.add_row(str(i + 1), st["mode"], ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
+        table.add_row(str(i), st["mode"], ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
                       f"{st['latency_ms']:.2f}", units)
     console = Console()
     console.print(table)
@@ -217,7 +243,7 @@ def _print_table(doc: dict[str, Any]) -> None:
     for col in cols:
         table.add_column(col, justify="right" if col not in ("device(s)",) else "left")
     for i, st in enumerate(doc["stages"]):
-        table.add_row(str(i + 1), ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
+        table.add_row(str(i), ", ".join(st["devices"]), f"{st['first_layer']}-{st['last_layer']}",
                       str(st["bits"]), f"{st['compute_ms']:.2f}", f"{st['transfer_ms']:.2f}",
                       f"{st['mem_need_bytes'] / 1e6:.1f}", f"{st['utilisation']:.0%}",
                       f"{st['bubble_ms']:.2f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -40,7 +41,11 @@ DEFAULT_MODEL_ARGS: dict[str, dict[str, Any]] = {
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     p = subparsers.add_parser("demo", help="run an emulated fleet on this machine and stream a real model")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo model (default {DEFAULT_MODEL}) or an .onnx file")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"zoo model (default {DEFAULT_MODEL}) or an .onnx or .tflite file (told apart by content)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D,D,...",
+                   help="static shape of a model input with dynamic dims, e.g. x=1,3,224,224 (repeatable; a dynamic "
+                        "batch dim alone is taken as 1)")
     p.add_argument("--nodes", type=int, default=len(DEFAULT_CLASSES), help="number of emulated nodes")
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                    help="device classes, cycled over the nodes (rpi3, rpi4, rpi4-wifi, rpi5, jetson-nano, x86, 2.5, "
@@ -48,6 +53,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--frames", type=int, default=48, help="frames to stream")
     p.add_argument("--window", type=int, default=None, help="frames in flight (default: 3 per node)")
     p.add_argument("--bits", type=int, default=8, help="activation bit-width between stages")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="relative L2 error allowed per output, for the planner's bit floors and the final check "
+                        "(default 0.01)")
+    p.add_argument("--no-bit-floors", dest="bit_floors", action="store_false",
+                   help="let the planner ship --bits at every cut unchecked (the final check still applies)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a pipeline timeline PNG")
     p.add_argument("--keep-logs", metavar="DIR", help="keep node/planner logs in DIR")
@@ -67,7 +77,7 @@ class DemoReport:
     best_single_node: str
     fleet_latency_ms: float
     single_latency_ms: float
-    top1_agreement: float
+    top1_agreement: float | None  # None: no classifier-shaped output (an argmax over a map means nothing)
     max_rel_error: float
     resent: int
     duplicates: int
@@ -79,6 +89,11 @@ class DemoReport:
     # if it lost nothing to codec, MQTT or bubbles (``fleetpipe.metrics.calibrated_period_ms``)
     calibrated_fps: float = 0.0
     node_classes: dict[str, str] = field(default_factory=dict)  # node name -> its --emulate class
+    # fleetpipe.accuracy per output: name, shape, frames, rel_l2 (worst frame), max_abs, top1 (classifiers)
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    tolerance: float = 0.01
+    accuracy_ok: bool = True
+    bit_widths: str = ""  # the planner's line: bits shipped per cut and why (calibrated floor / probe tolerance)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (without the raw results)."""
@@ -91,10 +106,16 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    from fleetpipe.errors import FleetpipeError
+
     try:
         report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
                           window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
-                          plot=args.plot)
+                          plot=args.plot, input_shape=tuple(getattr(args, "input_shape", ()) or ()),
+                          **_accuracy_kwargs(args))
+    except FleetpipeError as exc:  # the model cannot be read, pinned or run here: before any process starts
+        print(f"fleetpipe demo: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; fleet stopped[/]")
         return 130
@@ -102,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=1))
     else:
         print_report(report, console)
-    return 0 if report.top1_agreement >= 0.9 else 1
+    return 0 if report.accuracy_ok else 1
 
 
 def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] | None = None, frames: int = 48,
              window: int | None = None, bits: int = 8, console: Any = None, log_dir: str | None = None,
-             plot: str | None = None, fleet: str | None = None) -> DemoReport:
+             plot: str | None = None, fleet: str | None = None, tolerance: float | None = None,
+             bit_floors: bool = True, input_shape: tuple[str, ...] = ()) -> DemoReport:
     """Start broker, planner and nodes; stream ``frames``; return the measured report."""
     import numpy as np
     from rich.console import Console
@@ -128,7 +150,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleetpipe-demo-")))
         logs = Path(log_dir) if log_dir else tmp
         logs.mkdir(parents=True, exist_ok=True)
-        model_path, input_shape, model_name = _materialise_model(model, tmp)
+        model_path, loaded, model_name = _materialise_model(model, tmp, input_shape)
         broker = stack.enter_context(LocalBroker())
         console.print(f"[bold]fleetpipe demo[/]: mosquitto on {broker.url}, fleet {fleet}, model {model_name}, "
                       f"{nodes} nodes ({', '.join(classes[i % len(classes)] for i in range(nodes))})")
@@ -138,7 +160,9 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         base = [sys.executable, "-m", "fleetpipe"]
         t0 = time.monotonic()
         procs.append(_spawn([*base, "-v", "planner", "--broker", broker.url, "--model", str(model_path), "--fleet",
-                             fleet, "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1"],
+                             fleet, "--expect-nodes", str(nodes), "--bits", str(bits), "--interface", "127.0.0.1",
+                             *_planner_bit_args(tolerance, bit_floors),
+                             *[arg for item in input_shape for arg in ("--input-shape", item)]],
                             logs / "planner.log", env))
         # The planner profiles the model on this host first; starting the nodes only then keeps their start-up
         # from stealing cycles from that profile, which every prediction is scaled from.
@@ -158,11 +182,10 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             plan = _wait_plan(client, procs, logs)
         plan_s = time.monotonic() - t0
 
-        rng = np.random.default_rng(0)
-        inputs = [rng.standard_normal(input_shape).astype(np.float32) for _ in range(max(frames, 4))]
-        session = _local_session(model_path)
-        reference = [session.run(None, {session.get_inputs()[0].name: x})[0] for x in inputs]
-        whole_ms = _time_local(session, inputs[0])
+        inputs = _frames(loaded.graph, max(frames, 4))
+        local = loaded.runner(threads=1)  # the whole model as given, in its own runtime (onnxruntime or LiteRT)
+        reference = _reference_outputs(local, inputs)
+        whole_ms = _time_local(local, inputs[0])
 
         # Latency: a few frames one at a time.
         latencies = [client.infer_result(x).latency_ms for x in inputs[:3]]
@@ -182,11 +205,8 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
         steady = (len(arrivals) - 1) / span if span > 0 else len(results) / wall
 
-        outs = [r.output for r in results]
-        agree = float(np.mean([np.argmax(o) == np.argmax(ref) for o, ref in zip(outs, reference, strict=False)]))
-        rel = float(max(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-12)
-                        for o, ref in zip(outs, reference, strict=False)))
-        stages = _stage_rows(plan, results, _stage_wire_bytes(model_path, input_shape, plan))
+        check = compare_demo_outputs(results, reference, tolerance)
+        stages = _stage_rows(plan, results, _stage_wire_bytes(loaded.graph, plan))
         period = calibrated_period_ms(plan, _node_compute_ms(results))
         factors = {n: parse_emulate(c).compute_factor for n, c in node_classes.items()}
         best = min(factors, key=lambda n: factors[n])
@@ -200,9 +220,12 @@ def run_demo(*, model: str = DEFAULT_MODEL, nodes: int = 4, classes: list[str] |
             predicted_fps=1000.0 / plan.bottleneck_ms if plan.bottleneck_ms else 0.0,
             single_fps=1000.0 / single_ms, best_single_node=best,
             fleet_latency_ms=float(np.median(latencies)), single_latency_ms=single_ms,
-            top1_agreement=agree, max_rel_error=rel, resent=client.stats.resent,
+            top1_agreement=check.top1, max_rel_error=check.worst_rel_l2, resent=client.stats.resent,
             duplicates=client.stats.duplicates, plan_s=plan_s, results=results, wall_fps=len(results) / wall,
-            calibrated_fps=1000.0 / period if period else 0.0, node_classes=node_classes)
+            calibrated_fps=1000.0 / period if period else 0.0, node_classes=node_classes,
+            bit_widths=_bit_widths_line(logs / "planner.log"),
+            accuracy=[dataclasses.asdict(o) for o in check.outputs], tolerance=check.tolerance,
+            accuracy_ok=check.ok)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -234,47 +257,106 @@ def print_report(report: DemoReport, console: Any) -> None:
         console.print(f"the plan re-scored with the compute the nodes measured: {report.calibrated_fps:.2f} frames/s; "
                       f"measured is {100 * report.fleet_fps / report.calibrated_fps:.0f}% of that (what codec, "
                       f"MQTT and bubbles cost)")
-    console.print(f"outputs vs whole model run locally: top-1 agreement {100 * report.top1_agreement:.1f}%, "
-                  f"max relative L2 error {report.max_rel_error:.4f} ({report.frames} frames, "
-                  f"{report.resent} re-sent, {report.duplicates} duplicate results dropped); "
+    if report.bit_widths:
+        console.print(report.bit_widths)
+    print_accuracy(report, console)
+    console.print(f"{report.frames} frames, {report.resent} re-sent, {report.duplicates} duplicate results dropped; "
                   f"fleet up and planned in {report.plan_s:.1f} s")
+
+
+# -- output check (fleetpipe.accuracy) --------------------------------------------------------
+
+
+def compare_demo_outputs(results: list[Any], reference: list[dict[str, Any]], tolerance: float | None = None) -> Any:
+    """Every output of the fleet's results against the whole model's (a ``fleetpipe.accuracy.Comparison``)."""
+    from fleetpipe.accuracy import DEFAULT_TOLERANCE, compare_outputs
+
+    tol = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    return compare_outputs([r.outputs for r in results], reference[: len(results)], tolerance=tol)
+
+
+def print_accuracy(report: DemoReport, console: Any) -> None:
+    """Per output: relative L2 and max abs (top-1 for classifier-shaped outputs); red when over the tolerance."""
+    console.print("outputs vs whole model run locally:")
+    for o in report.accuracy:
+        top = "" if o["top1"] is None else f", top-1 agreement {100 * o['top1']:.1f}%"
+        over = o["rel_l2"] > report.tolerance
+        style = "red" if over else "green"
+        console.print(f"  [{style}]{o['name']} {tuple(o['shape'])}: max relative L2 error {o['rel_l2']:.4f}, "
+                      f"max abs {o['max_abs']:.3g}{top}[/]")
+    if report.accuracy_ok:
+        console.print(f"[green]every output within the tolerance ({report.tolerance:g} relative L2)[/]")
+    else:
+        what = "no output could be compared" if not report.accuracy else (
+            f"worst relative L2 error {report.max_rel_error:.4f}")
+        console.print(f"[bold red]FAILED: {what} exceeds the tolerance {report.tolerance:g}[/] "
+                      f"(raise --bits, or drop --no-bit-floors)")
+
+
+def _reference_outputs(local: Any, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The whole model's outputs (every one, by name) for each input frame (``local``: LoadedModel.runner())."""
+    return [local(x) for x in inputs]
+
+
+def _frames(graph: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` seeded random frames, one array per model input (by name, at the graph's pinned shape and dtype)."""
+    from fleetpipe.models.profile import random_feeds
+
+    return [random_feeds(graph, seed + i) for i in range(n)]
+
+
+def _bit_widths_line(log: Path) -> str:
+    """The planner's last "bit-widths from ..." log line (what it shipped per cut and why), or ""."""
+    marker = "planner: bit-widths from "
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if marker in ln]
+    except OSError:
+        return ""
+    return lines[-1][lines[-1].index(marker) + len("planner: "):] if lines else ""
+
+
+def _planner_bit_args(tolerance: float | None, bit_floors: bool) -> list[str]:
+    return [*(["--bit-tolerance", str(tolerance)] if tolerance is not None else []),
+            *([] if bit_floors else ["--no-bit-floors"])]
+
+
+def _accuracy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tolerance": getattr(args, "tolerance", None), "bit_floors": getattr(args, "bit_floors", True)}
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _materialise_model(model: str, tmp: Path) -> tuple[Path, tuple[int, ...], str]:
+def _materialise_model(model: str, tmp: Path, input_shape: tuple[str, ...] = ()) -> tuple[Path, Any, str]:
+    """The model file the planner reads, the model loaded here (checked runnable, inputs pinned) and its label."""
     import onnx
 
-    if model.endswith(".onnx") and Path(model).exists():
-        proto = onnx.load(model)
-        dims = tuple(d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim)
-        return Path(model), dims, Path(model).stem
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
+
+    shapes = parse_input_shapes(input_shape) or None
+    if Path(model).is_file():
+        return Path(model), open_model(model, shapes), Path(model).stem
     from fleetpipe.models import zoo
 
+    if model not in zoo.names():
+        from fleetpipe.errors import UnsupportedModel
+
+        raise UnsupportedModel(f"no such model file or zoo model: {model!r}")
     kw = DEFAULT_MODEL_ARGS.get(model, {})
     proto = zoo.build(model, **kw)
     path = tmp / f"{model}.onnx"
     onnx.save(proto, path)
     args = ",".join(f"{k}={v}" for k, v in kw.items())
-    return path, tuple(zoo.input_shape(model, **kw)), f"{model}({args})" if args else model
+    return path, open_model(proto, shapes, name=model), f"{model}({args})" if args else model
 
 
-def _local_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _time_local(session: Any, x: Any, runs: int = 5) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: x})
+def _time_local(local: Any, x: dict[str, Any], runs: int = 5) -> float:
+    local(x)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        session.run(None, {name: x})
+        local(x)
         times.append((time.perf_counter() - t) * 1000)
     return float(sorted(times)[len(times) // 2])
 
@@ -300,13 +382,10 @@ def _tail(logs: Path) -> str:
     return "".join(parts)
 
 
-def _stage_wire_bytes(model_path: Path, input_shape: tuple[int, ...], plan: Any) -> dict[int, int]:
+def _stage_wire_bytes(graph: Any, plan: Any) -> dict[int, int]:
     """Bytes each stage sends per frame (its crossing tensors at the stage's bit-width)."""
     from fleetpipe.codec import encoded_nbytes
-    from fleetpipe.models.onnx_graph import load_onnx, read_model
 
-    proto = read_model(str(model_path))
-    graph = load_onnx(proto, input_shapes={proto.graph.input[0].name: input_shape})
     out = {}
     for s in plan.stages:
         last = s.index == len(plan.stages) - 1

@@ -74,47 +74,68 @@ RECALIBRATE_RATIO = 1.5
 # Intra plans: split stages only when they promise at least this relative latency gain over no splits.
 SPLIT_MIN_GAIN = 0.1
 DEFAULT_BANDWIDTH_MBPS = 1000.0
+EXIT_BAD_MODEL = 2  # the model cannot be loaded, pinned or run here (said in one log line)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """The model as the planner needs it: proto, layer graph and host per-layer times."""
+    """The model as the planner needs it: proto (TFLite: bytes), layer graph and host per-layer times."""
 
     model_id: str
     proto: Any
     graph: Any
     host_ms: np.ndarray
     host_speed: float
+    # fleetpipe.models.source.LoadedModel: slices, runs and verifies the model whatever its format
+    loaded: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"onnx"`` or ``"tflite"``."""
+        return "onnx" if self.loaded is None else str(self.loaded.kind)
+
+    def slice(self, first: int, last: int) -> bytes:
+        """The standalone slice file of layers ``first..last`` (0-based, inclusive), in the model's format."""
+        if self.loaded is not None:
+            return bytes(self.loaded.slice(first, last))
+        from fleetpipe.models.slicing import slice_bytes
+
+        return bytes(slice_bytes(self.proto, self.graph, first, last))
 
 
-def load_model_info(path: str, input_shape: tuple[int, ...] | None = None, profile: str | None = None) -> ModelInfo:
-    """Load the model, group its layers and profile them on this host.
+def load_model_info(path: str, input_shape: Any = None, profile: str | None = None) -> ModelInfo:
+    """Load the model (``.onnx``, ``.tflite`` or ``zoo:NAME``), group its layers and profile them on this host.
 
-    With ``profile`` (a JSON file), per-layer host times and the host speed are read from it when it
-    holds this model's layers, else measured and written there: plans made from the same file are
-    comparable run to run (a 2-core host's profile varies by up to 2x under load).
+    ``input_shape``: ``{name: shape}`` or ``NAME=D,D,...`` strings (``fleetpipe.models.shapes``). The
+    model goes through ``fleetpipe.models.source.open_model`` (dynamic batch as 1, constants folded,
+    checked runnable here); a TFLite model is profiled with LiteRT. With ``profile`` (a JSON file),
+    per-layer host times and the host speed are read from it when it holds this model's layers, else
+    measured and written there: plans made from the same file are comparable run to run (a 2-core
+    host's profile varies by up to 2x under load).
     """
-    from fleetpipe.models.onnx_graph import load_onnx, read_model
-    from fleetpipe.models.profile import profile_layers
+    from fleetpipe.models.profile import profile_layers, profile_tflite_layers
+    from fleetpipe.models.shapes import parse_input_shapes
+    from fleetpipe.models.source import open_model
     from fleetpipe.node.profile import measure_speed
 
-    if path.startswith("zoo:"):
-        from fleetpipe.models import zoo
-
-        proto = zoo.build(path.removeprefix("zoo:"))
+    shapes = dict(input_shape) if isinstance(input_shape, Mapping) else parse_input_shapes(input_shape)
+    loaded = open_model(path, shapes or None)
+    proto, graph = loaded.model, loaded.graph
+    if loaded.kind == "tflite":
+        model_id = slices.content_hash(bytes(proto))[:12]
     else:
-        proto = read_model(path)
-    shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None
-    graph = load_onnx(proto, input_shapes=shapes)
-    model_id = slices.content_hash(proto.SerializeToString())[:12]
+        model_id = slices.content_hash(loaded.reference.SerializeToString())[:12]
     cached = _read_profile(profile, model_id, len(graph.layers)) if profile else None
     if cached is not None:
-        return ModelInfo(model_id, proto, graph, cached[0], cached[1])
-    prof = profile_layers(proto, graph, runs=5)
+        return ModelInfo(model_id, proto, graph, cached[0], cached[1], loaded)
+    if loaded.kind == "tflite":
+        prof = profile_tflite_layers(proto, graph, runs=5)
+    else:
+        prof = profile_layers(proto, graph, runs=5)
     host_ms = np.asarray(prof.per_layer_ms, dtype=np.float64)
     # By CPU time, like an emulated node's own figure: nodes starting up beside the planner (a test fleet, the
     # demo) would otherwise slow the host's figure, and with it every emulated device's predicted time.
-    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2, cpu_time=True))
+    info = ModelInfo(model_id, proto, graph, host_ms, measure_speed(0.2, cpu_time=True), loaded)
     if profile:
         import json
 
@@ -211,6 +232,9 @@ class PlannerService:
         self._cooldown_until = 0.0
         self._published_epoch = -1
         self.calibration = _load_calibration(config, model)
+        # Per-cut bit floors without a calibration (fleetpipe.planner.bitwidth), and the last plan's choice.
+        self._finder: Any = None
+        self.bit_plan: Any = None
         self.last_result: Any = None
         self._split_info: list[Any] | None = None
         # Intra plans: the fixed cost of one message the plan assumes, raised to what split leads measure.
@@ -259,8 +283,12 @@ class PlannerService:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
         if self.model is None:
-            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
-                                                 self.config.profile)
+            try:
+                self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
+                                                     self.config.profile)
+            except FleetpipeError as exc:  # before anything is deployed: one line, non-zero exit
+                log.error("planner: cannot plan %s: %s", self.config.model, exc)
+                return EXIT_BAD_MODEL
             log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
             self.calibration = _load_calibration(self.config, self.model)
             self.costs = self._reported_costs(self.model)
@@ -558,7 +586,7 @@ class PlannerService:
                         raise
                     log.error("planner: intra plan failed (%s: %s); planning pipeline stages", type(exc).__name__, exc)
                     await self._publish_error(type(exc).__name__, f"intra plan failed: {exc}")
-            result = await asyncio.to_thread(self._solve, problem)
+            problem, result = await asyncio.to_thread(self._solve_bits, problem)
             self._phases["solve"] = time.monotonic()
         except InfeasiblePlan as exc:
             log.error("planner: no feasible plan: %s", exc)
@@ -594,7 +622,7 @@ class PlannerService:
         for d in used:
             try:
                 sub = problem.without_devices([d])
-                self._fallbacks[problem.device_names[d]] = (sub, await asyncio.to_thread(self._solve, sub))
+                self._fallbacks[problem.device_names[d]] = await asyncio.to_thread(self._solve_bits, sub, False)
             except (FleetpipeError, ValueError):
                 continue  # no plan without it: the re-plan will say so (infeasible)
         log.info("planner: fallback plans ready without each of %s",
@@ -648,8 +676,8 @@ class PlannerService:
         from fleetpipe.planner.estimator import layer_features
         from fleetpipe.planner.reported import ReportedCosts
 
-        return ReportedCosts(model.model_id, model.host_ms, model.host_speed,
-                             layer_x=lambda: layer_features(model.proto, model.graph))
+        features = (lambda: layer_features(model.proto, model.graph)) if model.kind == "onnx" else None  # ONNX ops
+        return ReportedCosts(model.model_id, model.host_ms, model.host_speed, layer_x=features)
 
     def _refresh_costs(self) -> None:
         """Refit the cost matrix for the alive nodes in the background once new profiles have settled, so the
@@ -688,6 +716,50 @@ class PlannerService:
 
         return solve(problem, time_limit_s=self.config.time_limit_s)
 
+    def _solve_bits(self, problem: Any, record: bool = True) -> tuple[Any, Any]:
+        """Solve with per-cut bit floors (calibrated, or probed within the tolerance); the problem as solved.
+        ``record=False`` (a fallback plan solved in the background) keeps the current plan's bit report."""
+        from fleetpipe.planner.bitwidth import solve_problem
+
+        def unprobeable(text: str) -> None:
+            log.error("planner: %s", text)
+            self._finder = False
+
+        problem, result, bit_plan = solve_problem(
+            problem, self._solve, self.config.bits, finder=self._floor_finder(), calibration=self.calibration,
+            tolerance=self.config.bit_tolerance, warn=unprobeable)
+        if record:
+            self.bit_plan = bit_plan
+            log.info("planner: %s", bit_plan.summary())
+        return problem, result
+
+    def _floor_finder(self) -> Any:
+        """The probe floor finder of this model (None: calibrated, floors off, or 32 bits asked)."""
+        if self.calibration is not None or not self.config.bit_floors or self.config.bits >= 32:
+            return None
+        if self._finder is None:
+            from fleetpipe.planner.bitwidth import FloorFinder
+
+            assert self.model is not None
+            self._finder = FloorFinder(self.model.proto, self.model.graph, tolerance=self.config.bit_tolerance,
+                                       key=self.model.model_id, loaded=getattr(self.model, "loaded", None))
+        return self._finder or None
+
+    def _cut_floor(self, cut: int) -> int | None:
+        """The accuracy floor of the cut after layer ``cut``: calibrated, probed, 32 when unprobeable, None (off)."""
+        from fleetpipe.planner.bitwidth import BitFloorUnavailable
+
+        if self.calibration is not None:
+            return int(self.calibration.min_bits[cut])
+        if self._finder is False and self.config.bit_floors and self.config.bits < 32:
+            return 32
+        try:
+            finder = self._floor_finder()
+            return None if finder is None else int(finder.floor(cut, at_most=self.config.bits))
+        except BitFloorUnavailable as exc:
+            log.error("planner: cannot probe the bit floor of cut %d (%s); sending it at 32 bits", cut, exc)
+            return 32
+
     def _solve_intra(self, problem: Any) -> tuple[Any, Any]:
         """Minimum-latency intra plan (single / replicate / split stages) and the problem it solved."""
         from fleetpipe.planner import split_deploy
@@ -723,8 +795,10 @@ class PlannerService:
         for k, dep in enumerate(deployed):
             for digest, data in dep.blobs.items():
                 await self._publish_slice(digest, data)
+            floor = None if k + 1 == len(deployed) else await asyncio.to_thread(self._cut_floor, dep.last)
             stages.append(wire.PlanStage(
-                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes, bits=self.config.bits,
+                index=k, first_layer=dep.first, last_layer=dep.last, nodes=dep.nodes,
+                bits=max(self.config.bits, floor or 0), min_bits=floor,
                 slice_hash=dep.slice_hash, input_names=tuple(self.model.graph.inputs_of(dep.first)),
                 output_names=tuple(self.model.graph.crossing(dep.last)), predicted_ms=float(dep.predicted_ms)))
         msg = await self._publish_epoch(stages, [d.slice_size for d in deployed],
@@ -742,12 +816,10 @@ class PlannerService:
                             for d in deployed))
 
     def _slices(self, result: Any) -> list[tuple[bytes, str]]:
-        from fleetpipe.models.slicing import slice_bytes
-
         assert self.model is not None
         out = []
         for stage in result.stages:
-            data = slice_bytes(self.model.proto, self.model.graph, stage.first, stage.last)
+            data = self.model.slice(stage.first, stage.last)
             out.append((data, slices.content_hash(data)))
         return out
 
@@ -763,9 +835,12 @@ class PlannerService:
         for k, (stage, (data, digest)) in enumerate(zip(result.stages, stage_slices, strict=True)):
             await self._publish_slice(digest, data)
             report = result.report.stages[k]
+            # Never below the cut's floor, also for a fine-tuned plan whose moved boundary was never probed.
+            floor = None if k + 1 == len(result.stages) else await asyncio.to_thread(self._cut_floor, stage.last)
             stages.append(wire.PlanStage(
                 index=k, first_layer=stage.first, last_layer=stage.last, nodes=tuple(names[d] for d in stage.devices),
-                bits=int(stage.bits), slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
+                bits=max(int(stage.bits), floor or 0), min_bits=None if floor is None else min(floor, 32),
+                slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
                 output_names=tuple(self.model.graph.crossing(stage.last)),
                 predicted_ms=float(max(report.compute_ms, report.transfer_ms)), compute_ms=float(report.compute_ms),
                 transfer_ms=float(report.transfer_ms)))
@@ -804,7 +879,7 @@ class PlannerService:
                     fleet=self.fleet, node_id=node_id, epoch=epoch, stage=s.index, n_stages=len(stages),
                     first_layer=s.first_layer, last_layer=s.last_layer, slice_hash=s.slice_hash,
                     slice_size=sizes[s.index], model_id=self.model.model_id, input_names=s.input_names,
-                    output_names=s.output_names, bits=s.bits,
+                    output_names=s.output_names, bits=s.bits, min_bits=s.min_bits,
                     next_stage=s.index + 1 if s.index + 1 < len(stages) else None, ts=time.time(),
                     **extra[s.index])
                 if self._signing_key is not None:  # nodes with the planner's public key load nothing unsigned
@@ -888,16 +963,55 @@ def _load_calibration(config: PlannerConfig, model: ModelInfo | None) -> Any:
     """The calibration file (``fleetpipe calibrate``: per-cut minimum bits, exit caches), or None."""
     if not config.calibration:
         return None
+    if config.calibration.endswith((".npy", ".npz")):
+        return None if model is None else _calibrate_samples(config, model)
     from fleetpipe.models.calibrate import Calibration
 
     try:
-        cal = Calibration.from_json(open(config.calibration).read())  # noqa: SIM115
+        cal = Calibration.from_json(Path(config.calibration).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read calibration {config.calibration}: {exc}") from exc
-    if model is not None and cal.model_id != model.model_id:
+    if model is not None and cal.model_id not in _calibration_ids(config.model, model):
         raise ConfigError(f"calibration {config.calibration} is for model {cal.model_id}, not {model.model_id}")
     log.info("planner: calibrated minimum bits per cut %s (floor %.2f%%), early exit at cuts %s",
              list(cal.min_bits), 100 * cal.floor, sorted(cal.exits) if config.early_exit else "off")
+    return cal
+
+
+def _calibration_ids(path: str, model: ModelInfo) -> set[str]:
+    """Model ids a calibration may name: the planner's (inputs pinned), or the file's as given."""
+    ids = {model.model_id}
+    with contextlib.suppress(OSError):
+        if not path.startswith("zoo:"):
+            ids.add(slices.content_hash(Path(path).read_bytes())[:12])
+    return ids
+
+
+def _calibrate_samples(config: PlannerConfig, model: ModelInfo) -> Any:
+    """COACH floors measured now on the user's sample inputs (.npy: samples stacked on axis 0; .npz: 'x', 'y')."""
+    from fleetpipe.models.calibrate import DEFAULT_FLOOR, calibrate
+    from fleetpipe.planner.bitwidth import CANDIDATES
+
+    try:
+        data = np.load(config.calibration, allow_pickle=False)  # type: ignore[arg-type]
+        if isinstance(data, np.ndarray):
+            x, y = data, None
+        else:
+            with data:
+                x, y = data["x"], (data["y"] if "y" in data.files else None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read calibration samples {config.calibration}: {exc}") from exc
+    if not hasattr(model.proto, "SerializeToString"):
+        raise ConfigError(f"calibration samples {config.calibration}: calibrating needs an ONNX model (without "
+                          f"--calibration the planner probes each cut's bit floor)")
+    classifier = len(model.graph.outputs[0].shape) == 2 and model.graph.outputs[0].shape[1] > 1
+    try:
+        cal = calibrate(model.proto, model.graph, np.asarray(x), y, bits_candidates=CANDIDATES,
+                        floor=DEFAULT_FLOOR if classifier else config.bit_tolerance)
+    except ValueError as exc:
+        raise ConfigError(f"calibration samples {config.calibration}: {exc}") from exc
+    log.info("planner: calibrated on %d samples of %s (%s within %g): minimum bits per cut %s", cal.n_samples,
+             config.calibration, cal.metric, cal.floor, list(cal.min_bits))
     return cal
 
 

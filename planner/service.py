@@ -14,11 +14,18 @@ def register(subparsers: Any) -> None:
     """Add the ``planner`` subcommand."""
     p = subparsers.add_parser("planner", help="run the planner service (plans the fleet, re-plans on changes)")
     p.add_argument("--broker", help="mqtt://host:port")
-    p.add_argument("--model", help="ONNX model file (or zoo:NAME)")
+    p.add_argument("--model", help="an .onnx or .tflite model file (or zoo:NAME)")
     p.add_argument("--fleet", help="fleet name")
     p.add_argument("--bits", type=int, help="activation bit-width between stages (2..8, 16, 32; default 8)")
-    p.add_argument("--input-shape", dest="input_shape", help="e.g. 1,3,224,224 for models with dynamic shapes")
+    p.add_argument("--input-shape", dest="input_shape", action="append", metavar="NAME=D,D,...",
+                   help="static shape of a model input with dynamic dims, e.g. x=1,3,224,224 (repeatable; a dynamic "
+                        "batch dim alone is taken as 1; TOML: input_shape = [\"x=1,3,224,224\"])")
     p.add_argument("--calibration", help="calibration JSON from `fleetpipe calibrate` (per-cut minimum bits)")
+    p.add_argument("--bit-tolerance", dest="bit_tolerance", type=float,
+                   help="without --calibration: each cut ships at least the lowest bit-width whose end-to-end output "
+                        "error on probe inputs stays within this relative L2 per output (default 0.01)")
+    p.add_argument("--no-bit-floors", dest="bit_floors", action="store_false", default=None,
+                   help="ship --bits at every cut unchecked (no probe floors; experiments only)")
     p.add_argument("--replan-threshold", dest="replan_threshold", type=float,
                    help="fine-tune the plan when a stage runs this far off its prediction (default 0.2)")
     p.add_argument("--no-adapt", dest="adapt", action="store_false", default=None,
@@ -60,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
                                                   "expect_nodes", "broker_username", "broker_password_file",
                                                   "calibration", "replan_threshold", "adapt", "early_exit",
                                                   "announce", "intra", "profile", "intra_msg_ms",
-                                                  "intra_tiles", "intra_measure_parts")}
+                                                  "intra_tiles", "intra_measure_parts", "bit_tolerance",
+                                                  "bit_floors")}
+    flags["input_shape"] = tuple(args.input_shape) if args.input_shape else None
     flags["broker_url"] = args.broker
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:

@@ -36,8 +36,8 @@ def test_plan_model_for_fleet(tmp_path, capsys):
     assert main(["plan", "--model", str(model), "--fleet", str(fleet), "--bits", "8", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["exact"] is True
-    assert doc["stages"][0]["first_layer"] == 1
-    assert doc["stages"][-1]["last_layer"] == 10
+    assert doc["layer_base"] == 0 and doc["stages"][0]["first_layer"] == 0  # as model inspect/slice number them
+    assert doc["stages"][-1]["last_layer"] == 9
     used = [d for st in doc["stages"] for d in st["devices"]]
     assert len(used) == len(set(used)) and set(used) <= {"fast", "slow", "wifi"}
     # The 5 Mbit/s link override is honoured: fast never feeds slow directly.

@@ -112,9 +112,8 @@ def test_unknown_op_warns_and_is_conservative() -> None:
     assert g.layers[0].flops == UNKNOWN_FLOPS_PER_ELEMENT * 2 * 256
 
 
-def test_dynamic_shape_needs_input_shape() -> None:
-    with pytest.raises(UnsupportedModel, match=r"'input'.*input_shapes"):
-        load_onnx(zoo.build("digits"))
+def test_dynamic_batch_alone_is_one_else_given() -> None:
+    assert load_onnx(zoo.build("digits")).inputs[0].shape == (1, 64)
     g = load_onnx(zoo.build("digits"), {"input": (5, 64)})
     assert g.inputs[0].shape == (5, 64) and g.outputs[0].shape == (5, 10)
     with pytest.raises(ModelError, match="not model inputs"):
