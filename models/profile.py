@@ -230,15 +230,14 @@ def _from_events(
             kernel_count[layer] += 1
         seen_runs.add(r)
     # The executor's own cost per kernel (dispatch, fences, allocation) is part of what a layer costs when a
-    # node runs it: spread each run's time outside kernels over the layers by their kernel counts, so the
-    # layer times sum to the whole model and a layer of many small kernels is not charged as free.
+    # node runs it: spread the time outside kernels over the layers by their kernel counts, so the layer
+    # times sum to the whole model and a layer of many small kernels is not charged as free. Its median over
+    # runs, like the kernels': a run the scheduler preempted outside its kernels is no layer's cost.
     total_k = sum(kernel_count)
-    for r, (a, b) in enumerate(runs):
-        outside = (b - a) / 1000.0 - sum(per_run[i][r] for i in range(n_layers))
-        if outside > 0 and total_k:
-            for i in range(n_layers):
-                per_run[i][r] += outside * kernel_count[i] / total_k
-    per_layer_ms = tuple(statistics.median(t) for t in per_run)
+    outside = statistics.median((b - a) / 1000.0 - sum(per_run[i][r] for i in range(n_layers))
+                                for r, (a, b) in enumerate(runs))
+    per_layer_ms = tuple(statistics.median(t) + (max(outside, 0.0) * kernel_count[i] / total_k if total_k else 0.0)
+                         for i, t in enumerate(per_run))
     whole_ms = statistics.median(b - a for a, b in runs) / 1000.0
     return LayerProfile(per_layer_ms, whole_ms, sum(per_layer_ms) / whole_ms if whole_ms else 0.0)
 
