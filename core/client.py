@@ -53,7 +53,9 @@ from fleetpipe.errors import (
 from fleetpipe.ratelog import RateLimitedLog
 from fleetpipe.transport.mqtt import MqttBus
 
-__all__ = ["AsyncFleetClient", "ClientStats", "FleetClient", "FrameResult"]
+__all__ = ["DEFAULT_WINDOW", "AsyncFleetClient", "ClientStats", "FleetClient", "FrameResult"]
+
+DEFAULT_WINDOW = 8  # frames in flight per client (the planner prices a plan's latency with it)
 
 log = logging.getLogger("fleetpipe.client")
 _DONE_KEPT = 4096  # completed frame ids remembered to tell a late duplicate from a result this client never asked for
@@ -117,9 +119,9 @@ class _Pending:
 class AsyncFleetClient:
     """Asyncio client of one fleet. Use ``async with AsyncFleetClient(url) as client``."""
 
-    def __init__(self, url: str, *, fleet: str = "default", client_id: str | None = None, window: int = 8,
-                 bits: int = 32, resend_s: float | None = None, username: str | None = None,
-                 password: str | None = None, tls: Any = None) -> None:
+    def __init__(self, url: str, *, fleet: str = "default", client_id: str | None = None,
+                 window: int = DEFAULT_WINDOW, bits: int = 32, resend_s: float | None = None,
+                 username: str | None = None, password: str | None = None, tls: Any = None) -> None:
         self.url = url
         self.fleet = fleet
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"

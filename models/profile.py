@@ -204,22 +204,14 @@ def _from_events(
     }
     for t in graph.inputs:
         tensor_layer.setdefault(t.name, 0)
-    opt_layer: dict[str, int] = {}
-    if optimized is not None:
-        for node in optimized.graph.node:
-            layer = _match_name(node.name, node_layer)
-            if layer is None:
-                hits = [tensor_layer[t] for t in node.output if t in tensor_layer]
-                hits = hits or [tensor_layer[t] for t in node.input if t in tensor_layer]
-                layer = max(hits) if hits else None
-            if layer is not None:
-                opt_layer[node.name] = layer
-                for t in node.output:
-                    tensor_layer.setdefault(t, layer)
+    opt_layer = _optimized_layers(optimized, node_layer, tensor_layer) if optimized is not None else {}
     # Per layer and run, then the median over runs: a run the scheduler preempted (a 2-core host with
     # nodes starting beside the planner) inflates one layer's kernel time, and a mean would keep it.
     starts = [a for a, _ in runs]
+    n_layers = len(graph.layers)
     per_run = [[0.0] * len(runs) for _ in graph.layers]
+    kernel_count = [0] * n_layers
+    seen_runs: set[int] = set()
     for e in kernels:
         ts = int(e["ts"])
         r = bisect.bisect_right(starts, ts) - 1
@@ -230,11 +222,74 @@ def _from_events(
         if layer is None:
             layer = _match_name(name, node_layer)
         if layer is None:
-            layer = 0  # should not happen; keep the time rather than lose it
+            layer = _match_name(name, tensor_layer)
+        if layer is None:
+            return None  # a kernel no layer owns: time the layers as slices rather than guess
         per_run[layer][r] += float(e["dur"]) / 1000.0
-    per_layer_ms = tuple(statistics.median(t) for t in per_run)
+        if r == 0:
+            kernel_count[layer] += 1
+        seen_runs.add(r)
+    # The executor's own cost per kernel (dispatch, fences, allocation) is part of what a layer costs when a
+    # node runs it: spread the time outside kernels over the layers by their kernel counts, so the layer
+    # times sum to the whole model and a layer of many small kernels is not charged as free. Its median over
+    # runs, like the kernels': a run the scheduler preempted outside its kernels is no layer's cost.
+    total_k = sum(kernel_count)
+    outside = statistics.median((b - a) / 1000.0 - sum(per_run[i][r] for i in range(n_layers))
+                                for r, (a, b) in enumerate(runs))
+    per_layer_ms = tuple(statistics.median(t) + (max(outside, 0.0) * kernel_count[i] / total_k if total_k else 0.0)
+                         for i, t in enumerate(per_run))
     whole_ms = statistics.median(b - a for a, b in runs) / 1000.0
     return LayerProfile(per_layer_ms, whole_ms, sum(per_layer_ms) / whole_ms if whole_ms else 0.0)
+
+
+def _optimized_layers(
+    optimized: Any, node_layer: Mapping[str, int], tensor_layer: dict[str, int]
+) -> dict[str, int]:
+    """The layer of every node of onnxruntime's optimised graph.
+
+    In order: the node's own name (or that name minus the ``_suffix`` parts ORT appends), the name as a tensor
+    name (the NCHWc transformer names a node after the tensor it replaces, ``<tensor>_nchwc``), an original
+    tensor the node writes; then, to a fixed point, from its neighbours: a node that only converts data (a
+    ``ReorderInput`` in front of an NCHWc convolution, a copy) belongs to the earliest layer that reads what it
+    writes, else to the latest layer that writes what it reads.
+    """
+    nodes = list(optimized.graph.node)
+    out: dict[str, int] = {}
+    for node in nodes:
+        layer = _match_name(node.name, node_layer)
+        if layer is None:
+            layer = _match_name(node.name, tensor_layer)
+        if layer is None:
+            hits = [tensor_layer[t] for t in node.output if t in tensor_layer]
+            layer = max(hits) if hits else None
+        if layer is not None:
+            out[node.name] = layer
+    producer = {t: n.name for n in nodes for t in n.output if t}
+    consumers: dict[str, list[str]] = {}
+    for n in nodes:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n.name)
+    pending = [n for n in nodes if n.name not in out]
+    while pending:
+        left = []
+        for node in pending:
+            after = [out[c] for t in node.output for c in consumers.get(t, ()) if c in out]
+            before = [out[producer[t]] for t in node.input if t in producer and producer[t] in out]
+            before += [tensor_layer[t] for t in node.input if t not in producer and t in tensor_layer]
+            if after:
+                out[node.name] = min(after)
+            elif before:
+                out[node.name] = max(before)
+            else:
+                left.append(node)
+        if len(left) == len(pending):
+            break
+        pending = left
+    for node in nodes:
+        if node.name in out:
+            for t in node.output:
+                tensor_layer.setdefault(t, out[node.name])
+    return out
 
 
 def _match_name(name: str, node_layer: Mapping[str, int]) -> int | None:

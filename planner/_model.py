@@ -29,7 +29,9 @@ _UNKNOWN = object()
 
 def _ctypes(problem: Problem) -> list[int]:
     """An id per device: equal ids have the same compute column and memory."""
-    keys = np.vstack([problem.compute_ms, problem.mem_bytes[None, :]]).T
+    rows = [problem.compute_ms, problem.mem_bytes[None, :]]
+    rows += [v[None, :] for v in (problem.hop_ms, problem.byte_ms, problem.client_mbps) if v is not None]
+    keys = np.vstack(rows).T
     _, ids = np.unique(keys, axis=0, return_inverse=True)
     return [int(i) for i in np.asarray(ids).reshape(-1)]
 
@@ -136,9 +138,18 @@ class _Model:
         rep_cum = cum[:, reps].T  # [U, L+1]
         tri = np.triu(np.ones((n_l, n_l), dtype=bool))
         s_lat = rep_cum[:, None, 1:] - rep_cum[:, :-1, None]  # [U, j, e]
+        s_lat = s_lat + self._message_ms(problem, reps)
         s_lat = np.where(tri[None], s_lat, np.inf)
+        s_bn = s_lat / ks[:, None, None]
+        if problem.client_mbps is not None:  # input from / result to the client: links of their own
+            t_in = np.array([problem.client_ms(r, problem.input_bytes) for r in reps])
+            t_out = np.array([problem.client_ms(r, float(problem.out_bytes[-1])) for r in reps])
+            s_bn[:, 0, :] = np.maximum(s_bn[:, 0, :], (t_in / ks)[:, None])
+            s_bn[:, :, -1] = np.maximum(s_bn[:, :, -1], (t_out / ks)[:, None])
+            s_lat[:, 0, :] += t_in[:, None]
+            s_lat[:, :, -1] += t_out[:, None]
         self.s_lat = s_lat
-        self.s_bn = s_lat / ks[:, None, None]
+        self.s_bn = s_bn
         # memory, pins
         pcum = np.concatenate([[0.0], np.cumsum(problem.param_bytes)])
         in_b = np.array([problem.in_bytes(j) for j in range(n_l)])
@@ -179,6 +190,21 @@ class _Model:
         self.unit_k = np.array([k for _, k in units], dtype=np.int64)
         self.fastest = problem.compute_ms.min(axis=1)
         self._levels: dict[float, _Level] = {}
+
+    @staticmethod
+    def _message_ms(problem: Problem, reps: list[int]) -> np.ndarray | float:
+        """``[U, j, e]``: what a stage j..e on each unit's device spends on its messages per frame
+        (``Problem.message_ms`` with cuts at their floors), or 0."""
+        if problem.hop_ms is None and problem.byte_ms is None:
+            return 0.0
+        n_l = problem.n_layers
+        got = np.array([problem.input_bytes] + [problem.cut_bytes(j - 1, problem.cut_bits(j - 1))
+                                                 for j in range(1, n_l)])
+        sent = np.array([problem.cut_bytes(e, problem.cut_bits(e)) for e in range(n_l - 1)]
+                        + [float(problem.out_bytes[-1])])
+        fixed = np.zeros(len(reps)) if problem.hop_ms is None else problem.hop_ms[reps]
+        per_byte = np.zeros(len(reps)) if problem.byte_ms is None else problem.byte_ms[reps]
+        return fixed[:, None, None] + per_byte[:, None, None] * (got[None, :, None] + sent[None, None, :])
 
     def covers(self, stages: tuple[Stage, ...]) -> bool:
         """Whether the search space includes ``stages`` (replicas: one class, within the cap)."""

@@ -20,6 +20,14 @@ frames, where ``c_i`` is the stage's compute time on device ``i``. Then
 With one device per stage all of this reduces to the classic model. Bit-widths: the activation
 after a stage is sent with ``Stage.bits`` bits (float32 is 32), so the bytes scale by ``bits / 32``.
 
+Messages (problems with ``hop_ms``/``byte_ms``/``client_mbps``, see :mod:`fleetpipe.planner.problem`): a
+stage's compute includes what its devices spend per frame on receiving and sending
+(``Problem.message_ms``); the first stage's ``input_ms`` is the input's transfer from the client and the last
+stage's ``transfer_ms`` the result's transfer to the client, each amortised over replicas like any link.
+
+The period (time between results) adds what no stage owns: the broker relays all of a frame's messages, and
+a client keeping ``window`` frames in flight waits a latency per window; throughput is ``1000 / period``.
+
 Utilisation of a device = its stage's compute / bottleneck; predicted bubble of a stage =
 bottleneck - its compute (idle time per frame).
 """
@@ -73,6 +81,7 @@ class StageReport:
     mem_free_bytes: float    # smallest headroom over the stage's devices (negative: does not fit)
     utilisation: float       # compute / bottleneck
     bubble_ms: float         # bottleneck - compute
+    input_ms: float = 0.0    # amortised per frame, from the client (first stage only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,8 @@ class PlanReport:
     device_utilisation: tuple[float, ...]  # per device of the problem, 0 when unused
     feasible: bool
     reason: str                            # "" when feasible
+    broker_ms: float = 0.0                 # the broker's time per frame (all of the frame's messages)
+    period_ms: float = 0.0                 # max(bottleneck, broker, latency / window): time between results
 
     @property
     def plan(self) -> tuple[Stage, ...]:
@@ -103,13 +114,17 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> PlanR
     _check_structure(problem, stages)
     reasons: list[str] = []
     shares = [_shares(problem, s) for s in stages]
-    raw: list[tuple[float, float, float, float, float, float]] = []
+    raw: list[tuple[float, float, float, float, float, float, float]] = []
+    last_layer = problem.n_layers - 1
     for k, stage in enumerate(stages):
-        comp_i = np.array([problem.compute_ms[stage.first : stage.last + 1, d].sum() for d in stage.devices])
+        bits_in = stages[k - 1].bits if k > 0 else FULL_BITS
+        comp_i = np.array([problem.compute_ms[stage.first : stage.last + 1, d].sum()
+                           + problem.message_ms(d, stage.first, stage.last, bits_in, stage.bits)
+                           for d in stage.devices])
         w = shares[k]
         comp = float(1.0 / np.sum(1.0 / np.maximum(comp_i, 1e-300))) if np.all(comp_i > 0) else 0.0
         lat_comp = float(np.dot(w, comp_i))
-        tr = lat_tr = 0.0
+        tr = lat_tr = inp = 0.0
         if k + 1 < len(stages):
             nbytes = problem.cut_bytes(stage.last, stage.bits)
             nxt = stages[k + 1]
@@ -118,6 +133,16 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> PlanR
                     t = transfer_ms(nbytes, problem.bw_mbps[a, b])
                     tr = max(tr, wa * wb * t)
                     lat_tr += wa * wb * t
+        elif problem.client_mbps is not None:  # the result to the client
+            for d, wd in zip(stage.devices, w, strict=True):
+                t = problem.client_ms(d, float(problem.out_bytes[last_layer]))
+                tr = max(tr, wd * t)
+                lat_tr += wd * t
+        if k == 0 and problem.client_mbps is not None:  # the input from the client
+            for d, wd in zip(stage.devices, w, strict=True):
+                t = problem.client_ms(d, problem.input_bytes)
+                inp = max(inp, wd * t)
+                lat_tr += wd * t
         need = problem.stage_mem_bytes(stage.first, stage.last)
         free = min(float(problem.mem_bytes[d]) - need for d in stage.devices)
         if free <= 0:
@@ -130,24 +155,30 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> PlanR
         if k + 1 < len(stages) and stage.bits < problem.cut_bits(stage.last):
             reasons.append(f"stage {k} sends {stage.bits} bits, below the floor "
                            f"{problem.cut_bits(stage.last)} of layer {stage.last + 1}")
-        raw.append((comp, tr, lat_comp, lat_tr, need, free))
+        raw.append((comp, tr, lat_comp, lat_tr, need, free, inp))
     reasons.extend(_pin_violations(problem, stages))
-    bottleneck = max(max(r[0], r[1]) for r in raw)
+    bottleneck = max(max(r[0], r[1], r[6]) for r in raw)
     latency = sum(r[2] + r[3] for r in raw)
     if problem.latency_bound_ms is not None and latency > problem.latency_bound_ms + _EPS:
         reasons.append(f"latency {latency:.2f} ms exceeds the bound {problem.latency_bound_ms:.2f} ms")
     util = [0.0] * problem.n_devices
     reports = []
-    for stage, (comp, tr, lc, lt, need, free) in zip(stages, raw, strict=True):
+    for stage, (comp, tr, lc, lt, need, free, inp) in zip(stages, raw, strict=True):
         u = comp / bottleneck if bottleneck > 0 else 1.0
         for d in stage.devices:
             util[d] = u
-        reports.append(StageReport(stage, comp, tr, lc, lt, need, free, u, bottleneck - comp))
+        reports.append(StageReport(stage, comp, tr, lc, lt, need, free, u, bottleneck - comp, inp))
+    broker = 0.0
+    if problem.broker_msg_ms or problem.broker_byte_ms:
+        wire = problem.input_bytes + float(problem.out_bytes[-1])
+        wire += sum(problem.cut_bytes(s.last, s.bits) for s in stages[:-1])
+        broker = (len(stages) + 1) * problem.broker_msg_ms + wire * problem.broker_byte_ms
+    period = max(bottleneck, broker, latency / problem.window if problem.window else 0.0)
     return PlanReport(
         stages=tuple(reports), bottleneck_ms=bottleneck,
-        throughput_per_s=1000.0 / bottleneck if bottleneck > 0 else math.inf,
+        throughput_per_s=1000.0 / period if period > 0 else math.inf,
         latency_ms=latency, device_utilisation=tuple(util),
-        feasible=not reasons, reason="; ".join(reasons),
+        feasible=not reasons, reason="; ".join(reasons), broker_ms=broker, period_ms=period,
     )
 
 

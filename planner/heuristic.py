@@ -148,8 +148,13 @@ class _Ctx:
         latency = 0.0
         prev_w: list[float] = []
         prev_devs: tuple[int, ...] = ()
+        p = self.p
+        msgs = p.hop_ms is not None or p.byte_ms is not None
         for idx, (devs, f, la) in enumerate(plan):
             comps = [cuml[la + 1][d] - cuml[f][d] for d in devs]
+            if msgs:
+                b_in = p.cut_bits(f - 1) if f > 0 else 32
+                comps = [c + p.message_ms(d, f, la, b_in, p.cut_bits(la)) for c, d in zip(comps, devs, strict=True)]
             if len(devs) == 1:
                 comp = comps[0]
                 w = [1.0]
@@ -172,6 +177,13 @@ class _Ctx:
                         tr = max(tr, wa * wb * t)
                         latency += wa * wb * t
                 times.append(tr)
+            if p.client_mbps is not None and (idx == 0 or idx == len(plan) - 1):
+                ends = ([p.input_bytes] if idx == 0 else []) + (
+                    [float(p.out_bytes[-1])] if idx == len(plan) - 1 else [])
+                for nbytes in ends:
+                    t = [p.client_ms(d, nbytes) for d in devs]
+                    times.append(max(wi * ti for wi, ti in zip(w, t, strict=True)))
+                    latency += sum(wi * ti for wi, ti in zip(w, t, strict=True))
             need = self.need(f, la)
             for d in devs:
                 over = need - self.p.mem_bytes[d]

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import signing, slices, timing, topics, wire
+from fleetpipe.client import DEFAULT_WINDOW
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
@@ -182,11 +183,14 @@ def build_problem(model: ModelInfo, nodes: dict[str, Any], bits: int, min_bits: 
     cut_bits = np.full(len(graph.layers), bits, dtype=np.int64) if min_bits is None else np.asarray(min_bits)
     bw = np.array([[min(_bw(nodes[a].birth), _bw(nodes[b].birth)) for b in names] for a in names])
     mem = np.array([float(nodes[n].birth.mem_bytes or 1 << 40) for n in names])
+    # The client's input and result cross each node's own link like any cut (fleetpipe#23 item 2), and a
+    # client keeps DEFAULT_WINDOW frames in flight, so a plan's latency bounds its rate too.
+    client = np.array([_bw(nodes[n].birth) for n in names])
     return Problem(layer_names=tuple(layer.name for layer in graph.layers), compute_ms=compute,
                    out_bytes=out_bytes, param_bytes=np.array([layer.param_bytes for layer in graph.layers]),
                    input_bytes=graph.input_bytes, device_names=names, mem_bytes=mem, bw_mbps=bw,
                    device_types=tuple(nodes[n].birth.device_class for n in names), name=model.model_id,
-                   min_bits=cut_bits)
+                   min_bits=cut_bits, client_mbps=client, window=DEFAULT_WINDOW)
 
 
 def node_slowdown(birth: Any, host_speed: float) -> float:
@@ -842,11 +846,12 @@ class PlannerService:
                 bits=max(int(stage.bits), floor or 0), min_bits=None if floor is None else min(floor, 32),
                 slice_hash=digest, input_names=tuple(self.model.graph.inputs_of(stage.first)),
                 output_names=tuple(self.model.graph.crossing(stage.last)),
-                predicted_ms=float(max(report.compute_ms, report.transfer_ms)), compute_ms=float(report.compute_ms),
-                transfer_ms=float(report.transfer_ms)))
+                predicted_ms=float(max(report.compute_ms, report.transfer_ms, report.input_ms)),
+                compute_ms=float(report.compute_ms), transfer_ms=float(max(report.transfer_ms, report.input_ms))))
         exits = [{"exit_cache": self._exit_cache(s, len(stages))} for s in stages]
         plan = await self._publish_epoch(stages, [len(data) for data, _ in stage_slices], exits, epoch,
-                                         float(result.report.bottleneck_ms), float(result.report.latency_ms))
+                                         float(result.report.period_ms or result.report.bottleneck_ms),
+                                         float(result.report.latency_ms))
         if plan is None:
             return
         self.last_result = result

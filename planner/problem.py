@@ -19,6 +19,16 @@ Optional extensions (all off by default):
 - ``latency_bound_ms``: plans whose end-to-end latency exceeds it are infeasible.
 - ``pins``: a layer range that must run on a given device (the device's stage contains the range).
 - ``allow_replication``: a stage may be served by several devices (ScalPipe, shared subscription).
+- Costs of the messages themselves (fleetpipe#23; all None: free, the classic model):
+  ``hop_ms[d]`` is what device ``d`` spends per frame of a stage on receiving its input and sending its
+  output (the broker client, framing, Python), ``byte_ms[d]`` its codec and copy cost per byte received
+  or sent; both are compute of the stage. ``client_mbps[d]`` is the link between ``d`` and the client: a
+  first stage receives the input over it, a last stage sends the result over it (a transfer like any
+  other, a resource of its own). Shared by every stage: the broker relays each message of a frame (the input,
+  every cut, the result) at ``broker_msg_ms`` each plus ``broker_byte_ms`` per byte, and a client keeping
+  ``window`` frames in flight gets at most ``window`` results per end-to-end latency (Little's law). These two
+  do not decompose over stages: the solver minimises the per-stage bottleneck and ``solve`` then compares its
+  plan with merged and single-device plans by the full period (``PlanReport.period_ms``).
 """
 
 from __future__ import annotations
@@ -93,6 +103,12 @@ class Problem:
     allow_replication: bool = False
     name: str = ""
     device_types: tuple[str, ...] = field(default=())
+    hop_ms: np.ndarray | None = None
+    byte_ms: np.ndarray | None = None
+    client_mbps: np.ndarray | None = None
+    broker_msg_ms: float = 0.0
+    broker_byte_ms: float = 0.0
+    window: int | None = None
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.layer_names)
@@ -141,6 +157,18 @@ class Problem:
         if len(types) != n_dev:
             raise ValueError("device_types must name one type per device")
         setattr_(self, "device_types", types)
+        if not (math.isfinite(self.broker_msg_ms) and math.isfinite(self.broker_byte_ms)) or \
+                self.broker_msg_ms < 0 or self.broker_byte_ms < 0:
+            raise ValueError("broker_msg_ms and broker_byte_ms must be finite and >= 0")
+        if self.window is not None and self.window < 1:
+            raise ValueError("window must be >= 1 frame")
+        for what in ("hop_ms", "byte_ms", "client_mbps"):
+            value = getattr(self, what)
+            if value is not None:
+                arr = _frozen_array(value, (n_dev,), what)
+                if np.any(np.isnan(arr)) or np.any(arr < 0) or (what != "client_mbps" and not np.all(np.isfinite(arr))):
+                    raise ValueError(f"{what} must be >= 0" + ("" if what == "client_mbps" else " and finite"))
+                setattr_(self, what, arr)
 
     # -- sizes and small helpers ---------------------------------------------------------------
 
@@ -164,6 +192,24 @@ class Problem:
         """Bytes of the input of ``layer``."""
         return self.input_bytes if layer == 0 else float(self.out_bytes[layer - 1])
 
+    def message_ms(self, device: int, first: int, last: int, bits_in: int = FULL_BITS,
+                   bits_out: int = FULL_BITS) -> float:
+        """What device ``device`` spends per frame on the messages of a stage ``first..last`` (0 without
+        ``hop_ms``/``byte_ms``): the fixed cost plus the bytes it receives and sends. The input from the
+        client and the result to it travel at full precision; a cut at ``bits_in``/``bits_out``."""
+        fixed = 0.0 if self.hop_ms is None else float(self.hop_ms[device])
+        if self.byte_ms is None:
+            return fixed
+        got = self.input_bytes if first == 0 else self.cut_bytes(first - 1, bits_in)
+        sent = float(self.out_bytes[last]) if last == self.n_layers - 1 else self.cut_bytes(last, bits_out)
+        return fixed + float(self.byte_ms[device]) * (got + sent)
+
+    def client_ms(self, device: int, nbytes: float) -> float:
+        """Transfer time of ``nbytes`` between ``device`` and the client (0 without ``client_mbps``)."""
+        if self.client_mbps is None:
+            return 0.0
+        return transfer_ms(nbytes, float(self.client_mbps[device]))
+
     def stage_mem_bytes(self, first: int, last: int) -> float:
         """Memory a device needs to host layers ``first..last`` (README memory model)."""
         buf_in = 1 + (self.buffers_in if first > 0 else 0)
@@ -178,10 +224,13 @@ class Problem:
             raise PlanningError("no device left")
         remap = {d: i for i, d in enumerate(keep)}
         pins = tuple(Pin(p.first, p.last, remap[p.device]) for p in self.pins if p.device in remap)
+        per_device = {k: getattr(self, k)[keep] for k in ("hop_ms", "byte_ms", "client_mbps")
+                      if getattr(self, k) is not None}
         return _replace(self, compute_ms=self.compute_ms[:, keep],
                         device_names=tuple(self.device_names[d] for d in keep),
                         device_types=tuple(self.device_types[d] for d in keep),
-                        mem_bytes=self.mem_bytes[keep], bw_mbps=self.bw_mbps[np.ix_(keep, keep)], pins=pins)
+                        mem_bytes=self.mem_bytes[keep], bw_mbps=self.bw_mbps[np.ix_(keep, keep)], pins=pins,
+                        **per_device)
 
     def device_index(self, name: str) -> int:
         try:
@@ -197,7 +246,7 @@ class Problem:
 
         Extensions (optional keys): per layer ``min_bits``; top level ``latency_bound_ms``,
         ``allow_replication`` and ``pins`` (``[{"device": NAME, "first_layer": i, "last_layer": j}]``,
-        1-based inclusive).
+        1-based inclusive); per device ``hop_ms``, ``byte_ms`` and ``client_mbps`` (all devices or none).
         """
         try:
             return _from_json(cls, doc)
@@ -245,6 +294,12 @@ def _from_json(cls: type[Problem], doc: Mapping[str, Any]) -> Problem:
         device = names.index(str(pin["device"]))
         pins.append(Pin(int(pin["first_layer"]) - 1, int(pin["last_layer"]) - 1, device))
     bound = doc.get("latency_bound_ms")
+    per_device: dict[str, Any] = {k: float(doc[k]) for k in ("broker_msg_ms", "broker_byte_ms") if k in doc}
+    if "window" in doc:
+        per_device["window"] = int(doc["window"])
+    for key in ("hop_ms", "byte_ms", "client_mbps"):
+        if any(key in d for d in devices):
+            per_device[key] = [float(d[key]) for d in devices]
     return cls(
         layer_names=tuple(str(layer["name"]) for layer in layers),
         compute_ms=np.array(compute, dtype=np.float64).reshape(len(layers), n_dev),
@@ -262,4 +317,5 @@ def _from_json(cls: type[Problem], doc: Mapping[str, Any]) -> Problem:
         allow_replication=bool(doc.get("allow_replication", False)),
         name=str(doc.get("name", "")),
         device_types=tuple(types),
+        **per_device,
     )

@@ -49,6 +49,16 @@ def brute(p: dict, replicas_by_type: bool = False) -> tuple[float, float] | None
             times, lat, ok = [], 0.0, True
             for k, ((f, la), g) in enumerate(zip(parts, assign, strict=True)):
                 c = float(sum(comp[f : la + 1, g[0]]))
+                if "hop" in p:  # the stage's own messages: fixed + per byte received and sent
+                    got = p["input"] if f == 0 else out[f - 1] * p["bits"][f - 1] / 32
+                    sent = out[la] if la == n_l - 1 else out[la] * p["bits"][la] / 32
+                    c += p["hop"][g[0]] + p["byte"][g[0]] * (got + sent)
+                if "client" in p:  # input from and result to the client, on each replica's own link
+                    for nbytes, here in ((p["input"], f == 0), (out[n_l - 1], la == n_l - 1)):
+                        if here:
+                            t = nbytes * 8 / (p["client"][g[0]] * 1000)
+                            times.append(t / len(g))
+                            lat += t
                 need = sum(par[f : la + 1]) + (p["input"] if f == 0 else out[f - 1]) + out[la]
                 if any(need >= p["mem"][d] for d in g):
                     ok = False
@@ -200,3 +210,70 @@ def test_heuristic_reports_what_the_cost_model_scores(p: dict) -> None:
     assert res.bottleneck_ms == again.bottleneck_ms
     if again.feasible:
         assert expect is not None and res.bottleneck_ms >= expect[0] - 1e-9  # never beats the optimum
+
+
+@st.composite
+def with_messages(draw, replicas: bool = False):
+    """Instances whose messages cost: a fixed and a per-byte cost per device type, a client link per device."""
+    p = draw(instances(max_layers=5 if replicas else 6, max_devices=4, extensions=True))
+    n_d = len(p["types"])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n_t = max(p["types"]) + 1
+    hop_t = rng.choice([0.0, 0.5, 2.0, 8.0], n_t)
+    byte_t = rng.choice([0.0, 1e-6, 1e-5], n_t)
+    client_t = rng.choice([20.0, 100.0, 1000.0], n_t)
+    p["hop"] = [float(hop_t[t]) for t in p["types"]]
+    p["byte"] = [float(byte_t[t]) for t in p["types"]]
+    p["client"] = [float(client_t[t]) for t in p["types"]]
+    if replicas:
+        p["bw"] = np.full((n_d, n_d), p["bw"][0, 0 if n_d == 1 else 1])
+    return p
+
+
+def _message_problem(p: dict, **extra) -> Problem:
+    return to_problem(p, hop_ms=p["hop"], byte_ms=p["byte"], client_mbps=p["client"], **extra)
+
+
+@SETTINGS
+@given(with_messages())
+def test_exact_matches_brute_force_with_message_costs(p: dict) -> None:
+    """Per-hop fixed and per-byte costs and the client's links (fleetpipe#23) keep the solver exact."""
+    check(p, _message_problem(p))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(with_messages(replicas=True))
+def test_exact_matches_brute_force_with_message_costs_and_replicas(p: dict) -> None:
+    check(p, _message_problem(p, allow_replication=True), replicas=True)
+
+
+def test_a_costly_hop_keeps_a_tiny_model_on_one_device() -> None:
+    """A few-MFLOP model: 4 stages would each pay a 2.5 ms hop for 0.1 ms of compute; one device wins."""
+    n_l, n_d = 4, 4
+    p = {"compute": np.full((n_l, n_d), 0.1), "out": np.full(n_l, 4e3), "params": np.full(n_l, 1e5),
+         "input": 4e3, "mem": np.full(n_d, 1e9), "bw": np.full((n_d, n_d), 1e4), "types": [0] * n_d,
+         "bits": [32] * n_l}
+    free = solve(to_problem(p))
+    assert len(free.stages) == 4  # the classic model: messages are free, so cut everywhere
+    # Each device pays its own hop, so by the stages alone 4 stages still win (2.6 ms per stage against 2.9)...
+    costly = solve(to_problem(p, hop_ms=[2.5] * n_d, byte_ms=[0.0] * n_d))
+    assert len(costly.stages) == 4 and costly.bottleneck_ms == pytest.approx(2.6)
+    # ... but the broker relays every message of a frame (5 with 4 stages, 2 with one) and a client with 8
+    # frames in flight waits a whole latency per 8: one device wins.
+    shared = to_problem(p, hop_ms=[2.5] * n_d, byte_ms=[0.0] * n_d, broker_msg_ms=1.0, window=8)
+    res = solve(shared)
+    assert len(res.stages) == 1 and res.report.period_ms == pytest.approx(2.9)
+    assert evaluate(shared, costly.stages).period_ms == pytest.approx(5.0)
+    assert "1 stage(s) instead of 4" in res.notes and not res.exact
+
+
+def test_the_result_hop_keeps_a_big_result_off_the_slow_link() -> None:
+    """A 3 MB result: the last stage goes to the device with the fast link to the client, not the Wi-Fi one."""
+    p = {"compute": np.array([[10.0, 10.0], [10.0, 10.0]]), "out": np.array([1e5, 3e6]),
+         "params": np.array([1e6, 1e6]), "input": 1e5, "mem": np.full(2, 1e9),
+         "bw": np.full((2, 2), 1000.0), "types": [0, 1], "bits": [32, 32]}
+    res = solve(to_problem(p, client_mbps=[1000.0, 40.0]))
+    assert res.stages[-1].devices == (0,)
+    report = evaluate(to_problem(p, client_mbps=[1000.0, 40.0]), res.stages)
+    assert report.stages[-1].transfer_ms == pytest.approx(3e6 * 8 / 1000.0 / 1000.0)
+    assert report.bottleneck_ms == res.bottleneck_ms
