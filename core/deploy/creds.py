@@ -245,10 +245,10 @@ def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Itera
     for role, names in groups:
         for name in names:
             validate_name(f"{role} name", name)
-            if role == "node" and name == topics.PLANNER_ID:
-                raise ConfigError(f"{name!r} is reserved for the planner's state topic; name the node otherwise")
             if name in roles:
                 raise ConfigError(f"identity {name!r} given twice ({roles[name]} and {role})")
+            if role == "node" and name == topics.PLANNER_ID:
+                raise ConfigError(f"{name!r} is reserved for the planner's state topic; name the node otherwise")
             roles[name] = role
     if not roles:
         raise ConfigError("no identities: give --nodes, --planner or --clients")

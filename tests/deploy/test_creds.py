@@ -85,11 +85,13 @@ def test_acl_follows_the_topic_table(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_identities_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="twice"):
-        creds.generate(tmp_path, fleet="f", nodes=["a", "planner"])
+        creds.generate(tmp_path, fleet="f", nodes=["a", "boss"], planner="boss")
     with pytest.raises(ConfigError):
         creds.generate(tmp_path, fleet="f", nodes=["a/b"])
     with pytest.raises(ConfigError):
         creds.generate(tmp_path, fleet="f+", nodes=["a"])
+    with pytest.raises(ConfigError, match="reserved"):  # node/planner/state is the planner's birth and death
+        creds.generate(tmp_path, fleet="f", nodes=["planner"], planner="boss")
     with pytest.raises(ConfigError, match="no identities"):
         creds.generate(tmp_path, fleet="f", nodes=[], planner=None)
 
