@@ -275,3 +275,15 @@ def test_an_empty_map_is_judged_against_the_rms_floor_not_against_zero():
     assert rel_l2(empty * 1.1, empty) < 1e-3
     assert rel_l2(real * 1.1, real) == pytest.approx(0.1)
     assert rel_l2(np.full((1, 10), 0.02), np.zeros((1, 10))) > 0.01  # a map that appears from nothing
+
+
+def test_check_names_a_tflite_or_missing_model_in_one_line(tmp_path, capsys):
+    from fleetpipe.client_cli import check_outputs
+
+    tfl = tmp_path / "m.tflite"
+    tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(32))
+    x = [np.zeros((1, 3), np.float32)]
+    assert check_outputs(str(tfl), x, [{}]) == 2
+    assert check_outputs(str(tmp_path / "missing.onnx"), x, [{}]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "TFLite" in err[0] and "missing.onnx" in err[1]
