@@ -106,6 +106,16 @@ def test_plan_command_prints_the_bits_per_cut_and_why(outlier, tmp_path, capsys)
     assert bits["source"] == "probe tolerance" and len(doc["stages"]) >= 2 and bits["cuts"]
     assert all(c["bits"] >= 16 for c in bits["cuts"])
     assert [s["bits"] for s in doc["stages"][:-1]] == [c["bits"] for c in bits["cuts"]]
+    # with a calibration of this model the plan ships its floors and says so
+    info = load_model_info(str(path))
+    x = np.random.default_rng(1).random((3, 3, 16, 16)).astype(np.float32)
+    cal = calibrate(info.proto, info.graph, x, bits_candidates=(4, 8, 16), floor=0.01, model_id=info.model_id)
+    (tmp_path / "calib.json").write_text(cal.to_json())
+    code = main(["plan", "--model", str(path), "--fleet", str(tmp_path / "fleet.toml"), "--bits", "8",
+                 "--calibration", str(tmp_path / "calib.json"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["bit_widths"]["source"] == "calibrated floor"
+    assert all(c["bits"] == cal.min_bits[c["after_layer"]] for c in doc["bit_widths"]["cuts"])
 
 
 def test_classifier_shape_decides_top1():
