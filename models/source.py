@@ -247,8 +247,9 @@ def _open_onnx(
 
     original = read_model(source)
     reference = pin_inputs(normalize(original), input_shapes)
-    model = prepare_onnx(reference)  # folded by an onnxruntime session: the check that it runs here
-    graph = load_onnx(model, order=order, grouping=grouping, name=name or original.graph.name or "model")
+    model = prepare_onnx(reference, checked=True)  # folded by an onnxruntime session: the check that it runs here
+    graph = load_onnx(model, order=order, grouping=grouping, name=name or original.graph.name or "model",
+                      checked=True)
     shapes = {t.name: t.shape for t in graph.inputs}
     return LoadedModel("onnx", model, graph, reference, shapes)
 
