@@ -247,3 +247,14 @@ def test_tflite_dynamic_batch_signature_is_one_other_dims_refused(caplog: pytest
         open_model(tflite_fp16_mlp(), {"input": (2, 16)})
     with pytest.raises(InputShapeError, match="sliced at its static shape"):
         open_model(with_signature([-1, 16]), {"input": (2, 16)})
+
+
+def test_folding_keeps_the_graph_structure_of_a_static_model() -> None:
+    """Folding rewrites constants and fuses what sessions fuse, but a ViT's MatMul + Add stay (split patterns)."""
+    from collections import Counter
+
+    from fleetpipe.models import zoo
+
+    model = zoo.build("vit", resolution=16, patch=4, dim=32, depth=2, heads=2)
+    loaded = open_model(model)
+    assert Counter(n.op_type for n in loaded.model.graph.node) == Counter(n.op_type for n in model.graph.node)
