@@ -258,3 +258,17 @@ def test_folding_keeps_the_graph_structure_of_a_static_model() -> None:
     model = zoo.build("vit", resolution=16, patch=4, dim=32, depth=2, heads=2)
     loaded = open_model(model)
     assert Counter(n.op_type for n in loaded.model.graph.node) == Counter(n.op_type for n in model.graph.node)
+
+
+def test_unknown_ops_are_one_log_line_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LRN", ["x"], ["y"], name="lrn", size=3)
+    graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with caplog.at_level(logging.WARNING, logger="fleetpipe.models"):
+        loaded = open_model(model)  # the suite turns warnings into errors: none may escape
+    assert loaded.graph.layers[0].unknown_ops == ("LRN",)
+    lines = [r.getMessage() for r in caplog.records if "unknown to the estimator" in r.getMessage()]
+    assert len(lines) == 1 and "LRN" in lines[0]
