@@ -272,3 +272,13 @@ def test_unknown_ops_are_one_log_line_not_a_warning(caplog: pytest.LogCaptureFix
     assert loaded.graph.layers[0].unknown_ops == ("LRN",)
     lines = [r.getMessage() for r in caplog.records if "unknown to the estimator" in r.getMessage()]
     assert len(lines) == 1 and "LRN" in lines[0]
+
+
+def test_a_node_profiles_a_tflite_slice_layer_by_layer() -> None:
+    from fleetpipe.models.tflite import load_tflite
+    from fleetpipe.node.profile import slice_layer_ms
+
+    loaded = open_model(tflite_fp16_mlp(), grouping="blocks")
+    data = loaded.slice(0, len(loaded.graph.layers) - 1)
+    ms = slice_layer_ms(data, runs=2)
+    assert len(ms) == len(load_tflite(data).layers) and all(t >= 0 for t in ms)
