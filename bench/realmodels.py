@@ -33,7 +33,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from _report import md_table, plot_bars  # noqa: E402
+from _report import md_table  # noqa: E402
 
 from tests.realmodels import corpus  # noqa: E402
 
@@ -260,8 +260,26 @@ def plot(rows: list[dict[str, Any]], sizes: list[int], path: Path) -> None:
     runnable = [r for r in rows if r["expected"] == "runnable" and any(r.get(f"fleet{n}") for n in sizes)]
     if not runnable:
         return
-    series = {f"{n} nodes": [(r.get(f"fleet{n}") or {}).get("ratio") for r in runnable] for n in sizes}
-    plot_bars(path, "fleet throughput / best single node", "ratio", [r["id"] for r in runnable], series, hline=1.0)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(runnable) * len(sizes)), 4.8), dpi=110)
+    width = 0.8 / len(sizes)
+    for k, n in enumerate(sizes):
+        ys = [(r.get(f"fleet{n}") or {}).get("ratio") or float("nan") for r in runnable]
+        ax.bar([i + (k - (len(sizes) - 1) / 2) * width for i in range(len(runnable))], ys, width, label=f"{n} nodes")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(runnable)))
+    ax.set_xticklabels([r["id"] for r in runnable], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("fleet / best single node (log)")
+    ax.set_title("fleet throughput against the best single node, per corpus model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _mark(status: str) -> str:

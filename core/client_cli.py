@@ -84,6 +84,11 @@ def check_outputs(model: str, inputs: list[Any], results: list[Any], tolerance: 
 
 def _run_locally(model: str, inputs: list[Any]) -> list[dict[str, Any]]:
     """Every output of ``model`` (an ONNX file) for each input, by name."""
+    with open(model, "rb") as fh:
+        head = fh.read(8)
+    if head[4:8] == b"TFL3":
+        raise ValueError("this is a TFLite model; --check runs ONNX models (fleetpipe demo --model FILE.tflite checks "
+                         "a TFLite fleet against LiteRT)")
     try:
         import onnxruntime as ort
     except ImportError as exc:

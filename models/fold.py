@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["NotRunnable", "fold_constants", "ort_check", "ort_reason"]
 
 
+# Basic-level rewrites that change the graph's structure rather than fold it: MatMul + Add becomes
+# Reshape -> Gemm -> Reshape on 3-D activations (a ViT's attention and MLP), which the split planner's
+# tensor-parallel patterns and the layer grouping would no longer recognise.
+KEEP_STRUCTURE = ("MatMulAddFusion",)
+
+
 class NotRunnable(UnsupportedModel):
     """The local runtime (onnxruntime or LiteRT) cannot run the model (an op it lacks, ...)."""
 
@@ -54,7 +60,8 @@ def ort_check(model: onnx.ModelProto, *, optimized_path: Path | None = None) -> 
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(KEEP_STRUCTURE))
     except Exception as exc:
         raise NotRunnable(ort_reason(exc)) from exc
 

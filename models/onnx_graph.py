@@ -50,8 +50,11 @@ class UnknownOpWarning(UserWarning):
     """An op the FLOPs estimator does not know; its cost is a conservative guess."""
 
 
-def read_model(source: str | PathLike[str] | bytes | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and validate an ONNX model from a path, bytes or a proto; raises UnsupportedModel."""
+def read_model(source: str | PathLike[str] | bytes | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """Read and validate an ONNX model from a path, bytes or a proto; raises UnsupportedModel.
+
+    ``check=False`` skips the onnx checker (for a proto this module validated or onnxruntime wrote).
+    """
     import onnx
 
     if isinstance(source, onnx.ModelProto):
@@ -71,6 +74,8 @@ def read_model(source: str | PathLike[str] | bytes | onnx.ModelProto) -> onnx.Mo
             raise UnsupportedModel(f"{path} is not a readable ONNX model: {exc}") from exc
     if not model.graph.node:
         raise UnsupportedModel("the ONNX model has no nodes (corrupt or empty file?)")
+    if not check:
+        return model
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -132,14 +137,18 @@ def load_onnx(
     order: str = "greedy",
     grouping: str = "blocks",
     name: str | None = None,
+    checked: bool = False,
 ) -> ModelGraph:
-    """Analyse an ONNX model into a ``ModelGraph`` (see the module docstring)."""
+    """Analyse an ONNX model into a ``ModelGraph`` (see the module docstring).
+
+    ``checked``: ``source`` is a proto already validated (``prepare_onnx``'s output): skip the checker.
+    """
 
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
-    model = pin_inputs(normalize(read_model(source)), input_shapes)
+    model = pin_inputs(normalize(read_model(source, check=not checked)), input_shapes)
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [v for v in model.graph.input if v.name not in init_names]
     inferred = _infer(model)
@@ -153,9 +162,9 @@ def load_onnx(
     if unknown_shape:
         t, node = unknown_shape[0]
         raise UnsupportedModel(
-            f"the shape of tensor {t!r} (output of {node.op_type} node {node.name!r}) is unknown with the inputs "
-            f"pinned to {_shapes_text(model, real_inputs)}; load the model with fleetpipe.models.source.open_model "
-            "(or prepare_onnx), which folds constant sub-graphs first"
+            f"the shape of tensor {t!r} (output of {node.op_type}{_domain(node)} node {node.name!r}) is unknown with "
+            f"the inputs pinned to {_shapes_text(model, real_inputs)}: the model computes it from data (or, if this "
+            "model was not loaded through fleetpipe.models.source.open_model, from constants it would fold)"
         )
     input_names = [v.name for v in real_inputs]
     output_names = [v.name for v in model.graph.output]
@@ -279,6 +288,7 @@ def prepare_onnx(
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     *,
     fold: bool = True,
+    checked: bool = False,
 ) -> onnx.ModelProto:
     """The model ready to analyse and slice: read, normalised, inputs pinned, constants folded.
 
@@ -289,23 +299,16 @@ def prepare_onnx(
     (which alone moved a sigmoid map by 3e-3 relative). Without ``fold`` it is folded only when onnx
     shape inference leaves a used tensor's shape unknown with the inputs pinned.
     """
-    model = pin_inputs(normalize(read_model(source)), input_shapes)
+    model = pin_inputs(normalize(read_model(source, check=not checked)), input_shapes)
     if not fold and not _unknown_shapes(model, _infos(_infer(model))):
         return model
     from fleetpipe.models.fold import fold_constants
 
-    folded = normalize(fold_constants(model))
-    left = _unknown_shapes(folded, _infos(_infer(folded)))
-    if left:
-        t, node = left[0]
-        domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
-        init_names = {i.name for i in folded.graph.initializer}
-        pinned = _shapes_text(folded, [v for v in folded.graph.input if v.name not in init_names])
-        raise UnsupportedModel(
-            f"the shape of tensor {t!r} (output of {node.op_type}{domain} node {node.name!r}) stays unknown with "
-            f"the inputs pinned to {pinned} and constant sub-graphs folded: the model computes it from data"
-        )
-    return folded
+    return normalize(fold_constants(model))  # a shape that stays unknown: load_onnx says which
+
+
+def _domain(node: onnx.NodeProto) -> str:
+    return f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
 
 
 def _check_tensors(model: onnx.ModelProto, real_inputs: list[Any]) -> None:

@@ -13,6 +13,7 @@ is read as ONNX (protobuf has no magic).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -36,6 +37,8 @@ __all__ = [
     "open_model",
     "rel_diff",
 ]
+
+log = logging.getLogger("fleetpipe.models")
 
 TFLITE_IDENTIFIER = b"TFL3"
 # --verify: the slices' outputs may differ from the whole model's by this much (max |a-b| / max |a|).
@@ -163,7 +166,30 @@ def open_model(
     check: bool = True,
     zoo_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Read, pin, fold, check and analyse a model (see the module docstring)."""
+    """Read, pin, fold, check and analyse a model (see the module docstring).
+
+    An op the FLOPs estimator does not know is said in one log line (not a Python warning with a source
+    line, which is what a CLI user saw).
+    """
+    import warnings
+
+    from fleetpipe.models.onnx_graph import UnknownOpWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnknownOpWarning)
+        loaded = _open(source, input_shapes, order, grouping, name, check, zoo_kwargs)
+    for w in caught:
+        if issubclass(w.category, UnknownOpWarning):
+            log.warning("%s: %s", loaded.graph.name, w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
+def _open(
+    source: Any, input_shapes: Mapping[str, tuple[int, ...]] | None, order: str, grouping: str,
+    name: str | None, check: bool, zoo_kwargs: Mapping[str, Any] | None,
+) -> LoadedModel:
     data: bytes | None = None
     if isinstance(source, str) and source.startswith("zoo:"):
         from fleetpipe.models import zoo
@@ -247,8 +273,9 @@ def _open_onnx(
 
     original = read_model(source)
     reference = pin_inputs(normalize(original), input_shapes)
-    model = prepare_onnx(reference)  # folded by an onnxruntime session: the check that it runs here
-    graph = load_onnx(model, order=order, grouping=grouping, name=name or original.graph.name or "model")
+    model = prepare_onnx(reference, checked=True)  # folded by an onnxruntime session: the check that it runs here
+    graph = load_onnx(model, order=order, grouping=grouping, name=name or original.graph.name or "model",
+                      checked=True)
     shapes = {t.name: t.shape for t in graph.inputs}
     return LoadedModel("onnx", model, graph, reference, shapes)
 

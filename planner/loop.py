@@ -738,8 +738,8 @@ class PlannerService:
         return problem, result
 
     def _floor_finder(self) -> Any:
-        """The probe floor finder of this model (None: calibrated, floors off, or 32 bits asked)."""
-        if self.calibration is not None or not self.config.bit_floors or self.config.bits >= 32:
+        """The probe floor finder of this model (None: calibrated or floors off; it probes nothing at 32 bits)."""
+        if self.calibration is not None or not self.config.bit_floors:
             return None
         if self._finder is None:
             from fleetpipe.planner.bitwidth import FloorFinder
@@ -755,7 +755,9 @@ class PlannerService:
 
         if self.calibration is not None:
             return int(self.calibration.min_bits[cut])
-        if self._finder is False and self.config.bit_floors and self.config.bits < 32:
+        if self.config.bits >= 32 or not self.config.bit_floors:
+            return None  # float32 loses nothing; floors off: --bits as given
+        if self._finder is False:
             return 32
         try:
             finder = self._floor_finder()

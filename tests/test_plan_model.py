@@ -43,7 +43,9 @@ def test_plan_model_for_fleet(tmp_path, capsys):
     # The 5 Mbit/s link override is honoured: fast never feeds slow directly.
     for a, b in zip(doc["stages"], doc["stages"][1:], strict=False):
         assert (a["device"], b["device"]) != ("fast", "slow")
-    assert all(st["bits"] == 8 for st in doc["stages"])
+    # --bits 8 at every cut, or the cut's bit floor above it (fleetpipe.planner.bitwidth), as bit_widths says
+    floors = {c["after_layer"]: c["bits"] for c in doc["bit_widths"]["cuts"]}
+    assert all(st["bits"] == floors.get(st["last_layer"], 8) >= 8 for st in doc["stages"])
 
 
 def test_fleet_file_errors(tmp_path):

@@ -106,6 +106,16 @@ def test_plan_command_prints_the_bits_per_cut_and_why(outlier, tmp_path, capsys)
     assert bits["source"] == "probe tolerance" and len(doc["stages"]) >= 2 and bits["cuts"]
     assert all(c["bits"] >= 16 for c in bits["cuts"])
     assert [s["bits"] for s in doc["stages"][:-1]] == [c["bits"] for c in bits["cuts"]]
+    # with a calibration of this model the plan ships its floors and says so
+    info = load_model_info(str(path))
+    x = np.random.default_rng(1).random((3, 3, 16, 16)).astype(np.float32)
+    cal = calibrate(info.proto, info.graph, x, bits_candidates=(4, 8, 16), floor=0.01, model_id=info.model_id)
+    (tmp_path / "calib.json").write_text(cal.to_json())
+    code = main(["plan", "--model", str(path), "--fleet", str(tmp_path / "fleet.toml"), "--bits", "8",
+                 "--calibration", str(tmp_path / "calib.json"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["bit_widths"]["source"] == "calibrated floor"
+    assert all(c["bits"] == cal.min_bits[c["after_layer"]] for c in doc["bit_widths"]["cuts"])
 
 
 def test_classifier_shape_decides_top1():
@@ -275,3 +285,15 @@ def test_an_empty_map_is_judged_against_the_rms_floor_not_against_zero():
     assert rel_l2(empty * 1.1, empty) < 1e-3
     assert rel_l2(real * 1.1, real) == pytest.approx(0.1)
     assert rel_l2(np.full((1, 10), 0.02), np.zeros((1, 10))) > 0.01  # a map that appears from nothing
+
+
+def test_check_names_a_tflite_or_missing_model_in_one_line(tmp_path, capsys):
+    from fleetpipe.client_cli import check_outputs
+
+    tfl = tmp_path / "m.tflite"
+    tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(32))
+    x = [np.zeros((1, 3), np.float32)]
+    assert check_outputs(str(tfl), x, [{}]) == 2
+    assert check_outputs(str(tmp_path / "missing.onnx"), x, [{}]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "TFLite" in err[0] and "missing.onnx" in err[1]

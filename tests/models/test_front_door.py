@@ -247,3 +247,38 @@ def test_tflite_dynamic_batch_signature_is_one_other_dims_refused(caplog: pytest
         open_model(tflite_fp16_mlp(), {"input": (2, 16)})
     with pytest.raises(InputShapeError, match="sliced at its static shape"):
         open_model(with_signature([-1, 16]), {"input": (2, 16)})
+
+
+def test_folding_keeps_the_graph_structure_of_a_static_model() -> None:
+    """Folding rewrites constants and fuses what sessions fuse, but a ViT's MatMul + Add stay (split patterns)."""
+    from collections import Counter
+
+    from fleetpipe.models import zoo
+
+    model = zoo.build("vit", resolution=16, patch=4, dim=32, depth=2, heads=2)
+    loaded = open_model(model)
+    assert Counter(n.op_type for n in loaded.model.graph.node) == Counter(n.op_type for n in model.graph.node)
+
+
+def test_unknown_ops_are_one_log_line_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LRN", ["x"], ["y"], name="lrn", size=3)
+    graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with caplog.at_level(logging.WARNING, logger="fleetpipe.models"):
+        loaded = open_model(model)  # the suite turns warnings into errors: none may escape
+    assert loaded.graph.layers[0].unknown_ops == ("LRN",)
+    lines = [r.getMessage() for r in caplog.records if "unknown to the estimator" in r.getMessage()]
+    assert len(lines) == 1 and "LRN" in lines[0]
+
+
+def test_a_node_profiles_a_tflite_slice_layer_by_layer() -> None:
+    from fleetpipe.models.tflite import load_tflite
+    from fleetpipe.node.profile import slice_layer_ms
+
+    loaded = open_model(tflite_fp16_mlp(), grouping="blocks")
+    data = loaded.slice(0, len(loaded.graph.layers) - 1)
+    ms = slice_layer_ms(data, runs=2)
+    assert len(ms) == len(load_tflite(data).layers) and all(t >= 0 for t in ms)

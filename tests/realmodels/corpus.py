@@ -58,8 +58,11 @@ NEGATIVE_CAUSE = {
     "ort_logreg_iris": ("sequence",),
 }
 
-# (step, model id) -> why the product fails there today; steps: inspect, slice, fleet.
+# (step, model id) -> why the product fails there today; steps: inspect, slice, slice-nodes, fleet, demo.
 KNOWN: dict[tuple[str, str], str] = {}
+# Models whose whole-model runs take seconds here (ResNet-50 / GoogLeNet with ConstantOfShape weights, the
+# PP-OCRv4 detector and recogniser): marked slow in every step.
+HEAVY = frozenset({"caffe2_resnet50", "caffe2_inception_v1", "ppocr_det_v4", "ppocr_rec_v4"})
 
 
 def cache_dir() -> Path:
@@ -115,7 +118,7 @@ def params(step: str, models: Iterable[RealModel] | None = None) -> list[Any]:
     """``pytest.param`` per model with its id, xfail(strict=True) where ``KNOWN`` says the step fails."""
     out = []
     for m in corpus() if models is None else models:
-        marks = []
+        marks: list[Any] = [pytest.mark.slow] if m.id in HEAVY else []
         why = KNOWN.get((step, m.id))
         if why:
             marks.append(pytest.mark.xfail(reason=why, strict=True))

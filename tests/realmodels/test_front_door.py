@@ -57,7 +57,8 @@ def test_slices_equal_whole_model(
 
 
 @pytest.mark.corpus(step="negative", expected="negative")
-@pytest.mark.parametrize("action", ["inspect", "slice", "plan", "demo"])
+@pytest.mark.parametrize("action", ["inspect", "slice", pytest.param("plan", marks=pytest.mark.slow),
+                                    pytest.param("demo", marks=pytest.mark.slow)])
 def test_negative_fails_with_one_line(realmodel: RealModel, realmodel_path: Path, action: str, tmp_path: Path) -> None:
     """Rejected before anything is deployed: one line naming the cause, no traceback, no files left."""
     model = [str(realmodel_path), *realmodel.shape_flags]
