@@ -43,9 +43,22 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         path = Path(tmp) / "folded.onnx"
         ort_check(model, optimized_path=path)
         try:
-            return onnx.load(str(path))
+            folded = onnx.load(str(path))
         except Exception as exc:  # pragma: no cover - onnxruntime wrote it a moment ago
             raise UnsupportedModel(f"cannot read the folded model: {exc}") from exc
+    return _drop_unused_opsets(folded, model)
+
+
+def _drop_unused_opsets(folded: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime writes opset imports for every domain it registers (``ai.onnx.training``,
+    ``com.microsoft`` ...): keep only the domains the original imports or a node uses, so a slice names no
+    domain its model did not (nodes refuse slices importing foreign domains, fleetpipe.node.runtime.verify)."""
+    used = {n.domain for n in folded.graph.node} | {o.domain for o in original.opset_import}
+    keep = [o for o in folded.opset_import if o.domain in used]
+    if len(keep) != len(folded.opset_import):
+        del folded.opset_import[:]
+        folded.opset_import.extend(keep)
+    return folded
 
 
 def ort_check(model: onnx.ModelProto, *, optimized_path: Path | None = None) -> None:
