@@ -77,9 +77,10 @@ def test_planner_assigns_and_node_reads_only_its_own_assignment(secure_broker: S
                 await planner.publish(topics.node_health(FLEET, "n1"), b"forged", qos=1)
             return got
 
-    # (n1's own assignment arrives once per matching subscription; slices are readable by every node)
+    # (n1's own assignment arrives once per matching subscription; slices are readable by every node, and so is the
+    # plan: a node switches epochs when the plan commits them)
     assert set(run(main())) == {(topics.node_assign(FLEET, "n1"), b"stage-0"),
-                                (topics.slice_chunk(FLEET, "abc", 0), b"chunk")}
+                                (topics.slice_chunk(FLEET, "abc", 0), b"chunk"), (topics.plan(FLEET), b"plan")}
 
 
 def test_pipeline_topics_for_nodes_and_clients(secure_broker: SecureBroker) -> None:
