@@ -295,6 +295,10 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
             assert time.monotonic() - start < 40
             with pytest.raises(FleetUnavailable, match="alive"):
                 client.infer(x, timeout_s=10)
+            # A stream that yields errors rides the outage out: every frame fails at once, typed.
+            start = time.monotonic()
+            during = list(client.stream([x] * 3, timeout_s=30, errors="yield"))
+            assert all(isinstance(o, FleetUnavailable) for o in during) and time.monotonic() - start < 10, during
             assert all(isinstance(o, FleetUnavailable) or o.output.shape for o in outcomes)
             for i in (1, 2):
                 f.procs[f"m{i}-old"] = f.procs.pop(f"m{i}")
@@ -304,6 +308,8 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
                 time.sleep(0.2)
             assert client._client.unavailable is None, "the fleet did not come back\n" + f.logs()
             assert client.infer(x, timeout_s=60).shape
+            after = list(client.stream([x] * 3, timeout_s=60, errors="yield"))
+            assert all(not isinstance(o, Exception) and o.output.shape for o in after), after
 
 
 def test_a_node_killed_while_loading_the_epoch_it_joins_does_not_stop_the_stream(mosquitto, tmp_path):
