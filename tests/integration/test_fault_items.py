@@ -44,6 +44,14 @@ QUICK = {
 }
 
 
+def _fleet_name(base: str) -> str:
+    """A fleet name of this run alone: zeroconf adverts are machine-wide, and another checkout running the same
+    test at the same time would otherwise advertise the same node ids (duplicate-id refusal)."""
+    import uuid
+
+    return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
 def _status(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -103,7 +111,7 @@ def _activation(fleet_name: str, epoch: int, name: str, tensor: dict, fid: str) 
 def test_one_node_fleet_survives_bad_frames_forgeries_and_shows_its_planner(mosquitto, tmp_path):
     """21.4, 20.7, 21.6 and 20.13 on a planner + one node fleet."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "fitems"
+    name = _fleet_name("fitems")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32")
@@ -265,7 +273,7 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
     """21.3: three memory-limited nodes; kill two: every pending and new frame fails with FleetUnavailable (no
     endless re-sends), the retained plan says infeasible; restart them: new frames run again."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "finfeas"
+    name = _fleet_name("finfeas")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32", "--expect-nodes", "3", "--profile",
@@ -316,7 +324,7 @@ def test_a_node_killed_while_loading_the_epoch_it_joins_does_not_stop_the_stream
     """21.1: three nodes serve; a fourth joins and is killed as soon as its assignment arrives. The others keep
     serving the committed epoch past their 15 s grace (the new epoch is abandoned whole), and the stream goes on."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "fjoin"
+    name = _fleet_name("fjoin")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32", "--expect-nodes", "3", "--profile",
