@@ -429,14 +429,18 @@ class FleetClient:
         return self._call(self._client.infer(inputs, timeout_s), timeout_s + 5)
 
     def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]], timeout_s: float | None = None, *,
-               deadline: float | None = None) -> Iterator[FrameResult]:
+               deadline: float | None = None, errors: str = "raise") -> Iterator[Any]:
         """Yield results in order, keeping a window of frames in flight.
 
         A frame that fails raises its error: ``FleetUnavailable`` while the planner says the fleet cannot run
-        the model (a later call runs again once it can), ``InferenceError`` for a frame a node rejects.
+        the model, ``InferenceError`` for a frame a node rejects. With ``errors="yield"`` the stream yields the
+        error in that frame's place and goes on, so a long stream rides out an outage by itself (its frames
+        fail at once while the fleet is infeasible and run again when the nodes return).
         ``timeout_s`` bounds the wait for each result (and for each window slot); ``deadline`` (a
         ``time.monotonic()`` instant) bounds the whole stream. Either raises ``TimeoutError``.
         """
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', not {errors!r}")
         futures: list[concurrent.futures.Future[FrameResult]] = []
 
         def left() -> float | None:
@@ -445,9 +449,13 @@ class FleetClient:
             remaining = max(deadline - time.monotonic(), 0.0)
             return remaining if timeout_s is None else min(timeout_s, remaining)
 
-        def result(future: concurrent.futures.Future[FrameResult]) -> FrameResult:
+        def result(future: concurrent.futures.Future[FrameResult]) -> Any:
             try:
                 return future.result(left())
+            except FleetpipeError as exc:
+                if errors == "yield":
+                    return exc
+                raise
             except concurrent.futures.TimeoutError:
                 raise TimeoutError(f"no result within {timeout_s if deadline is None else 'the deadline'}"
                                    f"{' s' if deadline is None else ''}") from None

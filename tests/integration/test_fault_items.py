@@ -44,6 +44,14 @@ QUICK = {
 }
 
 
+def _fleet_name(base: str) -> str:
+    """A fleet name of this run alone: zeroconf adverts are machine-wide, and another checkout running the same
+    test at the same time would otherwise advertise the same node ids (duplicate-id refusal)."""
+    import uuid
+
+    return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
 def _status(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -103,7 +111,7 @@ def _activation(fleet_name: str, epoch: int, name: str, tensor: dict, fid: str) 
 def test_one_node_fleet_survives_bad_frames_forgeries_and_shows_its_planner(mosquitto, tmp_path):
     """21.4, 20.7, 21.6 and 20.13 on a planner + one node fleet."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "fitems"
+    name = _fleet_name("fitems")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32")
@@ -128,7 +136,7 @@ def test_one_node_fleet_survives_bad_frames_forgeries_and_shows_its_planner(mosq
                 n = 1 << 26
                 big = {"dtype": "float32", "shape": [1, 4, 4096, 4096], "bits": 2, "data": bytes(n // 4),
                        "scale": 1.0, "zp": 0.0}
-                await w.bus.publish(topics.stage_in(name, plan.epoch, 0),
+                await w.bus.publish(topics.stage_in(name, plan.epoch, 0, "mallory"),
                                     _activation(name, plan.epoch, input_name, big, "amp-0"), qos=1)
                 r = await w.report(lambda r: r.frame_id == "amp-0", 20)
                 assert r.kind == "InferenceError" and "expected" in r.detail, r
@@ -137,7 +145,7 @@ def test_one_node_fleet_survives_bad_frames_forgeries_and_shows_its_planner(mosq
                 assert grew < 200 * 1024 * 1024, f"node peak RSS grew by {grew / 2**20:.0f} MiB"
                 # A claim past MAX_DECODED_BYTES (512 MiB decoded from 32 MiB) is refused by the codec itself.
                 huge = dict(big, shape=[1, 8, 4096, 4096], data=bytes(n // 2))
-                await w.bus.publish(topics.stage_in(name, plan.epoch, 0),
+                await w.bus.publish(topics.stage_in(name, plan.epoch, 0, "mallory"),
                                     _activation(name, plan.epoch, input_name, huge, "amp-huge"), qos=1)
                 r = await w.report(lambda r: r.frame_id == "amp-huge" or "MAX_DECODED_BYTES" in r.detail, 20)
                 assert r.kind == "DecodeError" and "MAX_DECODED_BYTES" in r.detail, r
@@ -265,7 +273,7 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
     """21.3: three memory-limited nodes; kill two: every pending and new frame fails with FleetUnavailable (no
     endless re-sends), the retained plan says infeasible; restart them: new frames run again."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "finfeas"
+    name = _fleet_name("finfeas")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32", "--expect-nodes", "3", "--profile",
@@ -295,6 +303,10 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
             assert time.monotonic() - start < 40
             with pytest.raises(FleetUnavailable, match="alive"):
                 client.infer(x, timeout_s=10)
+            # A stream that yields errors rides the outage out: every frame fails at once, typed.
+            start = time.monotonic()
+            during = list(client.stream([x] * 3, timeout_s=30, errors="yield"))
+            assert all(isinstance(o, FleetUnavailable) for o in during) and time.monotonic() - start < 10, during
             assert all(isinstance(o, FleetUnavailable) or o.output.shape for o in outcomes)
             for i in (1, 2):
                 f.procs[f"m{i}-old"] = f.procs.pop(f"m{i}")
@@ -304,13 +316,15 @@ def test_an_infeasible_fleet_fails_frames_with_fleet_unavailable_and_resumes(mos
                 time.sleep(0.2)
             assert client._client.unavailable is None, "the fleet did not come back\n" + f.logs()
             assert client.infer(x, timeout_s=60).shape
+            after = list(client.stream([x] * 3, timeout_s=60, errors="yield"))
+            assert all(not isinstance(o, Exception) and o.output.shape for o in after), after
 
 
 def test_a_node_killed_while_loading_the_epoch_it_joins_does_not_stop_the_stream(mosquitto, tmp_path):
     """21.1: three nodes serve; a fourth joins and is killed as soon as its assignment arrives. The others keep
     serving the committed epoch past their 15 s grace (the new epoch is abandoned whole), and the stream goes on."""
     model, shape = tiny_resnet18(tmp_path)
-    name = "fjoin"
+    name = _fleet_name("fjoin")
     with fleet(mosquitto.url, name, tmp_path) as f:
         f.env.update(QUICK)
         f.planner(model, "--bits", "32", "--expect-nodes", "3", "--profile",
