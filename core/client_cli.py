@@ -15,11 +15,10 @@ def register(subparsers: Any) -> None:
     from fleetpipe.cliargs import add_broker_args
 
     add_broker_args(p)
-    p.add_argument("--fleet", default="default")
     p.add_argument("--input", required=True, nargs="+", help=".npy file(s), one frame each (or a batch with --batch)")
     p.add_argument("--output", help="write the outputs to this .npy (stacked)")
-    p.add_argument("--window", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--window", type=int, default=8, help="frames in flight (default 8)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a plan and results (default 120)")
     p.set_defaults(func=run)
 
 

@@ -109,13 +109,16 @@ def _install_service(args: argparse.Namespace) -> int:
             print(f"--- {f.path} (mode {f.mode:04o})\n{shown}\n")
         return 0
     try:
-        done = install.apply(files, force=args.force)
-        created = install.create_user(files[1].path) if Path(args.prefix).resolve() == Path("/") else None
+        # The service user first: the config and password files are chowned to its group as they are written.
+        done = install.apply(files[1:2], force=args.force, prefix=args.prefix)
+        created = install.create_user(files[1].path, args.prefix)
+        done += install.apply([files[0], *files[2:]], force=args.force, prefix=args.prefix)
     except (OSError, ConfigError) as exc:
         print(f"fleetpipe install-service: {exc}", file=sys.stderr)
         return 1
     for f, what in done:
-        print(f"{what:7} {f.path}" + ("  (exists; --force to overwrite)" if what == "kept" else ""))
+        note = {"kept": "  (exists; --force to overwrite)", "fixed": "  (exists; owner/mode mended)"}.get(what, "")
+        print(f"{what:7} {f.path}{note}")
     if created:
         print(f"created the fleetpipe system user: {created}")
     unit = install.unit_name(args.role, args.name, template=args.template)
@@ -166,7 +169,6 @@ def _gen_certs(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from fleetpipe.deploy import broker_config
 

@@ -78,7 +78,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     from fleetpipe.cliargs import add_broker_args
 
     add_broker_args(p)
-    p.add_argument("--fleet", default="default", help="fleet name (default 'default')")
 
 
 def _run_top(args: argparse.Namespace) -> int:
