@@ -179,7 +179,10 @@ class PlannerService:
         self.bus: MqttBus | None = None
         self._first_seen: float | None = None
         self._replanning: asyncio.Task[None] | None = None
-        self._published_slices: set[str] = set()
+        # Slices this planner holds retained on the broker (digest -> chunk count), and those the epoch being
+        # adopted uses; once that epoch is published every other slice is cleared (the broker stays bounded).
+        self._published_slices: dict[str, int] = {}
+        self._epoch_slices: set[str] = set()
         self._assigned: set[str] = set()
         self._loaded: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
@@ -520,6 +523,7 @@ class PlannerService:
         from fleetpipe.planner import split_deploy
 
         assert self.model is not None
+        self._epoch_slices = set()
         names = problem.device_names
         deployed = await asyncio.to_thread(split_deploy.deploy, self.model.proto, self.model.graph, plan, ip, names)
         stages = []
@@ -559,6 +563,7 @@ class PlannerService:
         from fleetpipe.planner.adapt import DeviationMonitor
 
         assert self.model is not None
+        self._epoch_slices = set()
         stage_slices = await asyncio.to_thread(self._slices, result)
         names = problem.device_names
         stages = []
@@ -619,6 +624,7 @@ class PlannerService:
             return None
         self._published_epoch = epoch  # our own retained plan comes back to us: not a plan to resume from
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))
+        await self._clear_unused_slices()
         return plan
 
     def _exit_cache(self, stage: Any, n_stages: int) -> Any:
@@ -634,13 +640,27 @@ class PlannerService:
 
     async def _publish_slice(self, digest: str, data: bytes) -> None:
         assert self.bus is not None
+        self._epoch_slices.add(digest)
         if digest in self._published_slices:
             return
         parts = slices.chunk(data)
         for i, part in enumerate(parts):
             chunk = wire.SliceChunk(slice_hash=digest, index=i, count=len(parts), data=part)
             await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk))
-        self._published_slices.add(digest)
+        self._published_slices[digest] = len(parts)
+
+    async def _clear_unused_slices(self) -> None:
+        """Clear (empty retained publish) every chunk of the slices the just-published epoch does not use.
+
+        Every node of the new epoch has loaded it (or was given up on) and no other epoch is live, so old
+        slices are garbage: without this each re-plan leaves its model on the broker (RAM, and disk with
+        persistence). A slice needed again later is simply published again.
+        """
+        keep, self._epoch_slices = self._epoch_slices, set()
+        for digest in sorted(set(self._published_slices) - keep):
+            for i in range(self._published_slices.pop(digest)):
+                await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), b"")
+            log.debug("planner: cleared retained slice %s", digest)
 
     async def _wait_loaded(self, nodes: set[str], epoch: int) -> bool:
         """Wait until every node in ``nodes`` reports ``epoch`` loaded; False if one of them is gone meanwhile."""
