@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from fleetpipe import __version__, timing
 
-__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+__all__ = ["DAEMONS", "SUBCOMMAND_MODULES", "build_parser", "main"]
+
+DAEMONS = ("node", "planner")
 
 # Modules that contribute subcommands; a module that is not there yet is skipped.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -50,14 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that subcommand module does not exist (yet)
             raise
         module.register(subparsers)
+    _verbose_everywhere(subparsers)
     return parser
+
+
+def _verbose_everywhere(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``-v`` after the subcommand too (``fleetpipe node -v``), at every level of subcommands."""
+    for sub in set(subparsers.choices.values()):
+        if not any("-v" in a.option_strings for a in sub._actions):
+            sub.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
+                             help="more logging (-vv for debug)")
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fleetpipe`` command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    # The daemons log their lifecycle (connected, assigned, loaded, draining, stopped) at INFO by default: that is
+    # what `journalctl -u fleetpipe-node` shows. The other commands stay quiet unless -v.
+    base = logging.INFO if getattr(args, "command", None) in DAEMONS else logging.WARNING
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
+    level = max(base - 10 * min(verbose, 2), logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         timing.override_from_env(dict(os.environ))

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
+from fleetpipe._aio import Stopped, unless_stopped
 from fleetpipe.config import NodeConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import DecodeError, FleetpipeError, InferenceError, RuntimeLoadError, StageError, StaleEpoch
@@ -70,6 +71,8 @@ EXIT_CONFIG = 2
 # Running-mean memory of the early-exit centres: the last ~this many exits per label weigh in (COACH Eq. 7).
 EXIT_CACHE_MEMORY = 50
 EXIT_BROKER = 3
+# On top of drain_timeout_s: the death publish and unsubscribes, each bounded by an ack (TimeoutStopSec is 30 s).
+DRAIN_GRACE_S = 5.0
 
 # Keep the previous epoch's slice this long after switching, so in-flight frames finish.
 EPOCH_GRACE_S = 15.0
@@ -185,18 +188,23 @@ class NodeDaemon(SplitMember):
         announcer = await self._announce() if self.config.announce else None
         if announcer is False:
             return EXIT_CONFIG
+        sdnotify.notify(f"STATUS=waiting for the MQTT broker at {broker.url}")
         try:
             self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
                                username=broker.username, password=broker.password(),
                                tls=broker.tls(), on_connect=self._on_connect, wait=True)
-            await self.bus.__aenter__()
-        except FleetpipeError as exc:
-            log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
+            await unless_stopped(self.bus.__aenter__(), self.should_exit)
+        except (FleetpipeError, Stopped) as exc:
+            if isinstance(exc, Stopped):
+                log.info("node %s: stopped while waiting for the broker at %s", self.name, broker.url)
+            else:
+                log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
             if announcer:
                 await announcer.__aexit__(None, None, None)
-            return EXIT_BROKER
+            return EXIT_OK if isinstance(exc, Stopped) else EXIT_BROKER
         self.lifecycle.handle("connect")
-        sdnotify.notify("READY=1")
+        log.info("node %s: connected to %s (fleet %s)", self.name, broker.url, self.fleet)
+        sdnotify.notify(f"READY=1\nSTATUS=connected to {broker.url}; waiting for an assignment")
         # Load (or compile, on a machine's first run) the optional numba codec kernels while the slice loads,
         # not on the first frame.
         warm = asyncio.create_task(asyncio.to_thread(codec.warmup), name="codec-warmup")
@@ -205,7 +213,12 @@ class NodeDaemon(SplitMember):
         tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs]
         try:
             await self.should_exit.wait()
-            await self._drain(tasks)
+            # Bounded even when the broker is gone meanwhile (every unsubscribe/publish would wait for its ack).
+            try:
+                await asyncio.wait_for(self._drain(tasks), self.config.drain_timeout_s + DRAIN_GRACE_S)
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
+                log.warning("node %s: drain did not finish within %.0f s; stopping anyway", self.name,
+                            self.config.drain_timeout_s + DRAIN_GRACE_S)
         finally:
             for task in tasks:
                 task.cancel()
@@ -215,6 +228,7 @@ class NodeDaemon(SplitMember):
             await self.bus.__aexit__(None, None, None)
             if announcer:
                 await announcer.__aexit__(None, None, None)
+            log.info("node %s: stopped (exit code %d)", self.name, self.exit_code)
         return self.exit_code
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -370,6 +384,10 @@ class NodeDaemon(SplitMember):
 
     async def _load(self, assign: Any) -> None:
         assert self.bus is not None
+        log.info("node %s: assigned epoch %d stage %d/%d layers %d..%d (slice %s, %d bytes)", self.name, assign.epoch,
+                 assign.stage, assign.n_stages, assign.first_layer, assign.last_layer, assign.slice_hash[:12],
+                 assign.slice_size)
+        sdnotify.notify(f"STATUS=loading epoch {assign.epoch} stage {assign.stage}")
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("assign")
         role, data = None, b""
@@ -415,6 +433,8 @@ class NodeDaemon(SplitMember):
         await self._publish_health()  # tells the planner this epoch is loaded
         log.info("node %s: epoch %d stage %d layers %d..%d loaded (%s, %d bytes)", self.name, assign.epoch,
                  assign.stage, assign.first_layer, assign.last_layer, kind, size)
+        sdnotify.notify(f"STATUS=serving epoch {assign.epoch} stage {assign.stage} "
+                        f"layers {assign.first_layer}..{assign.last_layer}")
         if role is not None:
             log.info("node %s: split stage %d as %s (%d units)", self.name, assign.stage,
                      "lead" if role.lead else f"part of units {sorted(role.part_index)}", len(assign.split.units))
@@ -455,6 +475,8 @@ class NodeDaemon(SplitMember):
                  sum(msg.layer_ms))
 
     async def _unassign(self) -> None:
+        log.info("node %s: unassigned (not in the current plan)", self.name)
+        sdnotify.notify("STATUS=idle: not in the current plan")
         now = time.monotonic()
         for slot in self.slots.values():
             if slot.retired_at is None:

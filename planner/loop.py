@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import slices, timing, topics, wire
+from fleetpipe._aio import Stopped, in_daemon_thread, unless_stopped
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
@@ -46,10 +47,15 @@ from fleetpipe.planner import control, state
 from fleetpipe.transport import Message
 from fleetpipe.transport.mqtt import MqttBus
 
-__all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
+__all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_OK", "ModelInfo", "PlannerService", "build_problem", "load_model_info"]
 
 log = logging.getLogger("fleetpipe.planner")
 
+# Process exit codes (the node's are the same numbers): 0 a clean stop (SIGTERM/SIGINT, in any state),
+# 2 bad configuration, 3 the broker refused us (bad credentials) or is unusable.
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
 LOAD_TIMEOUT_S = 60.0
 # Intra plans: first guess of one message's fixed cost (ms); re-plan when leads measure this much more.
 MSG_MS_START = 1.0
@@ -223,21 +229,30 @@ class PlannerService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
-        if self.model is None:
-            self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
-                                                 self.config.profile)
-            log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
-            self.calibration = _load_calibration(self.config, self.model)
-            self.costs = self._reported_costs(self.model)
-        broker = self.config.broker
-        self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
         try:
-            await self.bus.__aenter__()
+            if self.model is None:
+                sdnotify.notify(f"STATUS=loading model {self.config.model}")
+                self.model = await unless_stopped(in_daemon_thread(
+                    load_model_info, self.config.model, self.config.input_shape, self.config.profile),
+                    self.should_exit)
+                log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
+                self.calibration = _load_calibration(self.config, self.model)
+                self.costs = self._reported_costs(self.model)
+            broker = self.config.broker
+            sdnotify.notify(f"STATUS=waiting for the MQTT broker at {broker.url}")
+            self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
+                               password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True)
+            await unless_stopped(self.bus.__aenter__(), self.should_exit)
+        except Stopped:
+            log.info("planner: stopped before it was connected")
+            return EXIT_OK
         except FleetpipeError as exc:
+            if self.bus is None:
+                raise
             log.error("planner: cannot connect to %s: %s", broker.url, exc)
-            return 3
-        sdnotify.notify("READY=1")
+            return EXIT_BROKER
+        log.info("planner: connected to %s (fleet %s)", broker.url, self.fleet)
+        sdnotify.notify(f"READY=1\nSTATUS=connected to {broker.url}; waiting for nodes")
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
         if self.config.announce:
             tasks.append(asyncio.create_task(self._announce()))
@@ -249,7 +264,8 @@ class PlannerService:
                     task.cancel()
             await asyncio.gather(*[t for t in tasks if t], return_exceptions=True)
             await self.bus.__aexit__(None, None, None)
-        return 0
+            log.info("planner: stopped")
+        return EXIT_OK
 
     async def _announce(self) -> None:
         from fleetpipe.discovery import Announcer

@@ -129,6 +129,8 @@ class MqttBus:
         self._queue_maxsize = queue_maxsize
         self._on_connect_hook = on_connect
         self._wait = wait
+        self._connect_failures = 0
+        self._warned_at = -1e9
         self._keepalive_s = keepalive_s
         self._tcp_nodelay = tcp_nodelay
         self._max_inflight = max_inflight
@@ -543,7 +545,16 @@ class MqttBus:
         if self._closed or first is None or first.done():
             return
         if self._wait:
-            _log.info("%s: MQTT broker at %s not reachable yet; retrying", self._client_id, self._url)
+            # paho's back-off: RECONNECT_MIN_S, doubled per failure up to RECONNECT_MAX_S. A WARNING on the first
+            # failure and then once a minute (at the default level, so an operator sees what the daemon waits for).
+            self._connect_failures += 1
+            delay = min(timing.RECONNECT_MIN_S * 2 ** (self._connect_failures - 1), timing.RECONNECT_MAX_S)
+            now = time.monotonic()
+            level = logging.WARNING if now - self._warned_at >= 60.0 else logging.INFO
+            if level == logging.WARNING:
+                self._warned_at = now
+            _log.log(level, "%s: MQTT broker at %s not reachable (attempt %d); next retry in %.1f s",
+                     self._client_id, self._url, self._connect_failures, delay)
             return
         first.set_exception(
             BrokerUnavailable(f"cannot connect to MQTT broker at {self._url} (is mosquitto running there?)")
