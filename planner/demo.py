@@ -91,13 +91,15 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    stopped_by: list[int] = []
     try:
-        report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
-                          window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
-                          plot=args.plot)
+        with _stop_on_signals(stopped_by):
+            report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
+                              window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
+                              plot=args.plot)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; fleet stopped[/]")
-        return 130
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
@@ -369,6 +371,26 @@ def _wait_profiled(planner: subprocess.Popen[bytes], log: Path, timeout_s: float
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stopped_by: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGINT both unwind the demo (KeyboardInterrupt), so every process and temp folder it made is
+    cleaned up; further signals are ignored until that is done (the clean-up is bounded, see ``_processes``).
+    Python's default SIGTERM kills the process on the spot and leaves the fleet running."""
+
+    def handle(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
