@@ -16,10 +16,14 @@ import sys
 from collections.abc import Sequence
 
 from fleetpipe import __version__, timing
+from fleetpipe.errors import FleetpipeError
 
-__all__ = ["DAEMONS", "SUBCOMMAND_MODULES", "build_parser", "main"]
+__all__ = ["DAEMONS", "EXTRAS", "SUBCOMMAND_MODULES", "build_parser", "main"]
 
 DAEMONS = ("node", "planner")
+# Optional imports -> the extra that provides them (pyproject.toml [project.optional-dependencies]).
+EXTRAS = {"matplotlib": "plot", "prometheus_client": "observe", "sklearn": "learned", "numba": "fast",
+          "ai_edge_litert": "tflite", "tflite_runtime": "tflite"}
 
 # Modules that contribute subcommands; a module that is not there yet is skipped.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -89,6 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except FleetpipeError as exc:  # an operator's mistake (bad URL, model, input, config): one line, no traceback
+        print(f"fleetpipe {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"fleetpipe {args.command} needs {exc.name}: pip install 'fleetpipe[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

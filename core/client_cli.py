@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.client import FleetClient
     from fleetpipe.errors import FleetpipeError
 
-    arrays = [np.load(path, allow_pickle=False) for path in args.input]
     try:
+        arrays = [_load_input(path) for path in args.input]
         broker = broker_from_args(args)
         # On a secure broker the ACL grants a client its own result topic, named after its username.
         with FleetClient(broker.url or "", fleet=args.fleet, window=args.window, client_id=broker.username,
@@ -50,3 +50,20 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         np.save(args.output, np.stack(outputs), allow_pickle=False)
     return 0
+
+
+def _load_input(path: str) -> Any:
+    """One input array from a .npy file; ConfigError (one line) when it is missing or not a plain .npy."""
+    import numpy as np
+
+    from fleetpipe.errors import ConfigError
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise ConfigError(f"input {path} is not a .npy file (save one with numpy.save)")
+        return np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # an object array (pickles are never loaded) or a truncated file
+        raise ConfigError(f"input {path}: {exc}") from exc

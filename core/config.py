@@ -43,6 +43,17 @@ class BrokerConfig:
     keyfile: str | None = None
     static_fallback: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        from fleetpipe.transport import parse_broker_url
+
+        for url in (self.url, *self.static_fallback):
+            if url is None:
+                continue
+            try:
+                parse_broker_url(url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+
     def tls(self) -> Any:
         """``TLSParameters`` when a CA bundle is configured (or the URL is mqtts://), else None."""
         from fleetpipe.transport import TLSParameters

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.plot:
+        import matplotlib  # noqa: F401 - the plot extra: fail now, not after the whole run
     stopped_by: list[int] = []
     try:
         with _stop_on_signals(stopped_by):
@@ -248,14 +250,20 @@ def print_report(report: DemoReport, console: Any) -> None:
 def _materialise_model(model: str, tmp: Path) -> tuple[Path, tuple[int, ...], str]:
     import onnx
 
-    if model.endswith(".onnx") and Path(model).exists():
-        proto = onnx.load(model)
+    from fleetpipe.errors import UnsupportedModel
+    from fleetpipe.models.onnx_graph import read_model
+
+    if model.endswith(".onnx"):
+        proto = read_model(model)  # UnsupportedModel: missing or not an ONNX model
         dims = tuple(d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim)
         return Path(model), dims, Path(model).stem
     from fleetpipe.models import zoo
 
     kw = DEFAULT_MODEL_ARGS.get(model, {})
-    proto = zoo.build(model, **kw)
+    try:
+        proto = zoo.build(model, **kw)
+    except KeyError as exc:
+        raise UnsupportedModel(f"{exc.args[0]} (or a path to an .onnx file)") from exc
     path = tmp / f"{model}.onnx"
     onnx.save(proto, path)
     args = ",".join(f"{k}={v}" for k, v in kw.items())

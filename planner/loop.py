@@ -41,7 +41,7 @@ from fleetpipe import slices, timing, topics, wire
 from fleetpipe._aio import Stopped, in_daemon_thread, unless_stopped
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
-from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan
+from fleetpipe.errors import ConfigError, DecodeError, FleetpipeError, InfeasiblePlan, UnsupportedModel
 from fleetpipe.metrics import FleetView, pipeline_payload
 from fleetpipe.planner import control, state
 from fleetpipe.transport import Message
@@ -90,7 +90,10 @@ def load_model_info(path: str, input_shape: tuple[int, ...] | None = None, profi
     if path.startswith("zoo:"):
         from fleetpipe.models import zoo
 
-        proto = zoo.build(path.removeprefix("zoo:"))
+        try:
+            proto = zoo.build(path.removeprefix("zoo:"))
+        except KeyError as exc:
+            raise UnsupportedModel(str(exc.args[0])) from exc
     else:
         proto = read_model(path)
     shapes = {proto.graph.input[0].name: tuple(input_shape)} if input_shape else None

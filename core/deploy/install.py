@@ -105,8 +105,13 @@ def plan(
     validate_name("fleet", fleet)
     if role == "node":
         name = validate_name("node name", name or socket.gethostname().split(".")[0])
-    if broker is not None and not broker.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"--broker must be mqtt://host:port or mqtts://host:port, not {broker!r}")
+    if broker is not None:
+        from fleetpipe.config import BrokerConfig
+
+        try:
+            BrokerConfig(url=broker)
+        except ConfigError as exc:
+            raise ConfigError(f"--broker must be mqtt://host:port or mqtts://host:port: {exc}") from exc
     if ca_certs and broker is not None and not broker.startswith("mqtts://"):
         raise ConfigError("--ca-certs enables TLS: use an mqtts:// broker URL")
     root = Path(prefix)

@@ -137,8 +137,10 @@ class FleetCollector:
 
 async def serve_exporter(url: str | BrokerConfig, fleet: str, port: int, bind: str = "127.0.0.1", *,
                          stop: asyncio.Event | None = None, started: asyncio.Event | None = None,
-                         results: bool = True) -> None:
-    """Serve ``/metrics`` on ``bind:port`` while folding the fleet's telemetry, until ``stop`` is set."""
+                         results: bool = True, listening: Callable[[], None] | None = None) -> None:
+    """Serve ``/metrics`` on ``bind:port`` while folding the fleet's telemetry, until ``stop`` is set.
+
+    ``listening`` is called once the HTTP port is bound (OSError before that: the port is taken)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from fleetpipe.observe._collect import watch
@@ -148,6 +150,8 @@ async def serve_exporter(url: str | BrokerConfig, fleet: str, port: int, bind: s
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(view, lock))
     server, thread = start_http_server(port, addr=bind, registry=registry)
+    if listening is not None:
+        listening()
     try:
         await watch(url, view, stop=stop, results=results, lock=lock, subscribed=started)
     finally:
@@ -170,11 +174,14 @@ def run_exporter(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        print(f"serving http://{args.bind}:{args.port}/metrics for fleet {args.fleet!r}", file=sys.stderr)
-        await serve_exporter(args.broker, args.fleet, args.port, args.bind, stop=stop)
+        await serve_exporter(args.broker, args.fleet, args.port, args.bind, stop=stop, listening=lambda: print(
+            f"serving http://{args.bind}:{args.port}/metrics for fleet {args.fleet!r}", file=sys.stderr))
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        print(f"fleetpipe exporter: cannot serve on {args.bind}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
