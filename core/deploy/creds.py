@@ -9,7 +9,9 @@ name, so a node's username is its node id) and a random password. :func:`generat
 
 ``secure.conf`` reads ``{dir}/passwd`` and ``{dir}/acl``: render it with ``dir=<out>/mosquitto``.
 
-What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied)::
+What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied; the data-plane topics
+``F/epoch/...``, ``F/result/...`` and ``F/slice/...`` below live under ``fleetpipe-data/v1/<fleet>`` instead, see
+:mod:`fleetpipe.topics`; an observer reads ``#`` of both)::
 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
               write F/epoch/+/stage/+/in  F/result/+  F/error  F/slice/request
@@ -54,7 +56,7 @@ from pathlib import Path
 
 from fleetpipe.config import validate_name
 from fleetpipe.errors import ConfigError
-from fleetpipe.topics import PREFIX
+from fleetpipe.topics import DATA_PREFIX, PREFIX, SPECS
 
 __all__ = ["Credentials", "acl_text", "generate", "hash_password", "verify_password"]
 
@@ -122,6 +124,7 @@ def generate(
 def acl_text(fleet: str, roles: dict[str, str]) -> str:
     """The mosquitto acl_file for ``roles`` (identity -> node | planner | client | observer)."""
     f = f"{PREFIX}/{validate_name('fleet', fleet)}"
+    d = f"{DATA_PREFIX}/{fleet}"
     lines = [
         f"# fleetpipe ACL for fleet {fleet!r}, written by `fleetpipe broker gen-creds`.",
         "# Username = fleetpipe identity. Anything not granted here is denied (anonymous: nothing).",
@@ -132,7 +135,7 @@ def acl_text(fleet: str, roles: dict[str, str]) -> str:
     for name, role in roles.items():
         lines.append(f"# {role}")
         lines.append(f"user {name}")
-        lines.extend(f"topic {access} {topic}" for access, topic in _grants(f, role, name))
+        lines.extend(f"topic {access} {_plane(topic, f, d)}" for access, topic in _grants(f, role, name))
         lines.append("")
     return "\n".join(lines)
 
@@ -196,7 +199,19 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/plan"),
             ("read", f"{f}/error"),
         ]
-    return [("read", f"{f}/#")]  # observer
+    return [("read", f"{f}/#"), ("read", f"{f}/{_DATA_ALL}")]  # observer: control plane and data plane
+
+
+_DATA_ALL = "<data>/#"  # placeholder _plane() maps to the data prefix's "#"
+_DATA_ROOTS = frozenset(spec.pattern.split("/")[3] for spec in SPECS.values() if spec.data_plane)
+
+
+def _plane(topic: str, f: str, d: str) -> str:
+    """A grant written under ``f`` moved to the data prefix ``d`` when it names a data-plane topic."""
+    rest = topic.removeprefix(f + "/")
+    if rest == _DATA_ALL:
+        return f"{d}/#"
+    return f"{d}/{rest}" if rest != topic and rest.split("/")[0] in _DATA_ROOTS else topic
 
 
 def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Iterable[str],

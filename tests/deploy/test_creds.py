@@ -51,7 +51,7 @@ def test_cli_writes_private_files_and_acl(tmp_path: Path, capsys: pytest.Capture
     acl = (out / "mosquitto" / "acl").read_text()
     assert "user n1\ntopic write fleetpipe/v1/f1/node/n1/state\n" in acl
     assert "topic write fleetpipe/v1/f1/node/+/assign" in acl.split("user planner")[1]
-    assert "topic read fleetpipe/v1/f1/result/cam" in acl.split("user cam")[1]
+    assert "topic read fleetpipe-data/v1/f1/result/cam" in acl.split("user cam")[1]  # the data plane
     assert "assign" not in acl.split("user cam")[1]
     assert "topic write fleetpipe/v1/f1/node/n2" not in acl.split("user n1")[1].split("user n2")[0]
 

@@ -4,7 +4,7 @@ A real mosquitto and a real planner process (a zoo ResNet-18, so every epoch's s
 fleet is two scripted peers speaking the node protocol over MQTT (birth, health, "loaded" health on their
 assignment, death). Each round one peer leaves and a new one with another speed joins, so each epoch cuts the
 model elsewhere and publishes new slices. Retained bytes are counted by a fresh subscriber to the fleet's topics
-(every retained message is delivered on subscribe), RSS read from /proc/<pid>/status.
+of both planes (every retained message is delivered on subscribe), RSS read from /proc/<pid>/status.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def _rss_kb(pid: int) -> int:
 
 
 async def retained(url: str, quiet_s: float = 0.6) -> tuple[int, int]:
-    """(messages, payload bytes) retained under the fleet's prefix, as a new subscriber receives them.
+    """(messages, payload bytes) retained under the fleet's prefixes, as a new subscriber receives them.
 
     mosquitto sends them right after the SUBACK; done once no retained message came for ``quiet_s`` (live
     health and metrics keep flowing meanwhile and are not counted).
     """
     count = size = 0
     async with MqttBus(url, client_id=f"retained-{time.monotonic_ns()}") as bus:
-        await bus.subscribe(f"fleetpipe/v1/{FLEET}/#", qos=1)
+        await bus.subscribe(topics.control_filter(FLEET), qos=1)
+        await bus.subscribe(topics.data_filter(FLEET), qos=1)
         it = bus.messages().__aiter__()
         deadline = time.monotonic() + quiet_s
         while (left := deadline - time.monotonic()) > 0:
