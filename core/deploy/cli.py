@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     g.add_argument("--planner", default="planner", help="planner identity (default 'planner'; '' for none)")
     g.add_argument("--clients", default="", help="comma-separated client ids (they read result/<client-id>)")
     g.add_argument("--observers", default="", help="comma-separated read-only identities (dashboards)")
+    g.add_argument("--ha", default="", help="comma-separated Home Assistant identities (HA itself and "
+                                            "`fleetpipe ha-discovery`: read the control plane, write homeassistant/#)")
     g.add_argument("--out", required=True, help="directory to write into (created)")
     g.add_argument("--builtin-hash", action="store_true",
                    help="hash in Python even if mosquitto_passwd is installed")
@@ -138,7 +140,7 @@ def _gen_creds(args: argparse.Namespace) -> int:
 
     try:
         result = creds.generate(args.out, fleet=args.fleet, nodes=_split(args.nodes), planner=args.planner or None,
-                                clients=_split(args.clients), observers=_split(args.observers),
+                                clients=_split(args.clients), observers=_split(args.observers), ha=_split(args.ha),
                                 mosquitto_passwd=None if args.builtin_hash else "auto",
                                 broker_user=args.broker_user or None)
     except (ConfigError, OSError) as exc:

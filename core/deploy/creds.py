@@ -21,6 +21,7 @@ What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is 
     planner   write F/plan  F/node/+/assign  F/slice/+/+  F/error  F/node/planner/metrics
               read  F/node/+/state  F/node/+/health  F/node/+/metrics  F/node/+/profile  F/plan  F/error
               read  F/slice/request
+    ha h      read  F/#   readwrite homeassistant/#   (Home Assistant itself and `fleetpipe ha-discovery`)
     client c  write F/epoch/+/stage/0/in
               read  F/result/c  F/plan  F/error
     observer  read  F/#
@@ -84,6 +85,7 @@ def generate(
     planner: str | None = "planner",
     clients: Sequence[str] = (),
     observers: Sequence[str] = (),
+    ha: Sequence[str] = (),
     mosquitto_passwd: str | None = "auto",
     broker_user: str | None = None,
 ) -> Credentials:
@@ -94,7 +96,7 @@ def generate(
     when running as root, chown ``<out>/mosquitto`` to this user (mosquitto reads the files after
     dropping privileges).
     """
-    roles = _roles(fleet, nodes, planner, clients, observers)
+    roles = _roles(fleet, nodes, planner, clients, observers, ha)
     out = Path(out)
     broker_dir = out / "mosquitto"
     broker_dir.mkdir(parents=True, exist_ok=True)
@@ -199,9 +201,12 @@ def _grants(f: str, role: str, name: str) -> list[tuple[str, str]]:
             ("read", f"{f}/plan"),
             ("read", f"{f}/error"),
         ]
+    if role == "ha":  # Home Assistant and `fleetpipe ha-discovery`: the control plane, and HA's discovery topics
+        return [("read", f"{f}/#"), ("readwrite", f"{HA_PREFIX}/#")]
     return [("read", f"{f}/#"), ("read", f"{f}/{_DATA_ALL}")]  # observer: control plane and data plane
 
 
+HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix (ha-discovery --prefix)
 _DATA_ALL = "<data>/#"  # placeholder _plane() maps to the data prefix's "#"
 _DATA_ROOTS = frozenset(spec.pattern.split("/")[3] for spec in SPECS.values() if spec.data_plane)
 
@@ -215,11 +220,11 @@ def _plane(topic: str, f: str, d: str) -> str:
 
 
 def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Iterable[str],
-           observers: Iterable[str]) -> dict[str, str]:
+           observers: Iterable[str], ha: Iterable[str] = ()) -> dict[str, str]:
     validate_name("fleet", fleet)
     roles: dict[str, str] = {}
     groups = [("node", list(nodes)), ("planner", [planner] if planner else []), ("client", list(clients)),
-              ("observer", list(observers))]
+              ("observer", list(observers)), ("ha", list(ha))]
     for role, names in groups:
         for name in names:
             validate_name(f"{role} name", name)

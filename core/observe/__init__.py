@@ -39,11 +39,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bind", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.set_defaults(func=_run_exporter)
 
-    p = subparsers.add_parser("ha-discovery", help="publish Home Assistant MQTT discovery configs for nodes")
+    p = subparsers.add_parser("ha-discovery", help="keep Home Assistant MQTT discovery configs in step with the fleet",
+                              description="Publish HA discovery configs for every node and the pipeline; keeps "
+                                          "running: nodes that join appear, removed ones go.")
     _common(p)
-    p.add_argument("--seconds", type=float, default=2.0, help="how long to collect retained births (default 2)")
+    p.add_argument("--once", action="store_true", help="publish for the nodes seen within --seconds, then exit")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="--once/--remove: how long to collect retained births (default 2)")
+    p.add_argument("--forget-after", dest="forget_after", type=float, default=600.0,
+                   help="delete a dead node's configs after this many seconds (default 600)")
     p.add_argument("--prefix", default="homeassistant", help="HA discovery prefix (default homeassistant)")
-    p.add_argument("--remove", action="store_true", help="delete the configs instead")
+    p.add_argument("--remove", action="store_true", help="delete the configs of the nodes seen, then exit")
     p.set_defaults(func=_run_ha)
 
 

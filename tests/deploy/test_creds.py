@@ -80,3 +80,12 @@ def test_gen_certs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert (tmp_path / "ca.crt").read_bytes() == ca_before
     server = str(tmp_path / "mosquitto" / "server.crt")
     subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), server], check=True, capture_output=True)
+
+
+def test_ha_identity_reads_the_control_plane_and_writes_discovery() -> None:
+    from fleetpipe.deploy.creds import acl_text
+
+    acl = acl_text("f1", {"hass": "ha"})
+    block = acl.split("user hass")[1]
+    assert "topic read fleetpipe/v1/f1/#" in block and "topic readwrite homeassistant/#" in block
+    assert "fleetpipe-data" not in block  # no frames, results or model weights
