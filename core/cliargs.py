@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from fleetpipe._compat import tomllib
 from fleetpipe.config import DEFAULT_FLEET, BrokerConfig, validate_name
 from fleetpipe.errors import ConfigError
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
+from fleetpipe._compat import wait_for
 from fleetpipe.errors import BrokerUnavailable, DecodeError, FleetpipeError
 from fleetpipe.transport.mqtt import MqttBus
 
@@ -132,7 +133,7 @@ class AsyncFleetClient:
 
     async def wait_plan(self, timeout_s: float = 60.0) -> Any:
         """Wait until a plan is known; returns it."""
-        await asyncio.wait_for(self._plan_event.wait(), timeout_s)
+        await wait_for(self._plan_event.wait(), timeout_s)
         return self.plan
 
     async def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray], *,
@@ -152,7 +153,7 @@ class AsyncFleetClient:
     async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> FrameResult:
         """Run one frame through the fleet and return its result."""
         future = await self.submit(inputs)
-        return await asyncio.wait_for(future, timeout_s)
+        return await wait_for(future, timeout_s)
 
     async def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> AsyncIterator[FrameResult]:
         """Yield results in input order, keeping up to ``window`` frames in flight."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleetpipe._compat import tomllib
 from fleetpipe.errors import ConfigError
 
 __all__ = ["DEFAULT_FLEET", "BrokerConfig", "NodeConfig", "PlannerConfig", "load", "validate_name"]

@@ -47,6 +47,7 @@ import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
 from fleetpipe._aio import Stopped, unless_stopped
+from fleetpipe._compat import wait_for
 from fleetpipe.config import NodeConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import DecodeError, FleetpipeError, InferenceError, RuntimeLoadError, StageError, StaleEpoch
@@ -215,8 +216,8 @@ class NodeDaemon(SplitMember):
             await self.should_exit.wait()
             # Bounded even when the broker is gone meanwhile (every unsubscribe/publish would wait for its ack).
             try:
-                await asyncio.wait_for(self._drain(tasks), self.config.drain_timeout_s + DRAIN_GRACE_S)
-            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
+                await wait_for(self._drain(tasks), self.config.drain_timeout_s + DRAIN_GRACE_S)
+            except TimeoutError:
                 log.warning("node %s: drain did not finish within %.0f s; stopping anyway", self.name,
                             self.config.drain_timeout_s + DRAIN_GRACE_S)
         finally:
@@ -499,7 +500,7 @@ class NodeDaemon(SplitMember):
         filt = topics.SLICE_CHUNK.filter(fleet=self.fleet, slice_hash=slice_hash)
         await self.bus.subscribe(filt, qos=1)
         try:
-            data = await asyncio.wait_for(future, SLICE_FETCH_TIMEOUT_S)
+            data = await wait_for(future, SLICE_FETCH_TIMEOUT_S)
         finally:
             self._chunk_waiters.pop(slice_hash, None)
             self._chunks.pop(slice_hash, None)

@@ -16,13 +16,13 @@ Per-layer times come from profiling the model on this host, scaled by each devic
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fleetpipe._compat import tomllib
 from fleetpipe.errors import ConfigError
 
 __all__ = ["DeviceSpec", "FleetFile", "load_fleet", "problem_for"]

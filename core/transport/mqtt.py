@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -54,7 +54,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleetpipe import timing
+from fleetpipe import _compat, timing
 from fleetpipe.errors import AckTimeout, BrokerUnavailable, TransportError
 from fleetpipe.transport import (
     BrokerUrl,
@@ -71,6 +71,9 @@ from fleetpipe.transport import (
     _check_user_properties,
     parse_broker_url,
 )
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = ["MqttBus"]
 
@@ -192,7 +195,7 @@ class MqttBus:
             if self._wait:
                 await self._first_connect
             else:
-                async with asyncio.timeout(timing.CONNECT_TIMEOUT_S):
+                async with _compat.timeout(timing.CONNECT_TIMEOUT_S):
                     await self._first_connect
         except TimeoutError as exc:
             await self.close()
@@ -229,7 +232,7 @@ class MqttBus:
             client.disconnect()
             if was_connected:
                 try:
-                    async with asyncio.timeout(2.0):
+                    async with _compat.timeout(2.0):
                         await self._disconnected.wait()
                 except TimeoutError:
                     _log.warning("%s: no clean disconnect from %s", self._client_id, self._url)
@@ -247,7 +250,7 @@ class MqttBus:
         """Wait until connected and re-subscribed; BrokerUnavailable after ``timeout`` or if closed."""
         self._require_open()
         try:
-            async with asyncio.timeout(timeout):
+            async with _compat.timeout(timeout):
                 await self._connected.wait()
         except TimeoutError as exc:
             raise BrokerUnavailable(f"not connected to {self._url} within {timeout} s") from exc
@@ -280,7 +283,7 @@ class MqttBus:
         fut: asyncio.Future[ReasonCode] = self._loop.create_future()
         self._pending_pub[info.mid] = fut
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 reason = await fut
         except TimeoutError as exc:
             raise AckTimeout(
@@ -325,7 +328,7 @@ class MqttBus:
         self._require_open()
         self._subscriptions[filter] = qos
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 while True:
                     if not self._connected.is_set():
                         await self._connected.wait()  # the after-connect step subscribed it
@@ -352,7 +355,7 @@ class MqttBus:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # connection just dropped; with clean_start the broker forgot it anyway
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 await self._await_mid(mid)
         except _ConnectionLost:
             return
@@ -517,7 +520,7 @@ class MqttBus:
     async def _async_after_connect(self, generation: int) -> None:
         done: dict[str, int] = {}
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 while todo := {f: q for f, q in self._subscriptions.items() if done.get(f) != q}:
                     reasons = await self._send_subscribe(todo)
                     for (f, q), reason in zip(todo.items(), reasons, strict=False):

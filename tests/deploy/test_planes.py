@@ -30,7 +30,7 @@ def _watch(url: str, topic_filter: str, seen: list[tuple[str, int]], ready: thre
             while not stop.is_set():
                 try:
                     msg = await asyncio.wait_for(it.__anext__(), 0.2)
-                except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
+                except asyncio.TimeoutError:
                     continue
                 seen.append((msg.topic, len(msg.payload)))
 

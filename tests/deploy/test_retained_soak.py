@@ -47,7 +47,7 @@ async def retained(url: str, quiet_s: float = 0.6) -> tuple[int, int]:
         while (left := deadline - time.monotonic()) > 0:
             try:
                 msg = await asyncio.wait_for(it.__anext__(), left)
-            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
+            except asyncio.TimeoutError:
                 break
             if msg.retain and msg.payload:
                 count += 1
@@ -142,7 +142,7 @@ def test_replans_leave_retained_bytes_and_broker_rss_flat(mosquitto, tmp_path, c
         rss0 = _rss_kb(mosquitto.proc.pid)
         try:
             figures = asyncio.run(soak(mosquitto.url, ROUNDS, mosquitto.proc.pid))
-        except (asyncio.TimeoutError, TimeoutError):  # noqa: UP041 - distinct before 3.11
+        except (asyncio.TimeoutError, TimeoutError):
             pytest.fail("no plan in time\n" + f.logs())
     assert len({fig[0] for fig in figures}) == ROUNDS + 1, figures
     first, last = figures[0], figures[-1]
