@@ -57,7 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(subparsers)
     _verbose_everywhere(subparsers)
+    _show_defaults(subparsers)
     return parser
+
+
+def _show_defaults(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Every option's help says its default: the parser's own, or (None) the config setting it fills."""
+    for sub in set(subparsers.choices.values()):
+        config_defaults = getattr(sub, "config_defaults", {})
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _show_defaults(action)
+                continue
+            if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(
+                    action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            text = action.help or ""
+            if "default" in text.lower():
+                continue
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._CountAction)):
+                shown = "off"  # the flag is not given
+            elif action.dest in config_defaults:
+                shown = config_defaults[action.dest]
+            else:
+                shown = action.default
+            action.help = f"{text} (default: {_shown(shown)})".strip()
+
+
+def _shown(value: object) -> str:
+    if value is None or value == "" or value == ():
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _verbose_everywhere(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

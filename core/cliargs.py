@@ -17,7 +17,7 @@ from fleetpipe._compat import tomllib
 from fleetpipe.config import DEFAULT_FLEET, BrokerConfig, validate_name
 from fleetpipe.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "add_broker_args", "broker_from_args"]
+__all__ = ["DEFAULT_URL", "add_broker_args", "broker_from_args", "config_defaults"]
 
 DEFAULT_URL = "mqtt://127.0.0.1:1883"
 _KEYS = ("url", "username", "password_file", "ca_certs", "certfile", "keyfile")
@@ -74,3 +74,31 @@ def _read_toml(path: str) -> dict[str, object]:
         return tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
+
+
+def config_defaults(cls: type, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """dest -> shown default for a daemon's flags, from its config dataclass (``broker_<field>`` for the broker):
+    what a flag left out gives unless FLEETPIPE_* or the config file say otherwise."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "broker":
+            for b in dataclasses.fields(BrokerConfig):
+                out[f"broker_{b.name}"] = "none (zeroconf discovery)" if b.name == "url" else _default(b)
+        else:
+            out[f.name] = _default(f)
+    out.update(overrides or {})
+    return out
+
+
+def _default(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value is None or value == "" or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="TOML config file (e.g. /etc/fleetpipe/node.toml)")
     p.add_argument("--cache-dir", dest="cache_dir", help="content-addressed slice cache")
     p.add_argument("--threads", type=int, help="inference threads")
-    p.add_argument("--username", dest="broker_username")
+    p.add_argument("--username", dest="broker_username", help="MQTT username (secure broker)")
     p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
     p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
     p.add_argument("--interface", dest="interfaces", action="append",
@@ -35,6 +35,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-profile-report", dest="report_profile", action="store_false", default=None,
                    help="do not time the layers of loaded slices for the planner (it then scales its own profile)")
     p.set_defaults(func=run)
+    from fleetpipe.cliargs import config_defaults
+    from fleetpipe.config import NodeConfig
+
+    p.config_defaults = config_defaults(NodeConfig, {"name": "the host name",
+                                                     "broker_url": "config file, else zeroconf"})
 
 
 def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:

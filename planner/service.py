@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expect-nodes", dest="expect_nodes", type=int,
                    help="wait (up to 10 s) for this many nodes before the first plan")
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--username", dest="broker_username")
+    p.add_argument("--username", dest="broker_username", help="MQTT username (secure broker)")
     p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
     p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
     p.add_argument("--time-limit", dest="time_limit_s", type=float, help="exact solver time limit in s (default 5)")
@@ -51,6 +51,11 @@ def register(subparsers: Any) -> None:
                    help="zeroconf: browse/advertise only on this interface or address (repeatable)")
     p.add_argument("--no-announce", dest="announce", action="store_false", default=None)
     p.set_defaults(func=run)
+    from fleetpipe.cliargs import config_defaults
+    from fleetpipe.config import PlannerConfig
+
+    p.config_defaults = config_defaults(PlannerConfig, {"broker_url": "config file, else zeroconf",
+                                                        "intra": "the throughput planner"})
 
 
 def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:

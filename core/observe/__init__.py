@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
                               description="Watch a fleet: nodes, plan stages, utilisation, bubbles, errors.")
     _common(p)
     p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds (default 1)")
-    p.add_argument("--once", action="store_true", help="collect for one interval, print one frame, exit")
+    p.add_argument("--once", action="store_true",
+                   help="collect for max(--interval, 3 health intervals = 3 s), print one frame, exit")
     p.add_argument("--width", type=int, default=None, help="console width (default: terminal, or 140)")
     p.add_argument("--no-results", action="store_true", help="do not subscribe to result topics (no latency)")
     p.set_defaults(func=_run_top)
