@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import codec, timing, topics, wire
+from fleetpipe._compat import wait_for
 from fleetpipe.errors import (
     BrokerUnavailable,
     DecodeError,
@@ -168,7 +169,7 @@ class AsyncFleetClient:
 
     async def wait_plan(self, timeout_s: float = 60.0) -> Any:
         """Wait until a plan is known; returns it."""
-        await asyncio.wait_for(self._plan_event.wait(), timeout_s)
+        await wait_for(self._plan_event.wait(), timeout_s)
         return self.plan
 
     async def submit(self, inputs: np.ndarray | Mapping[str, np.ndarray], *,
@@ -199,7 +200,7 @@ class AsyncFleetClient:
     async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float = 120.0) -> FrameResult:
         """Run one frame through the fleet and return its result."""
         future = await self.submit(inputs)
-        return await asyncio.wait_for(future, timeout_s)
+        return await wait_for(future, timeout_s)
 
     async def stream(self, frames: Iterable[np.ndarray | Mapping[str, np.ndarray]],
                      timeout_s: float | None = None) -> AsyncIterator[FrameResult]:
@@ -218,7 +219,7 @@ class AsyncFleetClient:
         feeder = asyncio.create_task(feed())
         try:
             while (future := await queue.get()) is not None:
-                yield await asyncio.wait_for(future, timeout_s)
+                yield await wait_for(future, timeout_s)
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

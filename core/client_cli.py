@@ -15,10 +15,9 @@ def register(subparsers: Any) -> None:
     from fleetpipe.cliargs import add_broker_args
 
     add_broker_args(p)
-    p.add_argument("--fleet", default="default")
     p.add_argument("--input", required=True, nargs="+", help=".npy file(s), one frame each (or a batch with --batch)")
     p.add_argument("--output", help="write the outputs to this .npy (stacked)")
-    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--window", type=int, default=8, help="frames in flight (default 8)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds for the whole call: connect, plan, every result (default 120)")
     p.add_argument("--check", metavar="MODEL",
@@ -39,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from fleetpipe.client import FleetClient
     from fleetpipe.errors import FleetpipeError
 
-    arrays = [np.load(path, allow_pickle=False) for path in args.input]
     deadline = time.monotonic() + args.timeout
     try:
+        arrays = [_load_input(path) for path in args.input]
         broker = broker_from_args(args)
         # On a secure broker the ACL grants a client its own result topic, named after its username.
         with FleetClient(broker.url or "", fleet=args.fleet, window=args.window, client_id=broker.username,
@@ -100,3 +99,18 @@ def _run_locally(model: str, inputs: list[Any]) -> list[dict[str, Any]]:
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(None, {name: x}), strict=True)) for x in inputs]
+def _load_input(path: str) -> Any:
+    """One input array from a .npy file; ConfigError (one line) when it is missing or not a plain .npy."""
+    import numpy as np
+
+    from fleetpipe.errors import ConfigError
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise ConfigError(f"input {path} is not a .npy file (save one with numpy.save)")
+        return np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # an object array (pickles are never loaded) or a truncated file
+        raise ConfigError(f"input {path}: {exc}") from exc

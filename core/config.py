@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleetpipe._compat import tomllib
 from fleetpipe.errors import ConfigError
 
 __all__ = ["DEFAULT_FLEET", "BrokerConfig", "NodeConfig", "PlannerConfig", "load", "validate_name"]
 
 DEFAULT_FLEET = "default"
+_SECTIONS = ("node", "planner")  # the tables one config file may hold
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -41,6 +42,17 @@ class BrokerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     static_fallback: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from fleetpipe.transport import parse_broker_url
+
+        for url in (self.url, *self.static_fallback):
+            if url is None:
+                continue
+            try:
+                parse_broker_url(url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
     def tls(self) -> Any:
         """``TLSParameters`` when a CA bundle is configured (or the URL is mqtts://), else None."""
@@ -166,20 +178,26 @@ def load(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """Build ``cls`` from a TOML file, then ``FLEETPIPE_<FIELD>`` env vars, then flags (later wins).
+    """Build ``cls`` from defaults, a TOML file, ``FLEETPIPE_<FIELD>`` env vars, then flags (later wins).
 
     Broker settings live in a ``[broker]`` table / ``FLEETPIPE_BROKER_<FIELD>`` / ``broker_<field>`` flags.
-    ``None`` flag values mean "not given".
+    ``None`` flag values mean "not given". ``defaults`` are computed fallbacks that every other source
+    beats (the node's host name as its name).
     """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     broker: dict[str, Any] = {}
     if file is not None:
         try:
             data = tomllib.loads(Path(file).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {file}: {exc}") from exc
-        section = data.get(cls.__name__.removesuffix("Config").lower(), data)
+        own = cls.__name__.removesuffix("Config").lower()
+        section = data.get(own, data)
+        tables = sorted(k for k, v in data.items() if isinstance(v, dict) and k not in (own, "broker", *_SECTIONS))
+        if tables:
+            raise ConfigError(f"{file}: unknown table [{tables[0]}] (known: [{own}], [broker])")
         broker.update(data.get("broker", {}))
         values.update({k: v for k, v in section.items() if k != "broker" and not isinstance(v, dict)})
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

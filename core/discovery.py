@@ -32,12 +32,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from fleetpipe._compat import wait_for
 from fleetpipe.config import BrokerConfig, validate_name
 from fleetpipe.errors import DiscoveryError
 
 if TYPE_CHECKING:
+    from typing import Self
+
     from zeroconf import ServiceInfo
     from zeroconf.asyncio import AsyncZeroconf
 
@@ -350,7 +353,7 @@ async def _collect(aiozc: AsyncZeroconf, *, fleet: str | None, timeout_s: float,
     try:
         while (remaining := deadline - loop.time()) > 0:
             try:
-                item = await asyncio.wait_for(results.get(), remaining)
+                item = await wait_for(results.get(), remaining)
             except TimeoutError:
                 break
             if fleet is not None and item.fleet not in (fleet, None):
@@ -436,7 +439,7 @@ async def _first_reachable(urls: Sequence[str], tried: set[str]) -> str | None:
             continue
         tried.add(str(url))
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), CONNECT_TIMEOUT_S)
+            _, writer = await wait_for(asyncio.open_connection(url.host, url.port), CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
             log.info("broker %s is not reachable: %s", url, exc or "timeout")
             continue

@@ -1,6 +1,9 @@
 """Every MQTT topic of fleetpipe, declared once with its payload type, QoS and retain flag.
 
-Layout (all under ``fleetpipe/v1/<fleet>/``)::
+Two planes under two prefixes, so that ``mosquitto_sub -v -t 'fleetpipe/#'`` (or MQTT Explorer on ``fleetpipe/``)
+shows a human the control plane (JSON-sized messages) without the megabytes of tensors and model weights.
+
+Control plane, under ``fleetpipe/v1/<fleet>/`` (:data:`PREFIX`, :func:`control_filter`)::
 
     node/<node_id>/state     NodeBirth | NodeDeath   qos1 retained  (the last will is a NodeDeath here)
     node/planner/state       PlannerState            qos1 retained  (the planner's birth and last-will death)
@@ -8,12 +11,17 @@ Layout (all under ``fleetpipe/v1/<fleet>/``)::
     node/<node_id>/assign    StageAssign             qos1 retained
     node/<node_id>/metrics   Metrics                 qos0
     node/<node_id>/profile   NodeProfile             qos1 retained  (per-layer times of its loaded slice)
+    node/<node_id>/control   EmulationControl        qos1
     plan                     Plan                    qos1 retained
+    error                    ErrorReport             qos1
+
+Data plane, under ``fleetpipe-data/v1/<fleet>/`` (:data:`DATA_PREFIX`, :func:`data_filter`); the last level of
+a frame's, part's or result's topic names its sender (the identity the secure ACL binds)::
+
     epoch/<e>/stage/<k>/in/<client_id>    Activation   qos1  (replicas: $share/<fleet>-e<e>-s<k>/.../in/+)
     epoch/<e>/stage/<k>/part/<node_id>/<lead>    PartRequest  qos1  (split stage: lead -> part node)
     epoch/<e>/stage/<k>/gather/<lead>/<node_id>  PartReply    qos1  (split stage: part node -> lead)
     result/<client_id>       Result                  qos1
-    error                    ErrorReport             qos1
     slice/<hash>/<index>     SliceChunk              qos1 retained
     slice/request            SliceRequest            qos1
 
@@ -57,11 +65,14 @@ from fleetpipe.wire import (
 )
 
 __all__ = [
+    "DATA_PREFIX",
     "PLANNER_ID",
     "PREFIX",
     "SPECS",
     "TopicSpec",
     "check",
+    "control_filter",
+    "data_filter",
     "error",
     "fleet_filter",
     "matches",
@@ -88,7 +99,8 @@ __all__ = [
     "validate_topic",
 ]
 
-PREFIX = "fleetpipe/v1"
+PREFIX = "fleetpipe/v1"  # the control plane
+DATA_PREFIX = "fleetpipe-data/v1"  # frames, results, parts, model slices
 #: The node id under which the planner publishes its state and metrics (no node may take it).
 PLANNER_ID = "planner"
 _NAME = re.compile(NAME_PATTERN + r"\Z")
@@ -113,10 +125,15 @@ class TopicSpec:
             raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
         if not self.payload or not all(isinstance(t, type) for t in self.payload):
             raise TypeError("payload must be a non-empty tuple of message classes")
-        if not self.pattern.startswith(PREFIX + "/{fleet}"):
-            raise ValueError(f"pattern must start with {PREFIX}/{{fleet}}")
+        if not self.pattern.startswith((PREFIX + "/{fleet}/", DATA_PREFIX + "/{fleet}/")):
+            raise ValueError(f"pattern must start with {PREFIX}/{{fleet}}/ or {DATA_PREFIX}/{{fleet}}/")
         if any(param not in self.params for param, _field in self.binds):
             raise ValueError(f"{self.name}: binds names a parameter its pattern lacks")
+
+    @property
+    def data_plane(self) -> bool:
+        """Whether this topic carries the data plane (under :data:`DATA_PREFIX`)."""
+        return self.pattern.startswith(DATA_PREFIX + "/")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -150,6 +167,7 @@ class TopicSpec:
 
 
 _P = PREFIX + "/{fleet}"
+_D = DATA_PREFIX + "/{fleet}"
 _NODE = (("node_id", "node_id"),)
 NODE_STATE = TopicSpec("node_state", _P + "/node/{node_id}/state", (NodeBirth, NodeDeath, PlannerState), 1, True,
                        _NODE)
@@ -161,17 +179,17 @@ NODE_CONTROL = TopicSpec("node_control", _P + "/node/{node_id}/control", (Emulat
 PLAN = TopicSpec("plan", _P + "/plan", (Plan,), 1, True)
 # The last level of a data-plane topic is its sender's identity (a client on stage inputs: the ACL lets a
 # client write only its own; nodes forward frames under the client id the first stage checked).
-STAGE_IN = TopicSpec("stage_in", _P + "/epoch/{epoch}/stage/{stage}/in/{client_id}", (Activation,), 1, False,
+STAGE_IN = TopicSpec("stage_in", _D + "/epoch/{epoch}/stage/{stage}/in/{client_id}", (Activation,), 1, False,
                      (("client_id", "client_id"),))
-PART_IN = TopicSpec("part_in", _P + "/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", (PartRequest,), 1, False,
+PART_IN = TopicSpec("part_in", _D + "/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", (PartRequest,), 1, False,
                     (("lead", "lead"),))
-PART_GATHER = TopicSpec("part_gather", _P + "/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", (PartReply,), 1,
+PART_GATHER = TopicSpec("part_gather", _D + "/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", (PartReply,), 1,
                         False, _NODE)
-RESULT = TopicSpec("result", _P + "/result/{client_id}", (Result,), 1, False, (("client_id", "client_id"),))
+RESULT = TopicSpec("result", _D + "/result/{client_id}", (Result,), 1, False, (("client_id", "client_id"),))
 ERROR = TopicSpec("error", _P + "/error", (ErrorReport,), 1, False)
-SLICE_CHUNK = TopicSpec("slice_chunk", _P + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True,
+SLICE_CHUNK = TopicSpec("slice_chunk", _D + "/slice/{slice_hash}/{index}", (SliceChunk,), 1, True,
                         (("slice_hash", "slice_hash"), ("index", "index")))
-SLICE_REQUEST = TopicSpec("slice_request", _P + "/slice/request", (SliceRequest,), 1, False)
+SLICE_REQUEST = TopicSpec("slice_request", _D + "/slice/request", (SliceRequest,), 1, False)
 
 #: Every topic, by name.
 SPECS: Mapping[str, TopicSpec] = MappingProxyType(
@@ -272,8 +290,18 @@ def slice_request(fleet: str) -> str:
 
 
 def fleet_filter(fleet: str) -> str:
-    """Filter for everything of one fleet."""
+    """Filter for one fleet's control plane (what a human watches); :func:`data_filter` for the rest."""
+    return control_filter(fleet)
+
+
+def control_filter(fleet: str) -> str:
+    """Filter for one fleet's control plane: births, health, metrics, assignments, plan, errors."""
     return f"{PREFIX}/{_format('fleet', fleet)}/#"
+
+
+def data_filter(fleet: str) -> str:
+    """Filter for one fleet's data plane: frames, parts, results and model slices."""
+    return f"{DATA_PREFIX}/{_format('fleet', fleet)}/#"
 
 
 def shared(group: str, topic_filter: str) -> str:

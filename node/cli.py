@@ -6,9 +6,10 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["main", "register", "run"]
+__all__ = ["build_config", "main", "register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -22,7 +23,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="TOML config file (e.g. /etc/fleetpipe/node.toml)")
     p.add_argument("--cache-dir", dest="cache_dir", help="content-addressed slice cache")
     p.add_argument("--threads", type=int, help="inference threads")
-    p.add_argument("--username", dest="broker_username")
+    p.add_argument("--username", dest="broker_username", help="MQTT username (secure broker)")
     p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
     p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
     p.add_argument("--interface", dest="interfaces", action="append",
@@ -34,24 +35,34 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-profile-report", dest="report_profile", action="store_false", default=None,
                    help="do not time the layers of loaded slices for the planner (it then scales its own profile)")
     p.set_defaults(func=run)
+    from fleetpipe.cliargs import config_defaults
+    from fleetpipe.config import NodeConfig
+
+    p.config_defaults = config_defaults(NodeConfig, {"name": "the host name",
+                                                     "broker_url": "config file, else zeroconf"})
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build the NodeConfig from file, env and flags, and run the daemon."""
+def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
+    """The NodeConfig from flags > ``FLEETPIPE_*`` env > ``--config`` file > defaults (host name as name)."""
     from fleetpipe.config import NodeConfig, load
-    from fleetpipe.errors import ConfigError, FleetpipeError
-    from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
 
     keys = ("name", "fleet", "emulate", "cache_dir", "threads", "broker_username", "broker_password_file",
             "broker_ca_certs", "announce", "adaptive_bits", "report_profile")
     flags = {k: getattr(args, k, None) for k in keys}
     flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     flags["broker_url"] = args.broker
-    env = dict(os.environ)
-    if not flags["name"] and "FLEETPIPE_NAME" not in env:
-        flags["name"] = socket.gethostname().split(".")[0] or "node"
+    # The host name is a default: the config file's name, FLEETPIPE_NAME and --name all beat it.
+    defaults = {"name": socket.gethostname().split(".")[0] or "node"}
+    return load(NodeConfig, file=args.config, env=env, flags=flags, defaults=defaults)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the NodeConfig from file, env and flags, and run the daemon."""
+    from fleetpipe.errors import ConfigError, FleetpipeError
+    from fleetpipe.node.daemon import EXIT_CONFIG, NodeDaemon
+
     try:
-        config = load(NodeConfig, file=args.config, env=env, flags=flags)
+        config = build_config(args, dict(os.environ))
     except (ConfigError, TypeError) as exc:
         print(f"fleetpipe node: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import codec, signing, timing, topics, wire
+from fleetpipe._aio import Stopped, unless_stopped
+from fleetpipe._compat import wait_for
 from fleetpipe.config import NodeConfig
 from fleetpipe.deploy import sdnotify
 from fleetpipe.errors import (
@@ -84,6 +86,8 @@ EXIT_CONFIG = 2
 # Running-mean memory of the early-exit centres: the last ~this many exits per label weigh in (COACH Eq. 7).
 EXIT_CACHE_MEMORY = 50
 EXIT_BROKER = 3
+# On top of drain_timeout_s: the death publish and unsubscribes, each bounded by an ack (TimeoutStopSec is 30 s).
+DRAIN_GRACE_S = 5.0
 
 # Keep the previous epoch's slice this long after switching, so in-flight frames finish.
 EPOCH_GRACE_S = 15.0
@@ -204,18 +208,23 @@ class NodeDaemon(SplitMember):
         announcer = await self._announce() if self.config.announce else None
         if announcer is False:
             return EXIT_CONFIG
+        sdnotify.notify(f"STATUS=waiting for the MQTT broker at {broker.url}")
         try:
             self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-{self.name}", will=will,
                                username=broker.username, password=broker.password(),
                                tls=broker.tls(), on_connect=self._on_connect, wait=True)
-            await self.bus.__aenter__()
-        except FleetpipeError as exc:
-            log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
+            await unless_stopped(self.bus.__aenter__(), self.should_exit)
+        except (FleetpipeError, Stopped) as exc:
+            if isinstance(exc, Stopped):
+                log.info("node %s: stopped while waiting for the broker at %s", self.name, broker.url)
+            else:
+                log.error("node %s: cannot connect to broker %s: %s", self.name, broker.url, exc)
             if announcer:
                 await announcer.__aexit__(None, None, None)
-            return EXIT_BROKER
+            return EXIT_OK if isinstance(exc, Stopped) else EXIT_BROKER
         self.lifecycle.handle("connect")
-        sdnotify.notify("READY=1")
+        log.info("node %s: connected to %s (fleet %s)", self.name, broker.url, self.fleet)
+        sdnotify.notify(f"READY=1\nSTATUS=connected to {broker.url}; waiting for an assignment")
         # Load (or compile, on a machine's first run) the optional numba codec kernels while the slice loads,
         # not on the first frame.
         warm = asyncio.create_task(asyncio.to_thread(codec.warmup), name="codec-warmup")
@@ -224,7 +233,12 @@ class NodeDaemon(SplitMember):
         tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs]
         try:
             await self.should_exit.wait()
-            await self._drain(tasks)
+            # Bounded even when the broker is gone meanwhile (every unsubscribe/publish would wait for its ack).
+            try:
+                await wait_for(self._drain(tasks), self.config.drain_timeout_s + DRAIN_GRACE_S)
+            except TimeoutError:
+                log.warning("node %s: drain did not finish within %.0f s; stopping anyway", self.name,
+                            self.config.drain_timeout_s + DRAIN_GRACE_S)
         finally:
             for task in tasks:
                 task.cancel()
@@ -234,6 +248,7 @@ class NodeDaemon(SplitMember):
             await self.bus.__aexit__(None, None, None)
             if announcer:
                 await announcer.__aexit__(None, None, None)
+            log.info("node %s: stopped (exit code %d)", self.name, self.exit_code)
         return self.exit_code
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -429,6 +444,10 @@ class NodeDaemon(SplitMember):
 
     async def _load(self, assign: Any) -> None:
         assert self.bus is not None
+        log.info("node %s: assigned epoch %d stage %d/%d layers %d..%d (slice %s, %d bytes)", self.name, assign.epoch,
+                 assign.stage, assign.n_stages, assign.first_layer, assign.last_layer, assign.slice_hash[:12],
+                 assign.slice_size)
+        sdnotify.notify(f"STATUS=loading epoch {assign.epoch} stage {assign.stage}")
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("assign")
         role, data = None, b""
@@ -480,6 +499,8 @@ class NodeDaemon(SplitMember):
         await self._publish_health()  # tells the planner this epoch is loaded
         log.info("node %s: epoch %d stage %d layers %d..%d loaded (%s, %d bytes)", self.name, assign.epoch,
                  assign.stage, assign.first_layer, assign.last_layer, kind, size)
+        sdnotify.notify(f"STATUS=serving epoch {assign.epoch} stage {assign.stage} "
+                        f"layers {assign.first_layer}..{assign.last_layer}")
         if role is not None:
             log.info("node %s: split stage %d as %s (%d units)", self.name, assign.stage,
                      "lead" if role.lead else f"part of units {sorted(role.part_index)}", len(assign.split.units))
@@ -524,6 +545,7 @@ class NodeDaemon(SplitMember):
         # empty message from anyone else on an open broker must not take the node out.
         log.info("node %s: assignment cleared; serving epochs %s until the next plan commits", self.name,
                  sorted(self.slots))
+        sdnotify.notify("STATUS=unassigned: serving until the next plan commits")
         with contextlib.suppress(FleetpipeError):
             self.lifecycle.handle("unassign")
 
@@ -545,7 +567,7 @@ class NodeDaemon(SplitMember):
         filt = topics.SLICE_CHUNK.filter(fleet=self.fleet, slice_hash=slice_hash)
         await self.bus.subscribe(filt, qos=1)
         try:
-            data = await asyncio.wait_for(future, SLICE_FETCH_TIMEOUT_S)
+            data = await wait_for(future, SLICE_FETCH_TIMEOUT_S)
         finally:
             self._chunk_waiters.pop(slice_hash, None)
             self._chunks.pop(slice_hash, None)

@@ -43,8 +43,7 @@ No other module assigns ``NodeLifecycle.state``.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
+from fleetpipe._compat import StrEnum
 from fleetpipe.errors import FleetpipeError, StaleEpoch
 
 __all__ = ["TRANSITIONS", "Event", "IllegalTransition", "NodeLifecycle", "State"]

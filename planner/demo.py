@@ -108,17 +108,21 @@ def run(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     from fleetpipe.errors import FleetpipeError
 
+    if args.plot:
+        import matplotlib  # noqa: F401 - the plot extra: fail now, not after the whole run
+    stopped_by: list[int] = []
     try:
-        report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
-                          window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
-                          plot=args.plot, input_shape=tuple(getattr(args, "input_shape", ()) or ()),
-                          **_accuracy_kwargs(args))
+        with _stop_on_signals(stopped_by):
+            report = run_demo(model=args.model, nodes=args.nodes, classes=classes, frames=args.frames,
+                              window=args.window, bits=args.bits, console=console, log_dir=args.keep_logs,
+                              plot=args.plot, input_shape=tuple(getattr(args, "input_shape", ()) or ()),
+                              **_accuracy_kwargs(args))
     except FleetpipeError as exc:  # the model cannot be read, pinned or run here: before any process starts
         print(f"fleetpipe demo: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; fleet stopped[/]")
-        return 130
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
@@ -344,7 +348,10 @@ def _materialise_model(model: str, tmp: Path, input_shape: tuple[str, ...] = ())
 
         raise UnsupportedModel(f"no such model file or zoo model: {model!r}")
     kw = DEFAULT_MODEL_ARGS.get(model, {})
-    proto = zoo.build(model, **kw)
+    try:
+        proto = zoo.build(model, **kw)
+    except KeyError as exc:
+        raise UnsupportedModel(f"{exc.args[0]} (or a path to an .onnx file)") from exc
     path = tmp / f"{model}.onnx"
     onnx.save(proto, path)
     args = ",".join(f"{k}={v}" for k, v in kw.items())
@@ -448,6 +455,26 @@ def _wait_profiled(planner: subprocess.Popen[bytes], log: Path, timeout_s: float
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stopped_by: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGINT both unwind the demo (KeyboardInterrupt), so every process and temp folder it made is
+    cleaned up; further signals are ignored until that is done (the clean-up is bounded, see ``_processes``).
+    Python's default SIGTERM kills the process on the spot and leaves the fleet running."""
+
+    def handle(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager

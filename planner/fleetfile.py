@@ -16,13 +16,13 @@ Per-layer times come from profiling the model on this host, scaled by each devic
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fleetpipe._compat import tomllib
 from fleetpipe.errors import ConfigError
 
 __all__ = ["DeviceSpec", "FleetFile", "load_fleet", "problem_for"]
@@ -48,6 +48,9 @@ class FleetFile:
     links: dict[tuple[str, str], float]
 
 
+_DEVICE_KEYS = frozenset({"name", "class", "factor", "speed_gflops", "mem_bytes", "bandwidth_mbps"})
+
+
 def load_fleet(path: str | Path) -> FleetFile:
     """Parse a fleet TOML file; ConfigError names what is wrong."""
     from fleetpipe.node.emulate import CLASSES
@@ -56,11 +59,18 @@ def load_fleet(path: str | Path) -> FleetFile:
         doc = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read fleet file {path}: {exc}") from exc
+    unknown = sorted(set(doc) - {"device", "links"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]!r} (known: [[device]], [links])")
     raw = doc.get("device", [])
-    if not raw:
+    if not raw or not isinstance(raw, list):
         raise ConfigError(f"{path}: no [[device]] entries")
     devices = []
     for i, d in enumerate(raw):
+        bad = sorted(set(d) - _DEVICE_KEYS)
+        if bad:
+            known = ", ".join(sorted(_DEVICE_KEYS))
+            raise ConfigError(f"{path}: device {i}: unknown setting {bad[0]!r} (known: {known})")
         name = str(d.get("name", f"device{i}"))
         cls = CLASSES.get(str(d.get("class", "host")))
         if cls is None:

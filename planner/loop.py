@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from fleetpipe import signing, slices, timing, topics, wire
+from fleetpipe._aio import Stopped, in_daemon_thread, unless_stopped
 from fleetpipe.client import DEFAULT_WINDOW
 from fleetpipe.config import PlannerConfig
 from fleetpipe.deploy import sdnotify
@@ -64,10 +65,15 @@ from fleetpipe.ratelog import RateLimitedLog
 from fleetpipe.transport import Message, Will
 from fleetpipe.transport.mqtt import MqttBus
 
-__all__ = ["ModelInfo", "PlannerService", "build_problem", "load_model_info"]
+__all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_OK", "ModelInfo", "PlannerService", "build_problem", "load_model_info"]
 
 log = logging.getLogger("fleetpipe.planner")
 
+# Process exit codes (the node's are the same numbers): 0 a clean stop (SIGTERM/SIGINT, in any state),
+# 2 bad configuration, 3 the broker refused us (bad credentials) or is unusable.
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
 LOAD_TIMEOUT_S = 60.0
 # Intra plans: first guess of one message's fixed cost (ms); re-plan when leads measure this much more.
 MSG_MS_START = 1.0
@@ -223,7 +229,10 @@ class PlannerService:
         self._signing_key = signing.load_private_key(config.signing_key) if config.signing_key else None
         self._first_seen: float | None = None
         self._replanning: asyncio.Task[None] | None = None
-        self._published_slices: set[str] = set()
+        # Slices this planner holds retained on the broker (digest -> chunk count), and those the epoch being
+        # adopted uses; once that epoch is published every other slice is cleared (the broker stays bounded).
+        self._published_slices: dict[str, int] = {}
+        self._epoch_slices: set[str] = set()
         self._assigned: set[str] = set()
         self._loaded: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
@@ -286,28 +295,36 @@ class PlannerService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
-        if self.model is None:
-            try:
-                self.model = await asyncio.to_thread(load_model_info, self.config.model, self.config.input_shape,
-                                                     self.config.profile)
-            except FleetpipeError as exc:  # before anything is deployed: one line, non-zero exit
+        try:
+            if self.model is None:
+                sdnotify.notify(f"STATUS=loading model {self.config.model}")
+                self.model = await unless_stopped(in_daemon_thread(
+                    load_model_info, self.config.model, self.config.input_shape, self.config.profile),
+                    self.should_exit)
+                log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
+                self.calibration = _load_calibration(self.config, self.model)
+                self.costs = self._reported_costs(self.model)
+            broker = self.config.broker
+            sdnotify.notify(f"STATUS=waiting for the MQTT broker at {broker.url}")
+            will = Will(topics.planner_state(self.fleet),
+                        wire.encode(self._state_msg(False, "connection lost", ts=0.0)), qos=1, retain=True)
+            self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
+                               password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True,
+                               will=will)
+            await unless_stopped(self.bus.__aenter__(), self.should_exit)
+        except Stopped:
+            log.info("planner: stopped before it was connected")
+            return EXIT_OK
+        except FleetpipeError as exc:
+            if self.model is None:  # before anything is deployed: one line, non-zero exit
                 log.error("planner: cannot plan %s: %s", self.config.model, exc)
                 return EXIT_BAD_MODEL
-            log.info("planner: model %s with %d layers", self.model.model_id, len(self.model.graph.layers))
-            self.calibration = _load_calibration(self.config, self.model)
-            self.costs = self._reported_costs(self.model)
-        broker = self.config.broker
-        will = Will(topics.planner_state(self.fleet), wire.encode(self._state_msg(False, "connection lost", ts=0.0)),
-                    qos=1, retain=True)
-        self.bus = MqttBus(broker.url or "", client_id=f"fp-{self.fleet}-planner", username=broker.username,
-                           password=broker.password(), tls=broker.tls(), on_connect=self._on_connect, wait=True,
-                           will=will)
-        try:
-            await self.bus.__aenter__()
-        except FleetpipeError as exc:
+            if self.bus is None:
+                raise
             log.error("planner: cannot connect to %s: %s", broker.url, exc)
-            return 3
-        sdnotify.notify("READY=1")
+            return EXIT_BROKER
+        log.info("planner: connected to %s (fleet %s)", broker.url, self.fleet)
+        sdnotify.notify(f"READY=1\nSTATUS=connected to {broker.url}; waiting for nodes")
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
         if self.config.announce:
             tasks.append(asyncio.create_task(self._announce()))
@@ -322,7 +339,8 @@ class PlannerService:
                 await self.bus.publish(topics.planner_state(self.fleet),
                                        wire.encode(self._state_msg(False, "clean shutdown")), qos=1, retain=True)
             await self.bus.__aexit__(None, None, None)
-        return 0
+            log.info("planner: stopped")
+        return EXIT_OK
 
     def _state_msg(self, online: bool, reason: str = "", ts: float | None = None) -> Any:
         return wire.PlannerState(fleet=self.fleet, planner_id=self.planner_id, seq=self._seq, online=online,
@@ -795,6 +813,7 @@ class PlannerService:
         from fleetpipe.planner import split_deploy
 
         assert self.model is not None
+        self._epoch_slices = set()
         names = problem.device_names
         deployed = await asyncio.to_thread(split_deploy.deploy, self.model.proto, self.model.graph, plan, ip, names)
         stages = []
@@ -834,6 +853,7 @@ class PlannerService:
         from fleetpipe.planner.adapt import DeviationMonitor
 
         assert self.model is not None
+        self._epoch_slices = set()
         stage_slices = await asyncio.to_thread(self._slices, result)
         self._phases["slices"] = time.monotonic()
         names = problem.device_names
@@ -911,6 +931,7 @@ class PlannerService:
         await self._publish_retained(topics.plan(self.fleet), wire.encode(plan))  # the commit
         self._log_phases(epoch)
         self._committed = {t: p for t, p in self._retained.items() if topics.parse(t)[0] is topics.NODE_ASSIGN}
+        await self._clear_unused_slices()
         return plan
 
     async def _restore_committed(self) -> None:
@@ -934,13 +955,27 @@ class PlannerService:
 
     async def _publish_slice(self, digest: str, data: bytes) -> None:
         assert self.bus is not None
+        self._epoch_slices.add(digest)
         if digest in self._published_slices:
             return
         parts = slices.chunk(data)
         for i, part in enumerate(parts):
             chunk = wire.SliceChunk(slice_hash=digest, index=i, count=len(parts), data=part)
             await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), wire.encode(chunk))
-        self._published_slices.add(digest)
+        self._published_slices[digest] = len(parts)
+
+    async def _clear_unused_slices(self) -> None:
+        """Clear (empty retained publish) every chunk of the slices the just-published epoch does not use.
+
+        Every node of the new epoch has loaded it (or was given up on) and no other epoch is live, so old
+        slices are garbage: without this each re-plan leaves its model on the broker (RAM, and disk with
+        persistence). A slice needed again later is simply published again.
+        """
+        keep, self._epoch_slices = self._epoch_slices, set()
+        for digest in sorted(set(self._published_slices) - keep):
+            for i in range(self._published_slices.pop(digest)):
+                await self._publish_retained(topics.slice_chunk(self.fleet, digest, i), b"")
+            log.debug("planner: cleared retained slice %s", digest)
 
     async def _wait_loaded(self, nodes: set[str], epoch: int) -> bool:
         """Wait until every node in ``nodes`` reports ``epoch`` loaded; False if one of them is gone meanwhile."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["register", "run"]
+__all__ = ["build_config", "register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -49,31 +50,44 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expect-nodes", dest="expect_nodes", type=int,
                    help="wait (up to 10 s) for this many nodes before the first plan")
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--username", dest="broker_username")
-    p.add_argument("--password-file", dest="broker_password_file")
+    p.add_argument("--username", dest="broker_username", help="MQTT username (secure broker)")
+    p.add_argument("--password-file", dest="broker_password_file", help="file holding the broker password")
+    p.add_argument("--ca-certs", dest="broker_ca_certs", help="CA bundle: enables TLS")
+    p.add_argument("--time-limit", dest="time_limit_s", type=float, help="exact solver time limit in s (default 5)")
     p.add_argument("--interface", dest="interfaces", action="append",
                    help="zeroconf: browse/advertise only on this interface or address (repeatable)")
     p.add_argument("--no-announce", dest="announce", action="store_false", default=None)
     p.set_defaults(func=run)
+    from fleetpipe.cliargs import config_defaults
+    from fleetpipe.config import PlannerConfig
+
+    p.config_defaults = config_defaults(PlannerConfig, {"broker_url": "config file, else zeroconf",
+                                                        "intra": "the throughput planner"})
+
+
+def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
+    """The PlannerConfig from flags > ``FLEETPIPE_*`` env > ``--config`` file > defaults."""
+    from fleetpipe.config import PlannerConfig, load
+
+    flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
+                                                  "expect_nodes", "broker_username", "broker_password_file",
+                                                  "broker_ca_certs", "calibration", "replan_threshold", "adapt",
+                                                  "early_exit", "announce", "intra", "profile", "intra_msg_ms",
+                                                  "intra_tiles", "intra_measure_parts", "time_limit_s",
+                                                  "bit_tolerance", "bit_floors", "signing_key")}
+    flags["input_shape"] = tuple(args.input_shape) if args.input_shape else None
+    flags["broker_url"] = args.broker
+    flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
+    return load(PlannerConfig, file=args.config, env=env, flags=flags)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the PlannerConfig and run the service."""
-    from fleetpipe.config import PlannerConfig, load
     from fleetpipe.errors import ConfigError
     from fleetpipe.planner.loop import PlannerService
 
-    flags = {k: getattr(args, k, None) for k in ("model", "fleet", "bits", "input_shape", "min_nodes",
-                                                  "expect_nodes", "broker_username", "broker_password_file",
-                                                  "calibration", "replan_threshold", "adapt", "early_exit",
-                                                  "announce", "intra", "profile", "intra_msg_ms",
-                                                  "intra_tiles", "intra_measure_parts", "bit_tolerance",
-                                                  "bit_floors")}
-    flags["input_shape"] = tuple(args.input_shape) if args.input_shape else None
-    flags["broker_url"] = args.broker
-    flags["interfaces"] = tuple(args.interfaces) if args.interfaces else None
     try:
-        config = load(PlannerConfig, file=args.config, env=dict(os.environ), flags=flags)
+        config = build_config(args, dict(os.environ))
     except (ConfigError, TypeError) as exc:
         print(f"fleetpipe planner: {exc}", file=sys.stderr)
         return 2

@@ -27,3 +27,5 @@ def test_wheel_has_only_fleetpipe_at_the_top(tmp_path: Path) -> None:
     assert any(n.endswith(".service") for n in names), "systemd units"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fleetpipe = " in zipfile.ZipFile(wheel).read(entry).decode()
+    licence = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert licence and "Apache License" in zipfile.ZipFile(wheel).read(licence[0]).decode()[:200], names[-8:]

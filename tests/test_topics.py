@@ -18,13 +18,13 @@ EXPECTED = {
     "node_profile": ("fleetpipe/v1/{fleet}/node/{node_id}/profile", 1, True),
     "node_control": ("fleetpipe/v1/{fleet}/node/{node_id}/control", 1, False),
     "plan": ("fleetpipe/v1/{fleet}/plan", 1, True),
-    "stage_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/in/{client_id}", 1, False),
-    "part_in": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", 1, False),
-    "part_gather": ("fleetpipe/v1/{fleet}/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", 1, False),
-    "result": ("fleetpipe/v1/{fleet}/result/{client_id}", 1, False),
+    "stage_in": ("fleetpipe-data/v1/{fleet}/epoch/{epoch}/stage/{stage}/in/{client_id}", 1, False),
+    "part_in": ("fleetpipe-data/v1/{fleet}/epoch/{epoch}/stage/{stage}/part/{node_id}/{lead}", 1, False),
+    "part_gather": ("fleetpipe-data/v1/{fleet}/epoch/{epoch}/stage/{stage}/gather/{lead}/{node_id}", 1, False),
+    "result": ("fleetpipe-data/v1/{fleet}/result/{client_id}", 1, False),
     "error": ("fleetpipe/v1/{fleet}/error", 1, False),
-    "slice_chunk": ("fleetpipe/v1/{fleet}/slice/{slice_hash}/{index}", 1, True),
-    "slice_request": ("fleetpipe/v1/{fleet}/slice/request", 1, False),
+    "slice_chunk": ("fleetpipe-data/v1/{fleet}/slice/{slice_hash}/{index}", 1, True),
+    "slice_request": ("fleetpipe-data/v1/{fleet}/slice/request", 1, False),
 }
 
 
@@ -53,11 +53,11 @@ def test_builders_and_parse() -> None:
         (topics.slice_request("lab"), "slice_request", {"fleet": "lab"}),
     ]
     for topic, name, params in cases:
-        assert topic.startswith("fleetpipe/v1/lab/")
         spec, got = parse(topic)
+        assert topic.startswith("fleetpipe-data/v1/lab/" if spec.data_plane else "fleetpipe/v1/lab/")
         assert spec.name == name and got == params
         assert spec.topic(**params) == topic
-    assert topics.stage_in("lab", 1, 2, "cam") == "fleetpipe/v1/lab/epoch/1/stage/2/in/cam"
+    assert topics.stage_in("lab", 1, 2, "cam") == "fleetpipe-data/v1/lab/epoch/1/stage/2/in/cam"
     assert topics.node_state("f", "n") == "fleetpipe/v1/f/node/n/state"
 
 
@@ -115,12 +115,12 @@ def test_filters_and_shared() -> None:
     group = topics.stage_group("lab", 1, 1)
     assert group == "lab-e1-s1"
     sub = shared(group, topics.stage_in_filter("lab", 1, 1))
-    assert sub == "$share/lab-e1-s1/fleetpipe/v1/lab/epoch/1/stage/1/in/+"
+    assert sub == "$share/lab-e1-s1/fleetpipe-data/v1/lab/epoch/1/stage/1/in/+"
     assert matches(sub, topics.stage_in("lab", 1, 1, "cam"))
     assert not matches(sub, topics.stage_in("lab", 1, 2, "cam"))
     assert matches(topics.fleet_filter("lab"), topics.plan("lab"))
     assert not matches(topics.fleet_filter("lab"), topics.plan("lab2"))
-    assert SPECS["slice_chunk"].filter(fleet="f", slice_hash="ab") == "fleetpipe/v1/f/slice/ab/+"
+    assert SPECS["slice_chunk"].filter(fleet="f", slice_hash="ab") == "fleetpipe-data/v1/f/slice/ab/+"
     assert topics.spec_for(NodeDeath("f", "n", 0, 0.0)) == (SPECS["node_state"],)
 
 
@@ -202,7 +202,7 @@ def test_matches_properties(levels: list[str], data: st.DataObject) -> None:
 def test_split_stage_topics_round_trip() -> None:
     req = topics.part_in("lab", 3, 1, "pi-2", "pi-1")
     rep = topics.part_gather("lab", 3, 1, "pi-1", "pi-2")
-    assert req == "fleetpipe/v1/lab/epoch/3/stage/1/part/pi-2/pi-1"
+    assert req == "fleetpipe-data/v1/lab/epoch/3/stage/1/part/pi-2/pi-1"
     assert parse(req) == (SPECS["part_in"], {"fleet": "lab", "epoch": 3, "stage": 1, "node_id": "pi-2", "lead": "pi-1"})
     assert parse(rep) == (SPECS["part_gather"],
                           {"fleet": "lab", "epoch": 3, "stage": 1, "lead": "pi-1", "node_id": "pi-2"})
@@ -236,3 +236,12 @@ def test_check_binds_identity_to_the_topic() -> None:
     topics.check(topics.part_gather("lab", 1, 0, "n1", "n2"), rep)
     with pytest.raises(ValueError):
         topics.check(topics.part_gather("lab", 1, 0, "n1", "n3"), rep)
+def test_data_plane_has_its_own_prefix():
+    """Frames, parts, results and slices never match the control-plane filter a human watches (issue 20 item 9)."""
+    data = {name for name, spec in SPECS.items() if spec.data_plane}
+    assert data == {"stage_in", "part_in", "part_gather", "result", "slice_chunk", "slice_request"}
+    for spec in SPECS.values():
+        sample = spec.filter(fleet="lab").replace("+", "x1")
+        assert matches(topics.control_filter("lab"), sample) != spec.data_plane, spec.name
+        assert matches(topics.data_filter("lab"), sample) == spec.data_plane, spec.name
+        assert not matches("fleetpipe/#", sample) or not spec.data_plane

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     g.add_argument("--planner", default="planner", help="planner identity (default 'planner'; '' for none)")
     g.add_argument("--clients", default="", help="comma-separated client ids (they read result/<client-id>)")
     g.add_argument("--observers", default="", help="comma-separated read-only identities (dashboards)")
+    g.add_argument("--ha", default="", help="comma-separated Home Assistant identities (HA itself and "
+                                            "`fleetpipe ha-discovery`: read the control plane, write homeassistant/#)")
     g.add_argument("--out", required=True, help="directory to write into (created)")
     g.add_argument("--builtin-hash", action="store_true",
                    help="hash in Python even if mosquitto_passwd is installed")
@@ -114,13 +116,16 @@ def _install_service(args: argparse.Namespace) -> int:
             print(f"--- {f.path} (mode {f.mode:04o})\n{shown}\n")
         return 0
     try:
-        done = install.apply(files, force=args.force)
-        created = install.create_user(files[1].path) if Path(args.prefix).resolve() == Path("/") else None
+        # The service user first: the config and password files are chowned to its group as they are written.
+        done = install.apply(files[1:2], force=args.force, prefix=args.prefix)
+        created = install.create_user(files[1].path, args.prefix)
+        done += install.apply([files[0], *files[2:]], force=args.force, prefix=args.prefix)
     except (OSError, ConfigError) as exc:
         print(f"fleetpipe install-service: {exc}", file=sys.stderr)
         return 1
     for f, what in done:
-        print(f"{what:7} {f.path}" + ("  (exists; --force to overwrite)" if what == "kept" else ""))
+        note = {"kept": "  (exists; --force to overwrite)", "fixed": "  (exists; owner/mode mended)"}.get(what, "")
+        print(f"{what:7} {f.path}{note}")
     if created:
         print(f"created the fleetpipe system user: {created}")
     unit = install.unit_name(args.role, args.name, template=args.template)
@@ -140,7 +145,7 @@ def _gen_creds(args: argparse.Namespace) -> int:
 
     try:
         result = creds.generate(args.out, fleet=args.fleet, nodes=_split(args.nodes), planner=args.planner or None,
-                                clients=_split(args.clients), observers=_split(args.observers),
+                                clients=_split(args.clients), observers=_split(args.observers), ha=_split(args.ha),
                                 mosquitto_passwd=None if args.builtin_hash else "auto",
                                 broker_user=args.broker_user or None)
     except (ConfigError, OSError) as exc:
@@ -175,7 +180,6 @@ def _gen_certs(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from fleetpipe.deploy import broker_config
 

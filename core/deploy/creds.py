@@ -11,9 +11,10 @@ name, so a node's username is its node id) and a random password. :func:`generat
 
 ``secure.conf`` reads ``{dir}/passwd`` and ``{dir}/acl``: render it with ``dir=<out>/mosquitto``.
 
-What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``; everything not listed is denied). The grants
-are built from the topic table (:mod:`fleetpipe.topics`: each grant is a spec with some parameters
-fixed to the identity, the rest ``+``), so moving a topic needs no edit here::
+What the ACL grants (``F`` = ``fleetpipe/v1/<fleet>``, ``D`` = ``fleetpipe-data/v1/<fleet>`` for the data plane:
+frames, part messages, results, slices; everything not listed is denied). The grants are built from the topic
+table (:mod:`fleetpipe.topics`: each grant is a spec with some parameters fixed to the identity, the rest
+``+``), so moving a topic needs no edit here::
 
     node n    write F/node/n/state  F/node/n/health  F/node/n/metrics  F/node/n/profile
               read  F/node/n/assign  F/node/n/control  F/plan  F/slice/+/+  F/node/planner/state
@@ -25,10 +26,12 @@ fixed to the identity, the rest ``+``), so moving a topic needs no edit here::
               read  F/node/+/state  F/node/+/assign  F/node/+/health  F/node/+/metrics  F/node/+/profile
               read  F/plan  F/error
               read  F/slice/request
-    client c  write F/epoch/+/stage/0/in/c                (frames only as itself)
-              read  F/result/c  F/plan  F/error  F/node/planner/state
+    client c  write D/epoch/+/stage/0/in/c                (frames only as itself)
+              read  D/result/c  F/plan  F/error  F/node/planner/state
     observer  read  the control plane and metrics: F/node/+/{state,health,assign,metrics,profile,control},
-              F/plan, F/error, F/slice/request; never frames, part messages, results or slices (model weights)
+              F/plan, F/error, D/slice/request; never frames, part messages, results or slices (model weights)
+    ha h      read  the control plane as an observer   readwrite homeassistant/#   (Home Assistant and
+              `fleetpipe ha-discovery`)
 
 Identity is the topic: a receiver takes who sent a message from the topic level the ACL binds to the
 publisher (``fleetpipe.topics.check``), never from the payload. With ``use_username_as_clientid`` in
@@ -98,6 +101,7 @@ def generate(
     planner: str | None = "planner",
     clients: Sequence[str] = (),
     observers: Sequence[str] = (),
+    ha: Sequence[str] = (),
     mosquitto_passwd: str | None = "auto",
     broker_user: str | None = None,
 ) -> Credentials:
@@ -108,7 +112,7 @@ def generate(
     when running as root, chown ``<out>/mosquitto`` to this user (mosquitto reads the files after
     dropping privileges).
     """
-    roles = _roles(fleet, nodes, planner, clients, observers)
+    roles = _roles(fleet, nodes, planner, clients, observers, ha)
     out = Path(out)
     broker_dir = out / "mosquitto"
     broker_dir.mkdir(parents=True, exist_ok=True)
@@ -178,14 +182,15 @@ def verify_password(password: str, hashed: str) -> bool:
 
 
 def _grants(fleet: str, role: str, name: str) -> list[tuple[str, str]]:
-    return [(access, spec.filter(fleet=fleet, **params)) for access, spec, params in _role_grants(role, name)]
+    return [(access, spec if isinstance(spec, str) else spec.filter(fleet=fleet, **params))
+            for access, spec, params in _role_grants(role, name)]
 
 
 # The data plane (frames, part messages, results, slices = model weights): never granted to observers.
 _DATA_PLANE = frozenset({"stage_in", "part_in", "part_gather", "result", "slice_chunk"})
 
 
-def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapping[str, object]]]:
+def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec | str, Mapping[str, object]]]:
     t = topics
     if role == "node":
         me: Mapping[str, object] = {"node_id": name}
@@ -233,15 +238,21 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec, Mapp
             ("read", t.ERROR, {}),
             ("read", t.NODE_STATE, {"node_id": t.PLANNER_ID}),
         ]
-    return [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE]  # observer
+    observer = [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE]
+    if role == "ha":  # Home Assistant and `fleetpipe ha-discovery`: the control plane, and HA's discovery topics
+        return [*observer, ("readwrite", f"{HA_PREFIX}/#", {})]
+    return observer
+
+
+HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix (ha-discovery --prefix)
 
 
 def _roles(fleet: str, nodes: Iterable[str], planner: str | None, clients: Iterable[str],
-           observers: Iterable[str]) -> dict[str, str]:
+           observers: Iterable[str], ha: Iterable[str] = ()) -> dict[str, str]:
     validate_name("fleet", fleet)
     roles: dict[str, str] = {}
     groups = [("node", list(nodes)), ("planner", [planner] if planner else []), ("client", list(clients)),
-              ("observer", list(observers))]
+              ("observer", list(observers)), ("ha", list(ha))]
     for role, names in groups:
         for name in names:
             validate_name(f"{role} name", name)

@@ -11,7 +11,8 @@ them. With ``prefix`` everything lands under another root (tests, image builds).
 
 The config has a ``[node]``/``[planner]`` table and a ``[broker]`` table, as
 :func:`fleetpipe.config.load` reads it. It is root-owned, group ``fleetpipe``, mode 0640: the service
-reads it, nobody else does. An existing config is kept unless ``force``.
+reads it, nobody else does. The user is created before any of them is written (a group that does not exist yet
+cannot own them). An existing config is kept unless ``force``, but its owner and mode are mended.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -113,8 +115,13 @@ def plan(
     validate_name("fleet", fleet)
     if role == "node":
         name = validate_name("node name", name or socket.gethostname().split(".")[0])
-    if broker is not None and not broker.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"--broker must be mqtt://host:port or mqtts://host:port, not {broker!r}")
+    if broker is not None:
+        from fleetpipe.config import BrokerConfig
+
+        try:
+            BrokerConfig(url=broker)
+        except ConfigError as exc:
+            raise ConfigError(f"--broker must be mqtt://host:port or mqtts://host:port: {exc}") from exc
     if ca_certs and broker is not None and not broker.startswith("mqtts://"):
         raise ConfigError("--ca-certs enables TLS: use an mqtts:// broker URL")
     root = Path(prefix)
@@ -159,12 +166,19 @@ def plan(
     return files
 
 
-def apply(files: list[PlannedFile], *, force: bool = False) -> list[tuple[PlannedFile, str]]:
-    """Write ``files``; returns (file, "written" | "kept") for each. Chowns root:group when root."""
+def apply(files: list[PlannedFile], *, force: bool = False,
+          prefix: str | Path = "/") -> list[tuple[PlannedFile, str]]:
+    """Write ``files``; returns (file, "written" | "kept" | "fixed") for each.
+
+    As root a file with a ``group`` is chowned root:group (the group as ``prefix``'s /etc/group names it), so
+    create the user first (:func:`create_user`). A kept file (an edited config) still gets its owner and mode
+    mended ("fixed") when they are wrong: the service must be able to read it, nobody else.
+    """
     done = []
     for f in files:
+        gid = _gid(f.group, prefix) if f.group and os.geteuid() == 0 else None
         if f.path.exists() and not f.replace and not force:
-            done.append((f, "kept"))
+            done.append((f, "fixed" if _mend(f.path, f.mode, gid) else "kept"))
             continue
         f.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.path.with_name(f".{f.path.name}.tmp")
@@ -173,24 +187,27 @@ def apply(files: list[PlannedFile], *, force: bool = False) -> list[tuple[Planne
         with os.fdopen(fd, "w") as fh:
             fh.write(f.text)
         os.chmod(tmp, f.mode)  # not subject to the umask
-        if f.group and os.geteuid() == 0 and _group_exists(f.group):
-            os.chown(tmp, 0, grp.getgrnam(f.group).gr_gid)
+        if gid is not None:
+            os.chown(tmp, 0, gid)
         os.replace(tmp, f.path)
         done.append((f, "written"))
     return done
 
 
-def create_user(sysusers_file: Path) -> str | None:
-    """Create the ``fleetpipe`` system user (systemd-sysusers, else useradd); None if it exists or
-    cannot be created here (not root), else a description of what was run."""
-    if os.geteuid() != 0 or _group_exists(GROUP):
+def create_user(sysusers_file: Path, prefix: str | Path = "/") -> str | None:
+    """Create the ``fleetpipe`` system user in ``prefix`` (systemd-sysusers --root, else useradd --prefix);
+    None if it exists or cannot be created here (not root), else a description of what was run."""
+    if os.geteuid() != 0 or _gid(GROUP, prefix) is not None:
         return None
+    root = str(Path(prefix).resolve())
     tool = shutil.which("systemd-sysusers")
-    cmd = [tool, str(sysusers_file)] if tool else [
-        "useradd", "--system", "--user-group", "--home-dir", "/var/lib/fleetpipe", "--no-create-home",
-        "--shell", "/usr/sbin/nologin", GROUP]
+    if tool:
+        cmd = [tool, *([f"--root={root}"] if root != "/" else []), str(sysusers_file)]
+    else:
+        cmd = ["useradd", *(["--prefix", root] if root != "/" else []), "--system", "--user-group",
+               "--home-dir", "/var/lib/fleetpipe", "--no-create-home", "--shell", "/usr/sbin/nologin", GROUP]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or _gid(GROUP, prefix) is None:
         raise ConfigError(f"cannot create the fleetpipe user ({' '.join(cmd)}): {proc.stderr.strip()}")
     return " ".join(cmd)
 
@@ -211,12 +228,37 @@ def _read(path: str) -> str:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
-def _group_exists(group: str) -> bool:
+def _gid(group: str | None, prefix: str | Path = "/") -> int | None:
+    """The gid of ``group`` in ``prefix``'s /etc/group (the host's database for /), None if absent."""
+    if group is None:
+        return None
+    if Path(prefix).resolve() == Path("/"):
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            return None
     try:
-        grp.getgrnam(group)
-    except KeyError:
-        return False
-    return True
+        lines = (Path(prefix) / "etc/group").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == group:
+            return int(fields[2])
+    return None
+
+
+def _mend(path: Path, mode: int, gid: int | None) -> bool:
+    """Give ``path`` ``mode`` and (as root) owner root:gid; True if anything had to change."""
+    st = path.stat()
+    changed = False
+    if gid is not None and (st.st_uid, st.st_gid) != (0, gid):
+        os.chown(path, 0, gid)
+        changed = True
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+        changed = True
+    return changed
 
 
 def _toml(role: str, table: dict[str, str], broker: dict[str, str]) -> str:

@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
                               description="Watch a fleet: nodes, plan stages, utilisation, bubbles, errors.")
     _common(p)
     p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds (default 1)")
-    p.add_argument("--once", action="store_true", help="collect for one interval, print one frame, exit")
+    p.add_argument("--once", action="store_true",
+                   help="collect for max(--interval, 3 health intervals = 3 s), print one frame, exit")
     p.add_argument("--width", type=int, default=None, help="console width (default: terminal, or 140)")
     p.add_argument("--no-results", action="store_true", help="do not subscribe to result topics (no latency)")
     p.set_defaults(func=_run_top)
@@ -39,11 +40,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bind", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.set_defaults(func=_run_exporter)
 
-    p = subparsers.add_parser("ha-discovery", help="publish Home Assistant MQTT discovery configs for nodes")
+    p = subparsers.add_parser("ha-discovery", help="keep Home Assistant MQTT discovery configs in step with the fleet",
+                              description="Publish HA discovery configs for every node and the pipeline; keeps "
+                                          "running: nodes that join appear, removed ones go.")
     _common(p)
-    p.add_argument("--seconds", type=float, default=2.0, help="how long to collect retained births (default 2)")
+    p.add_argument("--once", action="store_true", help="publish for the nodes seen within --seconds, then exit")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="--once/--remove: how long to collect retained births (default 2)")
+    p.add_argument("--forget-after", dest="forget_after", type=float, default=600.0,
+                   help="delete a dead node's configs after this many seconds (default 600)")
     p.add_argument("--prefix", default="homeassistant", help="HA discovery prefix (default homeassistant)")
-    p.add_argument("--remove", action="store_true", help="delete the configs instead")
+    p.add_argument("--remove", action="store_true", help="delete the configs of the nodes seen, then exit")
     p.set_defaults(func=_run_ha)
 
 
@@ -78,7 +85,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     from fleetpipe.cliargs import add_broker_args
 
     add_broker_args(p)
-    p.add_argument("--fleet", default="default", help="fleet name (default 'default')")
 
 
 def _run_top(args: argparse.Namespace) -> int:

@@ -50,10 +50,14 @@ def telemetry_filters(fleet: str, *, results: bool) -> list[tuple[str, int]]:
 async def watch(url: str | BrokerConfig, view: FleetView, *, seconds: float | None = None,
                 stop: asyncio.Event | None = None, results: bool = False, lock: threading.Lock | None = None,
                 on_message: Callable[[wire.Message], None] | None = None,
-                subscribed: asyncio.Event | None = None) -> None:
-    """Fold the fleet's messages into ``view`` for ``seconds`` (or until ``stop`` is set)."""
+                subscribed: asyncio.Event | None = None, on_bus: Callable[[Any], None] | None = None) -> None:
+    """Fold the fleet's messages into ``view`` for ``seconds`` (or until ``stop`` is set).
+
+    ``on_bus`` is given the connected ``MqttBus`` (its ``connected`` tells whether the broker is still there)."""
     deadline = None if seconds is None else time.monotonic() + seconds
     async with open_bus(url, "observe", queue_maxsize=1000) as bus:
+        if on_bus is not None:
+            on_bus(bus)
         for flt, qos in telemetry_filters(view.fleet, results=results):
             await bus.subscribe(flt, qos)
         if subscribed is not None:

@@ -119,6 +119,8 @@ async def record_results(url: str | BrokerConfig, fleet: str,
 
 def run_timeline(args: argparse.Namespace) -> int:
     """The ``timeline`` subcommand."""
+    import matplotlib  # noqa: F401 - the plot extra: fail before recording, not after
+
     try:
         results, plan = asyncio.run(record_results(args.broker, args.fleet, args.seconds))
     except KeyboardInterrupt:

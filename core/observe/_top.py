@@ -10,15 +10,17 @@ import sys
 import time
 from typing import Any
 
+from fleetpipe import timing
 from fleetpipe.metrics import FleetSnapshot, FleetView
 
-__all__ = ["render", "render_text", "run_top"]
+__all__ = ["once_window_s", "render", "render_text", "run_top"]
 
 _MAX_ROWS = 5  # errors and re-plans shown
+ONCE_HEALTH_REPORTS = 3  # top --once listens for this many health intervals (two reports per node at any phase)
 
 
-def render(snap: FleetSnapshot) -> Any:
-    """A rich renderable of the whole view."""
+def render(snap: FleetSnapshot, broker_lost: str | None = None) -> Any:
+    """A rich renderable of the whole view; ``broker_lost`` (the broker URL) when top's connection is down."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -27,6 +29,9 @@ def render(snap: FleetSnapshot) -> Any:
     head = Text()
     head.append(f"fleetpipe top · fleet {snap.fleet}", style="bold")
     head.append(f" · {time.strftime('%H:%M:%S', time.localtime(snap.now))}\n")
+    if broker_lost is not None:
+        head.append(f"broker connection lost ({broker_lost}): reconnecting; the figures below are stale\n",
+                    style="bold red")
     if plan is None:
         head.append("no plan yet", style="yellow")
     else:
@@ -106,10 +111,16 @@ def run_top(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- private
 
 
+def once_window_s(interval_s: float) -> float:
+    """How long ``top --once`` listens: rates need two health reports of every node, so at least
+    ``ONCE_HEALTH_REPORTS`` health intervals, and at least ``--interval``."""
+    return max(interval_s, ONCE_HEALTH_REPORTS * timing.HEALTH_INTERVAL_S)
+
+
 async def _once(args: argparse.Namespace, view: FleetView) -> int:
     from fleetpipe.observe._collect import watch
 
-    await watch(args.broker, view, seconds=args.interval, results=not args.no_results)
+    await watch(args.broker, view, seconds=once_window_s(args.interval), results=not args.no_results)
     width = args.width or (None if sys.stdout.isatty() else 140)
     sys.stdout.write(render_text(view.snapshot(), width or 140))
     sys.stdout.flush()
@@ -123,13 +134,20 @@ async def _live(args: argparse.Namespace, view: FleetView) -> int:
     from fleetpipe.observe._collect import watch
 
     stop = asyncio.Event()
-    task = asyncio.create_task(watch(args.broker, view, stop=stop, results=not args.no_results))
+    buses: list[Any] = []
+    task = asyncio.create_task(watch(args.broker, view, stop=stop, results=not args.no_results,
+                                     on_bus=buses.append))
     console = Console(width=args.width) if args.width else Console()
+
+    def frame() -> Any:
+        lost = bool(buses) and not buses[0].connected
+        return render(view.snapshot(), broker_lost=getattr(args.broker, "url", None) or "broker" if lost else None)
+
     try:
-        with Live(render(view.snapshot()), console=console, auto_refresh=False, screen=False) as live:
+        with Live(frame(), console=console, auto_refresh=False, screen=False) as live:
             while not task.done():
                 await asyncio.wait({task}, timeout=args.interval)
-                live.update(render(view.snapshot()), refresh=True)
+                live.update(frame(), refresh=True)
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):

@@ -25,11 +25,13 @@ import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fleetpipe.transport._url import BrokerUrl, parse_broker_url
 
 if TYPE_CHECKING:
+    from typing import Self
+
     from fleetpipe.transport.memory import MemoryBroker, MemoryBus, topic_matches
     from fleetpipe.transport.mqtt import MqttBus
 

@@ -15,7 +15,10 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 from fleetpipe.errors import BrokerUnavailable
 from fleetpipe.transport import (

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -54,7 +54,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleetpipe import timing
+from fleetpipe import _compat, timing
 from fleetpipe.errors import AckTimeout, BrokerUnavailable, EncodeError, TransportError
 from fleetpipe.transport import (
     BrokerUrl,
@@ -72,6 +72,9 @@ from fleetpipe.transport import (
     parse_broker_url,
 )
 from fleetpipe.wire import MAX_PACKET_BYTES
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = ["MqttBus"]
 
@@ -133,6 +136,8 @@ class MqttBus:
         self._queue_maxsize = queue_maxsize
         self._on_connect_hook = on_connect
         self._wait = wait
+        self._connect_failures = 0
+        self._warned_at = -1e9
         self._keepalive_s = keepalive_s
         self._tcp_nodelay = tcp_nodelay
         self._max_inflight = max_inflight
@@ -194,7 +199,7 @@ class MqttBus:
             if self._wait:
                 await self._first_connect
             else:
-                async with asyncio.timeout(timing.CONNECT_TIMEOUT_S):
+                async with _compat.timeout(timing.CONNECT_TIMEOUT_S):
                     await self._first_connect
         except TimeoutError as exc:
             await self.close()
@@ -231,7 +236,7 @@ class MqttBus:
             client.disconnect()
             if was_connected:
                 try:
-                    async with asyncio.timeout(2.0):
+                    async with _compat.timeout(2.0):
                         await self._disconnected.wait()
                 except TimeoutError:
                     _log.warning("%s: no clean disconnect from %s", self._client_id, self._url)
@@ -249,7 +254,7 @@ class MqttBus:
         """Wait until connected and re-subscribed; BrokerUnavailable after ``timeout`` or if closed."""
         self._require_open()
         try:
-            async with asyncio.timeout(timeout):
+            async with _compat.timeout(timeout):
                 await self._connected.wait()
         except TimeoutError as exc:
             raise BrokerUnavailable(f"not connected to {self._url} within {timeout} s") from exc
@@ -282,7 +287,7 @@ class MqttBus:
         fut: asyncio.Future[ReasonCode] = self._loop.create_future()
         self._pending_pub[info.mid] = fut
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 reason = await fut
         except TimeoutError as exc:
             raise AckTimeout(
@@ -327,7 +332,7 @@ class MqttBus:
         self._require_open()
         self._subscriptions[filter] = qos
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 while True:
                     if not self._connected.is_set():
                         await self._connected.wait()  # the after-connect step subscribed it
@@ -354,7 +359,7 @@ class MqttBus:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # connection just dropped; with clean_start the broker forgot it anyway
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 await self._await_mid(mid)
         except _ConnectionLost:
             return
@@ -525,7 +530,7 @@ class MqttBus:
     async def _async_after_connect(self, generation: int) -> None:
         done: dict[str, int] = {}
         try:
-            async with asyncio.timeout(timing.ACK_TIMEOUT_S):
+            async with _compat.timeout(timing.ACK_TIMEOUT_S):
                 while todo := {f: q for f, q in self._subscriptions.items() if done.get(f) != q}:
                     reasons = await self._send_subscribe(todo)
                     for (f, q), reason in zip(todo.items(), reasons, strict=False):
@@ -553,7 +558,16 @@ class MqttBus:
         if self._closed or first is None or first.done():
             return
         if self._wait:
-            _log.info("%s: MQTT broker at %s not reachable yet; retrying", self._client_id, self._url)
+            # paho's back-off: RECONNECT_MIN_S, doubled per failure up to RECONNECT_MAX_S. A WARNING on the first
+            # failure and then once a minute (at the default level, so an operator sees what the daemon waits for).
+            self._connect_failures += 1
+            delay = min(timing.RECONNECT_MIN_S * 2 ** (self._connect_failures - 1), timing.RECONNECT_MAX_S)
+            now = time.monotonic()
+            level = logging.WARNING if now - self._warned_at >= 60.0 else logging.INFO
+            if level == logging.WARNING:
+                self._warned_at = now
+            _log.log(level, "%s: MQTT broker at %s not reachable (attempt %d); next retry in %.1f s",
+                     self._client_id, self._url, self._connect_failures, delay)
             return
         first.set_exception(
             BrokerUnavailable(f"cannot connect to MQTT broker at {self._url} (is mosquitto running there?)")

@@ -52,7 +52,7 @@ def test_cli_writes_private_files_and_acl(tmp_path: Path, capsys: pytest.Capture
     acl = (out / "mosquitto" / "acl").read_text()
     assert "user n1\ntopic write fleetpipe/v1/f1/node/n1/state\n" in acl
     assert "topic readwrite fleetpipe/v1/f1/node/+/assign" in acl.split("user planner")[1]
-    assert "topic read fleetpipe/v1/f1/result/cam" in acl.split("user cam")[1]
+    assert "topic read fleetpipe-data/v1/f1/result/cam" in acl.split("user cam")[1]  # the data plane
     assert "assign" not in acl.split("user cam")[1]
     assert "topic write fleetpipe/v1/f1/node/n2" not in acl.split("user n1")[1].split("user n2")[0]
     # Clients submit frames only as themselves; nodes read the plan; part messages carry their sender.
@@ -109,3 +109,12 @@ def test_gen_certs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert (tmp_path / "ca.crt").read_bytes() == ca_before
     server = str(tmp_path / "mosquitto" / "server.crt")
     subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), server], check=True, capture_output=True)
+
+
+def test_ha_identity_reads_the_control_plane_and_writes_discovery() -> None:
+    from fleetpipe.deploy.creds import acl_text
+
+    acl = acl_text("f1", {"hass": "ha"})
+    block = acl.split("user hass")[1]
+    assert "topic read fleetpipe/v1/f1/#" in block and "topic readwrite homeassistant/#" in block
+    assert "fleetpipe-data" not in block  # no frames, results or model weights

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -169,3 +171,54 @@ def test_planner_keys_go_into_the_configs(tmp_path: Path, capsys: pytest.Capture
     bad = tmp_path / "bad.pub"
     bad.write_text("not a key\n")
     assert main(["install-service", "--name", "n2", "--planner-key", str(bad), "--prefix", str(root)]) == 2
+def _service_ids(root: Path) -> tuple[int, int]:
+    """uid, gid of the ``fleetpipe`` user in the throw-away root's /etc/passwd (created by install-service)."""
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == "fleetpipe":
+            return int(fields[2]), int(fields[3])
+    raise AssertionError(f"no fleetpipe user in {root}/etc/passwd")
+
+
+def _read_as(uid: int, gid: int, path: Path) -> subprocess.CompletedProcess[str]:
+    """Read ``path`` as the service user would (its uid and primary group only, as the unit's User=/Group=)."""
+    return subprocess.run(["cat", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True, text=True,
+                          timeout=10, check=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or (shutil.which("systemd-sysusers") is None
+                    and shutil.which("useradd") is None), reason="needs root and systemd-sysusers or useradd")
+def test_fresh_root_user_first_then_files_the_service_can_read(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               request: pytest.FixtureRequest) -> None:
+    """A fresh host: the user exists before the config and password are written, so they belong to its group;
+    a re-run without --force mends a config whose owner or mode went wrong and keeps its content."""
+    root = Path(tempfile.mkdtemp(prefix="fleetpipe-root-"))  # pytest's base temp is 0700: not for another uid
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    pw, ca = _secrets(tmp_path)
+    argv = ["install-service", "--role", "node", "--name", "n1", "--fleet", "lab", "--broker",
+            "mqtts://10.0.0.2:8883", "--password-file", str(pw), "--ca-certs", str(ca), "--prefix", str(root)]
+    assert main(argv) == 0
+    assert "created the fleetpipe system user" in capsys.readouterr().out
+    uid, gid = _service_ids(root)
+    assert uid != 0 and gid != 0
+    config, password = root / "etc/fleetpipe/node.toml", root / "etc/fleetpipe/n1.password"
+    for path in (config, password):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, _mode(path)) == (0, gid, 0o640), path
+        assert _read_as(uid, gid, path).returncode == 0, path  # the unit's user reads it
+        assert _read_as(uid + 1, gid + 1, path).returncode != 0, path  # nobody else does
+
+    # Someone breaks the config's owner and mode (and edits it): a plain re-run fixes both, keeps the edit.
+    config.write_text(config.read_text().replace('"lab"', '"edited"'))
+    os.chown(config, 0, 0)
+    os.chmod(config, 0o600)
+    assert _read_as(uid, gid, config).returncode != 0
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fixed" in out and "created the fleetpipe system user" not in out
+    st = config.stat()
+    assert (st.st_uid, st.st_gid, _mode(config)) == (0, gid, 0o640)
+    assert _read_as(uid, gid, config).returncode == 0
+    assert load(NodeConfig, file=config).fleet == "edited"
+    assert main(argv) == 0 and "kept" in capsys.readouterr().out  # nothing to mend the third time

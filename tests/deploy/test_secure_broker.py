@@ -65,6 +65,7 @@ def test_planner_assigns_and_node_reads_only_its_own_assignment(secure_broker: S
             # these succeed, but nothing the ACL does not let n1 read ever arrives (checked below).
             await n1.subscribe(topics.node_assign(FLEET, "n2"), qos=1)
             await n1.subscribe(topics.fleet_filter(FLEET), qos=1)
+            await n1.subscribe(topics.data_filter(FLEET), qos=1)
             await planner.publish(topics.node_assign(FLEET, "n1"), b"stage-0", qos=1, retain=True)
             await planner.publish(topics.node_assign(FLEET, "n2"), b"stage-1", qos=1, retain=True)
             await planner.publish(topics.plan(FLEET), b"plan", qos=1, retain=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import sys
 import time
@@ -84,3 +85,27 @@ def test_top_once_against_mosquitto(mosquitto) -> None:
     assert any("stage 1" in line and "2-3" in line and "edge-b" in line for line in out.splitlines()), out
     assert "throughput 50.0 fps" in out, out
     assert "bottleneck stage 1 at 100%" in out, out  # 50 fps * 20 ms
+
+
+def test_top_shows_a_lost_broker_connection() -> None:
+    from fleetpipe.metrics import FleetView
+    from fleetpipe.observe._top import render
+
+    def text(**kw: object) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=io.StringIO(), color_system=None)
+        console.print(render(FleetView("f").snapshot(), **kw))
+        return console.export_text()
+
+    assert "connection lost" not in text()
+    assert "broker connection lost (mqtt://b:1883)" in text(broker_lost="mqtt://b:1883")
+
+
+def test_top_once_listens_long_enough_for_rates() -> None:
+    """Rates need two health reports per node: --once with the default 1 s interval listens 3 health intervals."""
+    from fleetpipe import timing
+    from fleetpipe.observe._top import once_window_s
+
+    assert once_window_s(1.0) == 3 * timing.HEALTH_INTERVAL_S
+    assert once_window_s(10.0) == 10.0

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import fleetpipe.transport as transport
+from fleetpipe import _compat
 from fleetpipe.errors import BrokerUnavailable
 from fleetpipe.transport import BrokerUrl, Bus, Message, TLSParameters, Will, parse_broker_url
 from fleetpipe.transport.memory import MemoryBroker, MemoryBus, split_shared, topic_matches
@@ -17,7 +18,7 @@ from fleetpipe.transport.memory import MemoryBroker, MemoryBus, split_shared, to
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     async def bounded() -> Any:
-        async with asyncio.timeout(10):
+        async with _compat.timeout(10):
             return await coro
 
     return asyncio.run(bounded())

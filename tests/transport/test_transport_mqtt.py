@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fleetpipe import timing
+from fleetpipe import _compat, timing
 from fleetpipe.errors import AckTimeout, BrokerUnavailable
 from fleetpipe.transport import Bus, Message, TLSParameters, Will
 from fleetpipe.transport.mqtt import MqttBus
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 20) -> Any:
     async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
+        async with _compat.timeout(timeout):
             return await coro
 
     return asyncio.run(bounded())
@@ -31,7 +31,7 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 20) -> Any:
 
 async def take(bus: MqttBus, n: int, timeout: float = 5) -> list[Message]:
     it = bus.messages()
-    async with asyncio.timeout(timeout):
+    async with _compat.timeout(timeout):
         return [await anext(it) for _ in range(n)]
 
 
