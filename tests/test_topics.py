@@ -236,6 +236,8 @@ def test_check_binds_identity_to_the_topic() -> None:
     topics.check(topics.part_gather("lab", 1, 0, "n1", "n2"), rep)
     with pytest.raises(ValueError):
         topics.check(topics.part_gather("lab", 1, 0, "n1", "n3"), rep)
+
+
 def test_data_plane_has_its_own_prefix():
     """Frames, parts, results and slices never match the control-plane filter a human watches (issue 20 item 9)."""
     data = {name for name, spec in SPECS.items() if spec.data_plane}

@@ -40,7 +40,8 @@ def test_separable_frames_exit_early_within_the_floor(tmp_path: Path, mosquitto)
     name = sess.get_inputs()[0].name
     full = np.array([int(np.argmax(sess.run(None, {name: x[i : i + 1]})[0])) for i in range(len(x))])
     with fleet(mosquitto.url, "exit", tmp_path) as f:
-        f.planner(model, "--calibration", str(calib), "--input-shape", "input=1,64", "--expect-nodes", "2", "--no-adapt")
+        f.planner(model, "--calibration", str(calib), "--input-shape", "input=1,64", "--expect-nodes", "2",
+                  "--no-adapt")
         for name in ("a", "b"):
             f.node(name, "20")
         with FleetClient(mosquitto.url, fleet="exit", window=6) as client:
