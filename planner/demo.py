@@ -346,7 +346,7 @@ def _materialise_model(model: str, tmp: Path, input_shape: tuple[str, ...] = ())
     if model not in zoo.names():
         from fleetpipe.errors import UnsupportedModel
 
-        raise UnsupportedModel(f"no such model file or zoo model: {model!r}")
+        raise UnsupportedModel(f"no such model file, and unknown zoo model {model!r} (zoo: {', '.join(zoo.names())})")
     kw = DEFAULT_MODEL_ARGS.get(model, {})
     try:
         proto = zoo.build(model, **kw)

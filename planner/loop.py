@@ -267,6 +267,7 @@ class PlannerService:
         # background after each plan, so a node's death re-plans without solving on the critical path.
         self._fallbacks: dict[str, tuple[Any, Any]] = {}
         self._phases: dict[str, float] = {}  # re-plan phase -> monotonic time it ended ("start": when it began)
+        self._short_since: float | None = None  # since when the alive nodes cannot run the active plan
         # The last cost matrix (reports version, node names, compute_ms): a re-plan for a subset of those nodes
         # (a death) takes its columns instead of re-fitting the estimator (seconds on a Pi-class host).
         self._costs_version = 0
@@ -316,10 +317,9 @@ class PlannerService:
             log.info("planner: stopped before it was connected")
             return EXIT_OK
         except FleetpipeError as exc:
-            if self.model is None:  # before anything is deployed: one line, non-zero exit
-                log.error("planner: cannot plan %s: %s", self.config.model, exc)
-                return EXIT_BAD_MODEL
-            if self.bus is None:
+            if self.model is None or self.bus is None:
+                # The model cannot be read, pinned or run here, or the config is bad: before anything is
+                # deployed; the CLI prints the one line and exits EXIT_BAD_MODEL (2).
                 raise
             log.error("planner: cannot connect to %s: %s", broker.url, exc)
             return EXIT_BROKER
@@ -537,8 +537,16 @@ class PlannerService:
             if isinstance(command, control.WaitForNodes):
                 log.debug("planner: waiting for nodes (%d/%d)", command.alive, command.needed)
                 plan = self.state.plan
-                if plan is not None and plan.status == "active" and self.model is not None and \
-                        not {n for s in plan.stages for n in s.nodes} <= set(self.state.alive()):
+                short = plan is not None and plan.status == "active" and self.model is not None and \
+                    not {n for s in plan.stages for n in s.nodes} <= set(self.state.alive())
+                if not short:
+                    self._short_since = None
+                    return
+                # Too few nodes for a lease more: a node that only missed its lease (busy, stopped a moment)
+                # comes back before that and its frames are re-sent; a fleet that stays short fails them.
+                self._short_since = self._short_since if self._short_since is not None else now
+                if now - self._short_since >= timing.LEASE_S:
+                    self._short_since = None
                     why = f"{command.alive} alive node(s), the planner needs {command.needed}"
                     replan = control.Replan(why, tuple(self.state.alive()), self.state.epoch + 1)
                     self._replanning = asyncio.create_task(

@@ -182,7 +182,7 @@ def verify_password(password: str, hashed: str) -> bool:
 
 
 def _grants(fleet: str, role: str, name: str) -> list[tuple[str, str]]:
-    return [(access, spec if isinstance(spec, str) else spec.filter(fleet=fleet, **params))
+    return [(access, spec.format(fleet=fleet) if isinstance(spec, str) else spec.filter(fleet=fleet, **params))
             for access, spec, params in _role_grants(role, name)]
 
 
@@ -238,10 +238,10 @@ def _role_grants(role: str, name: str) -> list[tuple[str, topics.TopicSpec | str
             ("read", t.ERROR, {}),
             ("read", t.NODE_STATE, {"node_id": t.PLANNER_ID}),
         ]
-    observer = [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE]
     if role == "ha":  # Home Assistant and `fleetpipe ha-discovery`: the control plane, and HA's discovery topics
-        return [*observer, ("readwrite", f"{HA_PREFIX}/#", {})]
-    return observer
+        return [("read", t.PREFIX + "/{fleet}/#", {}), ("readwrite", f"{HA_PREFIX}/#", {})]
+    # observer: every control-plane topic, never frames, part messages, results or slices (model weights)
+    return [("read", spec, {}) for spec in t.SPECS.values() if spec.name not in _DATA_PLANE and not spec.data_plane]
 
 
 HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix (ha-discovery --prefix)

@@ -56,10 +56,10 @@ def test_cli_writes_private_files_and_acl(tmp_path: Path, capsys: pytest.Capture
     assert "assign" not in acl.split("user cam")[1]
     assert "topic write fleetpipe/v1/f1/node/n2" not in acl.split("user n1")[1].split("user n2")[0]
     # Clients submit frames only as themselves; nodes read the plan; part messages carry their sender.
-    assert "topic write fleetpipe/v1/f1/epoch/+/stage/0/in/cam\n" in acl.split("user cam")[1]
+    assert "topic write fleetpipe-data/v1/f1/epoch/+/stage/0/in/cam\n" in acl.split("user cam")[1]
     n1 = acl.split("user n1")[1].split("user n2")[0]
     assert "topic read fleetpipe/v1/f1/plan\n" in n1
-    assert "topic write fleetpipe/v1/f1/epoch/+/stage/+/gather/+/n1\n" in n1
+    assert "topic write fleetpipe-data/v1/f1/epoch/+/stage/+/gather/+/n1\n" in n1
     # The planner's signing key (private) and public key, which every node's config gets.
     assert _mode(out / "planner.key") == 0o600
     public = (out / "planner.pub").read_text().strip()

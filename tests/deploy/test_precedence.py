@@ -63,6 +63,10 @@ NODE_ROWS = [
     Row("announce", True, False, "true", True, ("--no-announce",), False),
     Row("adaptive_bits", True, False, "yes", True, ("--fixed-bits",), False),
     Row("report_profile", True, False, "1", True, ("--no-profile-report",), False),
+    Row("planner_key", None, "a2V5LWZpbGU=", "a2V5LWVudg==", "a2V5LWVudg=="),
+    Row("max_slice_bytes", 1 << 30, 1000, "2000", 2000),
+    Row("max_tensor_bytes", 1 << 30, 1000, "2000", 2000),
+    Row("allow_fake_runtime", False, True, "false", False),
     *_broker_rows(ca_flag=True),
 ]
 
@@ -72,8 +76,9 @@ PLANNER_ROWS = [
     Row("bits", 8, 4, "6", 6, ("--bits", "2"), 2),
     Row("min_nodes", 1, 2, "3", 3, ("--min-nodes", "4"), 4),
     Row("expect_nodes", 0, 1, "2", 2, ("--expect-nodes", "3"), 3),
-    Row("input_shape", None, [1, 3, 8, 8], "1,3,16,16", (1, 3, 16, 16), ("--input-shape", "1,3,32,32"),
-        (1, 3, 32, 32)),
+    # One syntax, NAME=D,D,... (an env var's commas split it; fleetpipe.models.shapes reads both forms).
+    Row("input_shape", (), ["x=1,3,8,8"], "x=1,3,16,16", ("x=1", "3", "16", "16"), ("--input-shape", "x=1,3,32,32"),
+        ("x=1,3,32,32",)),
     Row("replan_threshold", 0.2, 0.3, "0.4", 0.4, ("--replan-threshold", "0.5"), 0.5),
     Row("time_limit_s", 5.0, 6.0, "7", 7.0, ("--time-limit", "8"), 8.0),
     Row("calibration", None, "a.json", "b.json", "b.json", ("--calibration", "c.json"), "c.json"),
@@ -86,6 +91,9 @@ PLANNER_ROWS = [
     Row("intra_tiles", 4, 2, "3", 3, ("--tiles", "1"), 1),
     Row("intra_measure_parts", True, False, "true", True, ("--no-measure-parts",), False),
     Row("profile", None, "p1.json", "p2.json", "p2.json", ("--profile", "p3.json"), "p3.json"),
+    Row("bit_tolerance", 0.01, 0.02, "0.03", 0.03, ("--bit-tolerance", "0.04"), 0.04),
+    Row("bit_floors", True, False, "true", True, ("--no-bit-floors",), False),
+    Row("signing_key", None, "/k/file.key", "/k/env.key", "/k/env.key"),
     *_broker_rows(ca_flag=True),
 ]
 
