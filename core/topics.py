@@ -46,6 +46,7 @@ from typing import Any
 
 from fleetpipe.wire import (
     NAME_PATTERN,
+    PLANNER_ID,
     Activation,
     EmulationControl,
     ErrorReport,
@@ -101,8 +102,6 @@ __all__ = [
 
 PREFIX = "fleetpipe/v1"  # the control plane
 DATA_PREFIX = "fleetpipe-data/v1"  # frames, results, parts, model slices
-#: The node id under which the planner publishes its state and metrics (no node may take it).
-PLANNER_ID = "planner"
 _NAME = re.compile(NAME_PATTERN + r"\Z")
 _HASH = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 _INT = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
@@ -354,8 +353,7 @@ def check(topic: str, msg: object) -> dict[str, Any]:
     if fleet != params["fleet"]:
         raise ValueError(f"a message of fleet {fleet!r} on {topic}")
     for param, name in spec.binds:
-        # The planner's birth and death live on the state topic of the reserved node name PLANNER_ID.
-        value = PLANNER_ID if isinstance(msg, PlannerState) and name == "node_id" else getattr(msg, name)
+        value = getattr(msg, name)  # PlannerState.node_id is the reserved PLANNER_ID
         if value != params[param]:
             raise ValueError(f"{type(msg).__name__} naming {name}={value!r} on {topic}")
     return params

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_PACKET_BYTES",
     "MESSAGE_TYPES",
     "NAME_PATTERN",
+    "PLANNER_ID",
     "PLAN_STATUSES",
     "WIRE_VERSION",
     "Activation",
@@ -77,6 +78,8 @@ WIRE_VERSION = 1
 #: Inputs larger than this are rejected by :func:`decode` unless the caller passes ``max_bytes``.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 PLAN_STATUSES = frozenset({"active", "infeasible"})
+#: The node name under which the planner publishes its state and metrics (no node may take it).
+PLANNER_ID = "planner"
 #: The one bound on an MQTT packet: a payload of DEFAULT_MAX_BYTES plus room for the topic and properties. The
 #: shipped broker configs set ``max_packet_size`` to it and every MqttBus announces it as its CONNECT Maximum
 #: Packet Size, so the broker refuses (and never forwards) what no fleetpipe process would accept.
@@ -180,6 +183,11 @@ class PlannerState(_Msg):
     online: bool
     ts: float
     reason: str = ""
+
+    @property
+    def node_id(self) -> str:
+        """The reserved node name whose state topic carries the planner's (``topics.check`` binds it)."""
+        return PLANNER_ID
 
     def _validate(self) -> None:
         _names(self, "fleet")

@@ -521,9 +521,9 @@ class PlannerService:
         """Pipeline-level figures (throughput, latency, bottleneck utilisation) for any MQTT client."""
         assert self.bus is not None
         values = pipeline_payload(self.view.snapshot(time.time()))
-        msg = wire.Metrics(fleet=self.fleet, node_id="planner", ts=time.time(), values=values)
+        msg = wire.Metrics(fleet=self.fleet, node_id=topics.PLANNER_ID, ts=time.time(), values=values)
         with contextlib.suppress(FleetpipeError, ValueError):
-            await self.bus.publish(topics.node_metrics(self.fleet, "planner"), wire.encode(msg), qos=0)
+            await self.bus.publish(topics.node_metrics(self.fleet, topics.PLANNER_ID), wire.encode(msg), qos=0)
 
     def _step(self) -> None:
         if self._replanning is not None and not self._replanning.done():

@@ -236,6 +236,11 @@ def test_check_binds_identity_to_the_topic() -> None:
     topics.check(topics.part_gather("lab", 1, 0, "n1", "n2"), rep)
     with pytest.raises(ValueError):
         topics.check(topics.part_gather("lab", 1, 0, "n1", "n3"), rep)
+    # The planner's birth belongs only on the reserved node name's state topic: a node cannot forge one on its own.
+    birth = wire.PlannerState(fleet="lab", planner_id="p-1", seq=0, online=True, ts=0.0)
+    assert topics.check(topics.planner_state("lab"), birth)["node_id"] == topics.PLANNER_ID
+    with pytest.raises(ValueError):
+        topics.check(topics.node_state("lab", "n0"), birth)
 
 
 def test_data_plane_has_its_own_prefix():
